@@ -1,0 +1,34 @@
+# Every install step lives here: a fresh machine needs only python3 (>= 3.10) and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VEIL := $(VENV)/bin/veil
+# torch/torchvision pinned to the releases this project is tested with (a CUDA build; runs on CPU too).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-all lint format clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## The embedded demo: 2,000 bundled CIFAR-10 images, CPU, a few minutes.
+demo: install
+	rm -rf runs/demo
+	$(VEIL) train --config configs/demo.yaml --out runs/demo
+
+## The test suite (a few minutes on 2 cores; slow end-to-end tests included).
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+format: install
+	$(VENV)/bin/ruff format src tests
+
+clean:
+	rm -rf runs build *.egg-info src/*.egg-info .pytest_cache

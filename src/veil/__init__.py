@@ -1,0 +1,23 @@
+"""Veil: privacy-preserving image classification with a learnable obfuscator.
+
+    import veil
+    run = veil.load_run("runs/demo")
+    features = run.obfuscator(images)          # N x 3 x 32 x 32 in [0, 1] -> N x 128w x 8 x 8
+    logits = run.classifier(features)
+"""
+
+__version__ = "0.1.0"
+
+from veil.config import Config, ConfigError  # noqa: E402
+from veil.data import DataError, ImageSet, Splits, load_splits  # noqa: E402
+from veil.io import CheckpointError  # noqa: E402
+from veil.metrics import psnr, ssim  # noqa: E402
+from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor  # noqa: E402
+from veil.rundir import Run, load_run  # noqa: E402
+from veil.train import TrainingError, train  # noqa: E402
+
+__all__ = [
+    "Config", "ConfigError", "DataError", "ImageSet", "Splits", "load_splits", "CheckpointError", "psnr", "ssim",
+    "RECONSTRUCTORS", "Classifier", "Obfuscator", "build_networks", "build_reconstructor", "Run", "load_run",
+    "TrainingError", "train", "__version__",
+]

@@ -1,0 +1,301 @@
+"""One config object for a Veil run: data, model, training; load, merge, validate, save.
+
+A config file is YAML with the sections below. Every field has a one-line docstring (the
+string under it) that doubles as documentation; `veil train --help-config` prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    """mnist | fashion-mnist | cifar10 | cifar100 | npz | folder."""
+    data_dir: str = ""
+    """Directory holding <dataset>/train.npz etc. or torchvision's files; '' = $VEIL_DATA_DIR or ./data."""
+    path: str = ""
+    """For dataset npz: the .npz file; for dataset folder: the folder with one sub-folder per class."""
+    cache_dir: str = ""
+    """Where decoded CIFAR-10 JPEGs are cached as uint8; '' = $VEIL_CACHE_DIR or ~/.cache/veil."""
+    download: bool = False
+    """Let torchvision download a named dataset into data_dir when no local copy is found."""
+    image_size: int = 32
+    """Side in pixels; 28x28 digits are zero-padded to 32x32, folder images are resized."""
+    attacker_fraction: float = 0.2
+    """Fraction of the training images set aside for the attacker (never seen by the defender)."""
+    test_fraction: float = 0.2
+    """For npz/folder data without a test split: fraction held out as the users' (test) images."""
+    n_defender: int = 0
+    """Keep at most this many defender-train images (0 = all)."""
+    n_attacker: int = 0
+    """Keep at most this many attacker-train images (0 = all)."""
+    n_test: int = 0
+    """Keep at most this many test images (0 = all)."""
+    augment: bool = True
+    """Random crop (4-pixel padding) on training batches, plus horizontal flip for natural images."""
+
+
+@dataclass
+class ModelConfig:
+    width: float = 1.0
+    """Channel multiplier for every network (1.0 = the paper's VGG16; 0.25 is CPU-sized)."""
+    split: int = 2
+    """Number of VGG16 blocks in the obfuscator (2 = conv64 conv64 pool conv128 conv128 pool)."""
+    reconstructor: str = "simrec"
+    """Training reconstructor of Table 1: simrec | urec1 | urec2 | resrec."""
+    dropout: float = 0.5
+    """Dropout before each hidden linear layer of the classifier head."""
+
+
+@dataclass
+class TrainConfig:
+    lambda_privacy: float = 1.0
+    """Lambda of Eq. 2: weight of the reconstruction PSNR (dB) against cross-entropy."""
+    pretrain_epochs: int = 200
+    """Epochs of obfuscator+classifier training on cross-entropy alone (Algorithm 1, first step)."""
+    warmup_epochs: int = -1
+    """Epochs of reconstructor training on the undefended obfuscator before round 1 (-1 = t_sub)."""
+    t_main: int = 10
+    """Adversarial rounds (T_main of Algorithm 1); each is phases (a), (b), (c)."""
+    t_sub: int = 1
+    """Epochs of each phase in a round (T_sub of Algorithm 1)."""
+    batch_size: int = 128
+    """Images per optimisation step."""
+    eval_batch_size: int = 500
+    """Images per forward pass when evaluating."""
+    optimizer: str = "adam"
+    """adam | sgd (SGD uses Nesterov momentum 0.9)."""
+    lr_obfuscator: float = 1e-3
+    """Peak learning rate of the obfuscator."""
+    lr_classifier: float = 1e-3
+    """Peak learning rate of the classifier."""
+    lr_reconstructor: float = 1e-3
+    """Learning rate of the reconstructor."""
+    adversarial_lr_scale: float = 0.1
+    """Obfuscator and classifier learning rates in phases (a) and (c), as a fraction of their peak."""
+    weight_decay: float = 5e-4
+    """L2 weight decay of the obfuscator and classifier (the reconstructor has none)."""
+    pretrain_schedule: str = "onecycle"
+    """Learning-rate schedule of pretraining: onecycle (warm up, then anneal to 0) | constant."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    """Seed of the split, initialisation, data order and augmentation."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+SECTIONS = ("data", "model", "train")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "npz", "folder")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("onecycle", "constant")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring, read from the class source (the string under each field)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+    return docs
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a config file or override may set."""
+    keys = []
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(getattr(Config(), f.name))]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys + [k.split(".")[-1] for k in keys], n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown config key '{key}'.{hint} Valid keys: {', '.join(keys)}")
+
+
+def _coerce(value: object, typ: object, key: str, where: str) -> object:
+    """Check `value` against the field's annotated type, converting strings from the CLI."""
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if name == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if name == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)  # type: ignore[arg-type]
+        if name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # type: ignore[arg-type]
+        if name == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{where}: '{key}' must be {name}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value: object, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] not in {f.name for f in dataclasses.fields(Config)}:
+        # A bare leaf name is accepted when exactly one section has it: `lambda_privacy=0`.
+        owners = [s for s in SECTIONS if parts[0] in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
+        if len(owners) != 1:
+            raise _unknown_key(key, where)
+        parts = [owners[0], parts[0]]
+    target: object = cfg
+    for part in parts[:-1]:
+        if part not in SECTIONS or target is not cfg:
+            raise _unknown_key(key, where)
+        target = getattr(cfg, part)
+    fields = {f.name: f for f in dataclasses.fields(target)}  # type: ignore[arg-type]
+    if parts[-1] not in fields or parts[-1] in SECTIONS:
+        raise _unknown_key(key, where)
+    hints = typing.get_type_hints(type(target))
+    setattr(target, parts[-1], _coerce(value, hints[parts[-1]], ".".join(parts), where))
+
+
+def from_dict(raw: object, where: str = "config") -> Config:
+    """Build a validated Config from a nested dict (as read from YAML)."""
+    cfg = Config()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: config keys must be strings, got {key!r}")
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: section '{key}' must be a mapping, got {value!r}")
+            for sub, v in value.items():
+                _set(cfg, f"{key}.{sub}", v, where)
+        else:
+            _set(cfg, key, value, where)
+    validate(cfg, where)
+    return cfg
+
+
+def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file and apply `KEY=VALUE` overrides (dotted or unique leaf keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = from_dict(raw, str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like KEY=VALUE, e.g. train.lambda_privacy=0")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", "override")
+    validate(cfg, "override")
+    return cfg
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {msg}")
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    need(d.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, got '{d.dataset}'")
+    need(d.dataset not in ("npz", "folder") or bool(d.path), f"data.path is required for dataset '{d.dataset}'")
+    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    need(0 < d.attacker_fraction < 1, f"data.attacker_fraction must be in (0, 1), got {d.attacker_fraction}")
+    need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    for k in ("n_defender", "n_attacker", "n_test"):
+        need(getattr(d, k) >= 0, f"data.{k} must be >= 0, got {getattr(d, k)}")
+    need(m.width > 0, f"model.width must be > 0, got {m.width}")
+    need(1 <= m.split <= 4, f"model.split must be 1..4 VGG blocks, got {m.split}")
+    from veil.models.reconstructors import RECONSTRUCTORS
+
+    need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}'")
+    need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")
+    for k in ("pretrain_epochs", "t_main", "t_sub"):
+        need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
+    need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
+    need(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size and train.eval_batch_size must be >= 1")
+    need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
+    need(t.pretrain_schedule in SCHEDULES, f"train.pretrain_schedule must be one of {', '.join(SCHEDULES)}, got '{t.pretrain_schedule}'")
+    for k in ("lr_obfuscator", "lr_classifier", "lr_reconstructor"):
+        need(getattr(t, k) > 0, f"train.{k} must be > 0, got {getattr(t, k)}")
+    need(t.adversarial_lr_scale > 0, f"train.adversarial_lr_scale must be > 0, got {t.adversarial_lr_scale}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got '{cfg.device}'")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe() -> str:
+    """All keys with their defaults and docstrings, for `--help-config`."""
+    lines = []
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            section = getattr(defaults, f.name)
+            docs = field_docs(type(section))
+            lines.append(f"{f.name}:")
+            for g in dataclasses.fields(section):
+                lines.append(f"  {g.name}: {getattr(section, g.name)!r}  # {docs.get(g.name, '')}")
+        else:
+            lines.append(f"{f.name}: {getattr(defaults, f.name)!r}  # {field_docs(Config).get(f.name, '')}")
+    return "\n".join(lines)

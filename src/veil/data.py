@@ -1,0 +1,364 @@
+"""Datasets -> uint8 tensors in memory; the three-way split; whole-batch augmentation.
+
+Every dataset becomes an `ImageSet`: uint8 images N x C x 32 x 32 and int64 labels. Training
+code never sees files: it indexes these tensors (on the training device) batch by batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from veil.config import DataConfig
+from veil.io import atomic_write_bytes
+
+NATURAL = ("cifar10", "cifar100")  # datasets that get horizontal flips
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file or item and what was expected."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | np.ndarray) -> ImageSet:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+
+@dataclass
+class Splits:
+    defender: ImageSet  # trains obfuscator, classifier and the training reconstructor
+    attacker: ImageSet  # the attacker's own images (Chosen Image Attack); disjoint from the rest
+    test: ImageSet  # the users' images: accuracy and privacy are measured here
+    name: str
+    natural: bool  # horizontal flips make sense (not for digits)
+
+    @property
+    def channels(self) -> int:
+        return self.defender.images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.defender.classes)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("VEIL_DATA_DIR", "data"))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VEIL_CACHE_DIR", Path.home() / ".cache" / "veil"))
+
+
+def decode_jpegs(jpeg_bytes: np.ndarray, offsets: np.ndarray, where: str) -> np.ndarray:
+    """Concatenated JPEG files -> N x H x W x 3 uint8 (the offline CIFAR-10 layout)."""
+    from PIL import Image
+
+    out = []
+    for i in range(len(offsets) - 1):
+        try:
+            img = Image.open(io.BytesIO(jpeg_bytes[offsets[i] : offsets[i + 1]].tobytes()))
+            out.append(np.asarray(img.convert("RGB")))
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise DataError(f"{where}: image {i} is not a readable JPEG ({e})") from None
+    return np.stack(out)
+
+
+def read_npz(path: Path, cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An .npz with `images` (N x H x W x C uint8) or `jpeg_bytes`+`offsets`, and `labels`."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        keys = set(z.files)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if "labels" not in keys or not ({"images"} <= keys or {"jpeg_bytes", "offsets"} <= keys):
+        raise DataError(f"{path}: expected arrays 'images' (or 'jpeg_bytes' and 'offsets') and 'labels', found {sorted(keys)}")
+    labels = np.asarray(z["labels"]).astype(np.int64)
+    if "images" in keys:
+        images = z["images"]
+    else:
+        images = _cached_jpeg_decode(path, z, cache_dir)
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {images.dtype}")
+    if images.ndim == 3:  # N x H x W grayscale
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: 'images' must be N x H x W x C with C = 1 or 3, got shape {images.shape}")
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    classes = [str(c) for c in z["classes"]] if "classes" in keys else [str(i) for i in range(n_classes)]
+    return images, labels, classes
+
+
+def _cached_jpeg_decode(path: Path, z: np.lib.npyio.NpzFile, cache_dir: Path | None) -> np.ndarray:
+    # Decoding 50k JPEGs takes ~10 s; cache the uint8 result keyed by the source file's identity.
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = (cache_dir or default_cache_dir()) / f"{path.stem}-{key}.npy"
+    if cache.is_file():
+        try:
+            return np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # a damaged cache is rebuilt below
+    images = decode_jpegs(z["jpeg_bytes"], z["offsets"], str(path))
+    try:
+        buf = io.BytesIO()
+        np.save(buf, images, allow_pickle=False)
+        atomic_write_bytes(cache, buf.getvalue())
+    except OSError:
+        pass  # caching is an optimisation; a read-only disk is fine
+    return images
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for torchvision's CIFAR batches that can build numpy arrays and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain arrays are allowed")
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return _ArrayUnpickler(fh, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a readable CIFAR batch file ({e})") from None
+
+
+def read_torchvision_cifar(root: Path, name: str, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """torchvision's standard `cifar-10-batches-py` / `cifar-100-python` files, if present."""
+    if name == "cifar10":
+        folder, files, meta, label_key, names_key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "batches.meta", "labels", "label_names"
+        if not train:
+            files = ["test_batch"]
+    else:
+        folder, files, meta, label_key, names_key = root / "cifar-100-python", ["train" if train else "test"], "meta", "fine_labels", "fine_label_names"
+    if not all((folder / f).is_file() for f in files):
+        return None
+    data, labels = [], []
+    for f in files:
+        batch = _read_cifar_batch(folder / f)
+        data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    classes = [str(c) for c in _read_cifar_batch(folder / meta)[names_key]] if (folder / meta).is_file() else []
+    images, labels = np.concatenate(data), np.concatenate(labels)
+    return images, labels, classes or [str(i) for i in range(int(labels.max()) + 1)]
+
+
+def read_torchvision_digits(root: Path, name: str, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+    try:
+        ds = cls(str(root), train=train, download=download)
+    except RuntimeError:
+        return None
+    return ds.data.numpy()[..., None].astype(np.uint8), ds.targets.numpy().astype(np.int64), list(ds.classes)
+
+
+def read_named(cfg: DataConfig, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A named dataset's train or test split from data_dir, in whichever layout is there."""
+    root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    split = "train" if train else "test"
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    for candidate in (root / cfg.dataset / f"{split}.npz", root / cfg.dataset / f"{split}_jpeg.npz"):
+        if candidate.is_file():
+            return read_npz(candidate, cache)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        found = read_torchvision_cifar(root, cfg.dataset, train)
+        if found is None and cfg.download:
+            import torchvision
+
+            cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+            cls(str(root), train=train, download=True)
+            found = read_torchvision_cifar(root, cfg.dataset, train)
+    else:
+        found = read_torchvision_digits(root, cfg.dataset, train, cfg.download)
+    if found is None:
+        raise DataError(
+            f"no {split} split of '{cfg.dataset}' found under {root.resolve()}: looked for "
+            f"{root / cfg.dataset / (split + '.npz')}, {root / cfg.dataset / (split + '_jpeg.npz')} and torchvision's "
+            f"standard files. Point data.data_dir (or $VEIL_DATA_DIR) at a copy, or set data.download=true to fetch it."
+        )
+    return found
+
+
+def read_folder(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One sub-folder per class, images of any size resized to image_size x image_size."""
+    from PIL import Image
+
+    if not path.is_dir():
+        raise DataError(f"image folder not found: {path}")
+    class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"{path}: expected one sub-folder per class, found none")
+    images, labels, mode = [], [], None
+    for label, d in enumerate(class_dirs):
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{d}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    img.load()
+                    mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")
+                    img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+                    arr = np.asarray(img, dtype=np.uint8)
+            except Exception as e:  # PIL raises many types for corrupt data
+                raise DataError(f"{f}: not a readable image ({e})") from None
+            images.append(arr if arr.ndim == 3 else arr[..., None])
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def to_tensor_images(images: np.ndarray, image_size: int, where: str) -> torch.Tensor:
+    """N x H x W x C uint8 -> N x C x S x S uint8, zero-padding smaller images (28 -> 32)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    h, w = x.shape[-2:]
+    if h > image_size or w > image_size:
+        raise DataError(f"{where}: images are {h}x{w}, larger than data.image_size={image_size}")
+    if (h, w) != (image_size, image_size):
+        top, left = (image_size - h) // 2, (image_size - w) // 2
+        x = F.pad(x, (left, image_size - w - left, top, image_size - h - top))
+    return x
+
+
+def check_labels(labels: np.ndarray, classes: list[str], where: str) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(f"{where}: labels must be in 0..{len(classes) - 1} for {len(classes)} classes, found {labels.min()}..{labels.max()}")
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """The three disjoint splits: defender-train, attacker-train, test (users), fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    if cfg.dataset in ("npz", "folder"):
+        path = Path(cfg.path)
+        if cfg.dataset == "npz":
+            if not path.is_file():
+                raise DataError(f"data.path: .npz file not found: {path}")
+            images, labels, classes = read_npz(path, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        else:
+            images, labels, classes = read_folder(path, cfg.image_size)
+        check_labels(labels, classes, str(path))
+        order = rng.permutation(len(labels))
+        n_test = int(round(len(order) * cfg.test_fraction))
+        test_idx, train_idx = order[:n_test], order[n_test:]
+        train = (images[train_idx], labels[train_idx])
+        test = (images[test_idx], labels[test_idx])
+        name = path.stem
+        natural = images.shape[-1] == 3
+    else:
+        tr_images, tr_labels, classes = read_named(cfg, train=True)
+        te_images, te_labels, _ = read_named(cfg, train=False)
+        check_labels(tr_labels, classes, f"{cfg.dataset} train")
+        check_labels(te_labels, classes, f"{cfg.dataset} test")
+        train = (tr_images, tr_labels)
+        test = (te_images, te_labels)
+        name = cfg.dataset
+        natural = cfg.dataset in NATURAL
+
+    # Attacker and defender draw from the training images, disjoint by construction.
+    order = rng.permutation(len(train[1]))
+    n_attacker = int(round(len(order) * cfg.attacker_fraction))
+    attacker_idx, defender_idx = order[:n_attacker], order[n_attacker:]
+    if cfg.n_attacker:
+        attacker_idx = attacker_idx[: cfg.n_attacker]
+    if cfg.n_defender:
+        defender_idx = defender_idx[: cfg.n_defender]
+    test_idx = rng.permutation(len(test[1]))
+    if cfg.n_test:
+        test_idx = test_idx[: cfg.n_test]
+
+    def make(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, what: str) -> ImageSet:
+        if len(idx) == 0:
+            raise DataError(f"{name}: the {what} split is empty; use more images or other fractions")
+        return ImageSet(to_tensor_images(images[idx], cfg.image_size, name), torch.from_numpy(labels[idx].copy()), classes)
+
+    return Splits(
+        defender=make(*train, defender_idx, "defender-train"),
+        attacker=make(*train, attacker_idx, "attacker-train"),
+        test=make(*test, test_idx, "test"),
+        name=name,
+        natural=natural,
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float 0..1, the scale every network and metric in Veil works on."""
+    return images.float().div_(255)
+
+
+def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding (+ horizontal flip) for a whole uint8 batch at once."""
+    n, c, h, w = images.shape
+    pad = 4
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # n x 1 x h x 1
+    cols = (dx[:, None] + torch.arange(w, device=images.device))  # n x w
+    if flip:
+        mirror = torch.rand(n, generator=generator, device=generator.device) < 0.5
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]  # n x 1 x 1 x w
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chan = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None, augment_flip: bool | None = None):
+    """Yield (float images in [0, 1], labels). Shuffled and augmented when a generator is given."""
+    n = len(data)
+    if generator is not None:
+        order = torch.randperm(n, generator=generator, device=generator.device).to(data.images.device)
+    else:
+        order = torch.arange(n, device=data.images.device)
+    # Training drops a last partial batch: BatchNorm at 1x1 spatial size cannot take one image.
+    stop = n - n % batch_size if generator is not None and n > batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        images = data.images[idx]
+        if generator is not None and augment_flip is not None:
+            images = augment(images, augment_flip, generator)
+        yield to_float(images), data.labels[idx]

@@ -1,0 +1,55 @@
+"""Metrics on images in [0, 1]: tensors in, numbers (or per-image tensors) out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Eq. 1 divides by the MSE, which is 0 for identical images. We clamp the MSE at 1e-10
+# (on the [0, 1] scale), so PSNR never exceeds 100 dB and its gradient stays finite.
+MSE_FLOOR = 1e-10
+
+
+def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 per image, in dB. Images in [0, 1], so p_max = 1 (the same as 255 on 0..255).
+
+    The MSE averages over every pixel and channel of one image. Differentiable: this is the
+    loss of Eq. 2 and Eq. 3. Returns a tensor of N values; average it for the paper's figure.
+    """
+    if original.shape != reconstruction.shape:
+        raise ValueError(f"psnr: shapes differ, {tuple(original.shape)} vs {tuple(reconstruction.shape)}")
+    mse = (original.float() - reconstruction.float()).pow(2).flatten(1).mean(1)
+    return -10.0 * torch.log10(mse.clamp_min(MSE_FLOOR))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).sum().item() / len(labels)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def ssim(original: torch.Tensor, reconstruction: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al., 2004) per image: Gaussian window 11/1.5, K1=0.01, K2=0.03,
+    data range 1, averaged over channels and valid positions. Returns N values in [-1, 1]."""
+    if original.shape != reconstruction.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(original.shape)} vs {tuple(reconstruction.shape)}")
+    x, y = original.double(), reconstruction.double()  # float64: var = E[x^2] - E[x]^2 cancels badly in float32
+    c = x.shape[1]
+    window = min(window, x.shape[-1], x.shape[-2])
+    g = _gaussian_window(window, sigma).to(x.device, torch.float64)
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1).float()

@@ -1,0 +1,30 @@
+"""The three networks: obfuscator f, classifier g, reconstructors r (Table 1)."""
+
+from veil.models.classifier import Classifier
+from veil.models.obfuscator import Obfuscator, feature_shape
+from veil.models.reconstructors import RECONSTRUCTORS, build_reconstructor
+
+__all__ = ["Obfuscator", "Classifier", "RECONSTRUCTORS", "build_reconstructor", "build_networks", "feature_shape", "init_xavier"]
+
+
+def init_xavier(module):  # noqa: ANN001, ANN201
+    """Xavier (Glorot) uniform weights, zero biases, BatchNorm at identity (Algorithm 1)."""
+    import torch.nn as nn
+
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def build_networks(model_cfg, channels: int, num_classes: int, image_size: int = 32) -> dict:  # noqa: ANN001
+    """Obfuscator, classifier and training reconstructor for a ModelConfig, Xavier-initialised."""
+    obfuscator = init_xavier(Obfuscator(channels, model_cfg.width, model_cfg.split))
+    classifier = init_xavier(Classifier(num_classes, model_cfg.width, model_cfg.split, model_cfg.dropout))
+    reconstructor = init_xavier(build_reconstructor(model_cfg.reconstructor, obfuscator.out_channels, channels, model_cfg.width, model_cfg.split))
+    return {"obfuscator": obfuscator, "classifier": classifier, "reconstructor": reconstructor}

@@ -1,0 +1,98 @@
+"""Reconstructors r: feature map -> image in [0, 1]. Exactly the four of the paper's Table 1.
+
+Every "conv3-N" is a 3x3 convolution with BatchNorm and ReLU; "conv1-N" is 1x1; the last layer
+is followed by a sigmoid. `width` scales the hidden channels like the obfuscator's. Table 1 is
+written for split 2 (8x8 maps, two 2x upsamplings); for other splits the second upsampling
+scales by 2**(split-1) so the output is always the input image's size.
+
+To add a fifth reconstructor, write a function with the same signature and add it to
+RECONSTRUCTORS.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from veil.models.obfuscator import conv_bn_relu, scaled
+
+
+def _convs(c_in: int, channels: list[int]) -> tuple[list[nn.Module], int]:
+    layers: list[nn.Module] = []
+    for c in channels:
+        layers += conv_bn_relu(c_in, c)
+        c_in = c
+    return layers, c_in
+
+
+def _scales(split: int) -> tuple[int, int]:
+    return (2, 2 ** (split - 1)) if split >= 2 else (1, 2)
+
+
+def _up(scale: int) -> nn.Module:
+    return nn.Upsample(scale_factor=scale, mode="nearest") if scale > 1 else nn.Identity()
+
+
+def simrec(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    """SimRec: the obfuscator reversed. conv3-128 x2, up, conv3-64 x2, up, conv3-C, sigmoid."""
+    s1, s2 = _scales(split)
+    a, c = _convs(in_channels, [scaled(128, width)] * 2)
+    b, c = _convs(c, [scaled(64, width)] * 2)
+    return nn.Sequential(*a, _up(s1), *b, _up(s2), nn.Conv2d(c, out_channels, 3, padding=1), nn.Sigmoid())
+
+
+def _unet_style(in_channels: int, out_channels: int, width: float, split: int, depth: int) -> nn.Module:
+    s1, s2 = _scales(split)
+    a, c = _convs(in_channels, [scaled(64, width)] * depth)
+    b, c = _convs(c, [scaled(128, width)] * depth)
+    d, c = _convs(c, [scaled(256, width)] * depth)
+    tail = [*conv_bn_relu(c, out_channels), nn.Conv2d(out_channels, out_channels, 1), nn.Sigmoid()]
+    return nn.Sequential(*a, _up(s1), *b, _up(s2), *d, *tail)
+
+
+def urec1(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    """URec#1: conv3-64 x3, up, conv3-128 x3, up, conv3-256 x3, conv3-C, conv1-C, sigmoid."""
+    return _unet_style(in_channels, out_channels, width, split, depth=3)
+
+
+def urec2(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    """URec#2, the lighter U-Net: conv3-64 x2, up, conv3-128 x2, up, conv3-256 x2, conv3-C, conv1-C, sigmoid."""
+    return _unet_style(in_channels, out_channels, width, split, depth=2)
+
+
+class ResidualBlock(nn.Module):
+    """[3x3, c; 3x3, c] with an identity shortcut (He et al., 2016)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn_relu(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+def resrec(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    """ResRec: [transconv3-64, residual block 64] x2, up, residual block 64 x2, up, conv1-C, sigmoid."""
+    s1, s2 = _scales(split)
+    c = scaled(64, width)
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for _ in range(2):
+        layers += [nn.ConvTranspose2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), ResidualBlock(c)]
+        c_in = c
+    layers += [_up(s1), ResidualBlock(c), ResidualBlock(c), _up(s2), nn.Conv2d(c, out_channels, 1), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+RECONSTRUCTORS = {"simrec": simrec, "urec1": urec1, "urec2": urec2, "resrec": resrec}
+
+
+def build_reconstructor(name: str, in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    if name not in RECONSTRUCTORS:
+        raise ValueError(f"unknown reconstructor '{name}'; valid: {', '.join(RECONSTRUCTORS)}")
+    return RECONSTRUCTORS[name](in_channels, out_channels, width, split)

@@ -1,0 +1,55 @@
+"""Tiny, seeded fixtures: small widths and a few hundred real images, so the suite runs in minutes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from veil import config as config_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_NPZ = ROOT / "demo" / "cifar10-2k.npz"
+
+
+def shared_data_dir() -> Path:
+    """The offline copies of the real datasets; point $VEIL_TEST_DATA_DIR elsewhere if needed."""
+    return Path(os.environ.get("VEIL_TEST_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    """240 real CIFAR-10 images from the bundled demo sample, as a plain images/labels .npz."""
+    from veil.data import read_npz
+
+    images, labels, classes = read_npz(DEMO_NPZ, tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(len(labels), 240, replace=False))
+    path = tmp_path / "tiny.npz"
+    np.savez(path, images=images[idx], labels=labels[idx], classes=np.array(classes))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_npz: Path) -> config_mod.Config:
+    """Width 1/16, one epoch per phase: a whole Algorithm 1 run takes a few seconds."""
+    return config_mod.from_dict(
+        {
+            "data": {"dataset": "npz", "path": str(tiny_npz), "test_fraction": 0.25, "attacker_fraction": 0.25},
+            "model": {"width": 0.0625, "dropout": 0.0},
+            "train": {"pretrain_epochs": 2, "warmup_epochs": 1, "t_main": 1, "t_sub": 1, "batch_size": 32, "eval_batch_size": 64, "lambda_privacy": 1.0},
+            "seed": 0,
+            "device": "cpu",
+            "progress": False,
+        }
+    )

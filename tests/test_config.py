@@ -1,0 +1,45 @@
+import pytest
+
+from veil import config as config_mod
+from veil.config import ConfigError
+
+
+def test_round_trip_yaml(tmp_path):
+    cfg = config_mod.from_dict({"model": {"width": 0.5}, "train": {"lambda_privacy": 0.3}, "seed": 7})
+    path = tmp_path / "c.yaml"
+    path.write_text(config_mod.to_yaml(cfg))
+    again = config_mod.load(path)
+    assert again == cfg and again.model.width == 0.5 and again.seed == 7
+
+
+def test_overrides_dotted_and_bare(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  t_main: 3\n")
+    cfg = config_mod.load(path, ["train.lambda_privacy=0", "width=0.25", "device=cpu", "augment=false"])
+    assert cfg.train.lambda_privacy == 0 and cfg.model.width == 0.25 and cfg.device == "cpu" and cfg.data.augment is False
+    assert cfg.train.t_main == 3
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lamda_privacy: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lamda_privacy'. Did you mean 'train.lambda_privacy'"):
+        config_mod.load(path)
+
+
+def test_wrong_type_and_range_named():
+    with pytest.raises(ConfigError, match=r"'train.t_main' must be int, got 'ten'"):
+        config_mod.from_dict({"train": {"t_main": "ten"}})
+    with pytest.raises(ConfigError, match=r"model.reconstructor must be one of simrec, urec1, urec2, resrec, got 'unet'"):
+        config_mod.from_dict({"model": {"reconstructor": "unet"}})
+    with pytest.raises(ConfigError, match="data.path is required"):
+        config_mod.from_dict({"data": {"dataset": "npz"}})
+
+
+def test_every_config_in_repo_loads():
+    from tests.conftest import ROOT
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        config_mod.load(f)

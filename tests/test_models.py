@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
+from veil.config import ModelConfig
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("channels,size", [(3, 32), (1, 32)])
+@pytest.mark.parametrize("name", list(RECONSTRUCTORS))
+def test_shapes_round_trip(channels, size, name):
+    width = 0.125
+    f = Obfuscator(channels, width, split=2).eval()
+    g = Classifier(10, width, split=2).eval()
+    r = build_reconstructor(name, f.out_channels, channels, width, split=2).eval()
+    x = torch.rand(2, channels, size, size)
+    z = f(x)
+    assert z.shape == (2, 16, 8, 8) == (2, *feature_shape(channels, size, width, 2))
+    assert g(z).shape == (2, 10)
+    out = r(z)
+    assert out.shape == x.shape
+    assert out.min() >= 0 and out.max() <= 1  # sigmoid output
+
+
+def test_full_width_feature_map_is_8x8x128():
+    f = Obfuscator(3, 1.0, 2)
+    assert f(torch.rand(1, 3, 32, 32)).shape == (1, 128, 8, 8)
+
+
+@pytest.mark.parametrize("split", [1, 3, 4])
+@pytest.mark.parametrize("name", list(RECONSTRUCTORS))
+def test_other_splits_reconstruct_full_size(split, name):
+    f = Obfuscator(3, 0.125, split).eval()
+    r = build_reconstructor(name, f.out_channels, 3, 0.125, split).eval()
+    g = Classifier(10, 0.125, split).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert r(f(x)).shape == x.shape
+    assert g(f(x)).shape == (2, 10)
+
+
+def test_parameter_counts_at_width_one():
+    # Hand count: VGG16-BN convolutions without bias (BN carries the shift) plus BN's 2 per channel.
+    def conv_bn(cin, cout, k=3):
+        return cin * cout * k * k + 2 * cout
+
+    obf = conv_bn(3, 64) + conv_bn(64, 64) + conv_bn(64, 128) + conv_bn(128, 128)
+    assert n_params(Obfuscator(3, 1.0, 2)) == obf == 260_544
+    rest = conv_bn(128, 256) + 2 * conv_bn(256, 256) + conv_bn(256, 512) + 5 * conv_bn(512, 512)
+    head = (512 * 512 + 512) * 2 + 512 * 10 + 10
+    assert n_params(Classifier(10, 1.0, 2)) == rest + head
+    simrec = conv_bn(128, 128) * 2 + conv_bn(128, 64) + conv_bn(64, 64) + 64 * 3 * 9 + 3
+    assert n_params(build_reconstructor("simrec", 128, 3, 1.0, 2)) == simrec
+    # The four reconstructors differ in size as Table 1 implies: URec#1 > URec#2 > SimRec.
+    sizes = {name: n_params(build_reconstructor(name, 128, 3, 1.0, 2)) for name in RECONSTRUCTORS}
+    assert sizes["urec1"] > sizes["urec2"] > sizes["simrec"]
+    print({"obfuscator": obf, "classifier": rest + head, **sizes})
+
+
+def test_xavier_init_and_zero_bias():
+    nets = build_networks(ModelConfig(width=0.25), 3, 10)
+    lin = nets["classifier"].head[3]
+    bound = (6 / (lin.in_features + lin.out_features)) ** 0.5
+    assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(lin.bias) == 0
+
+
+def test_unknown_reconstructor_lists_valid_names():
+    with pytest.raises(ValueError, match="simrec, urec1, urec2, resrec"):
+        build_reconstructor("unet9", 16, 3)

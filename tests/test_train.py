@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from veil import rundir
+from veil.data import load_splits
+from veil.models import build_networks
+from veil.train import (
+    FINAL, PHASE_A, PHASE_B, PHASE_C, PRETRAIN, WARMUP, Step, TrainingError, make_optimizers, plan, train,
+    train_obfuscator, train_obfuscator_classifier, train_reconstructor,
+)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> bool:
+    after = module.state_dict()
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def unchanged_bit_for_bit(before: dict, module: torch.nn.Module) -> bool:
+    after = module.state_dict()
+    return all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plan_follows_algorithm_1(tiny_config):
+    t = tiny_config.train
+    t.pretrain_epochs, t.warmup_epochs, t.t_main, t.t_sub = 3, 2, 2, 2
+    phases = [s.phase for s in plan(t)]
+    assert phases == [PRETRAIN] * 3 + [WARMUP] * 2 + ([PHASE_A] * 2 + [PHASE_B] * 2 + [PHASE_C] * 2) * 2 + [FINAL] * 2
+
+
+def test_each_phase_updates_exactly_its_networks(tiny_config):
+    cfg = tiny_config
+    s = load_splits(cfg.data, cfg.seed)
+    nets = build_networks(cfg.model, s.channels, s.num_classes)
+    opts = make_optimizers(nets, cfg.train)
+    g = torch.Generator().manual_seed(0)
+    f_, g_, r_ = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
+
+    # (a) f+g move on Eq. 2; r is frozen (weights and BatchNorm statistics).
+    before = {k: snapshot(m) for k, m in nets.items()}
+    train_obfuscator_classifier(nets, opts[PHASE_A], s.defender, True, cfg, g, Step(PHASE_A, 1, 1), 1.0)
+    assert changed(before["obfuscator"], f_) and changed(before["classifier"], g_)
+    assert unchanged_bit_for_bit(before["reconstructor"], r_)
+
+    # (b) r moves on Eq. 3; f (and g) frozen.
+    before = {k: snapshot(m) for k, m in nets.items()}
+    train_reconstructor(nets, opts[PHASE_B], s.defender, True, cfg, g, Step(PHASE_B, 1, 1))
+    assert changed(before["reconstructor"], r_)
+    assert unchanged_bit_for_bit(before["obfuscator"], f_) and unchanged_bit_for_bit(before["classifier"], g_)
+
+    # (c) f moves on Eq. 2; g and r frozen.
+    before = {k: snapshot(m) for k, m in nets.items()}
+    train_obfuscator(nets, opts[PHASE_C], s.defender, True, cfg, g, Step(PHASE_C, 1, 1))
+    assert changed(before["obfuscator"], f_)
+    assert unchanged_bit_for_bit(before["classifier"], g_) and unchanged_bit_for_bit(before["reconstructor"], r_)
+
+
+def test_reconstructor_phase_raises_psnr(tiny_config):
+    cfg = tiny_config
+    s = load_splits(cfg.data, cfg.seed)
+    nets = build_networks(cfg.model, s.channels, s.num_classes)
+    cfg.train.lr_reconstructor = 5e-3
+    opt = make_optimizers(nets, cfg.train)[PHASE_B]
+    g = torch.Generator().manual_seed(0)
+    first = train_reconstructor(nets, opt, s.defender, True, cfg, g, Step(PHASE_B, 1, 1))["train_psnr"]
+    for _ in range(10):
+        last = train_reconstructor(nets, opt, s.defender, True, cfg, g, Step(PHASE_B, 1, 1))["train_psnr"]
+    assert last > first + 2.0, (first, last)
+
+
+def test_train_writes_run_directory(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config, run, log=lambda *_: None)
+    assert (run / "config.yaml").is_file()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(plan(tiny_config.train))
+    rec = json.loads(lines[-1])
+    for key in ("phase", "round", "epoch", "loss", "test_accuracy", "test_psnr", "seconds"):
+        assert key in rec
+    for name in ("obfuscator", "classifier", "reconstructor"):
+        assert (rundir.latest_step_dir(run) / f"{name}.safetensors").is_file()
+    assert (run / "checkpoints" / "undefended" / "obfuscator.safetensors").is_file()
+    for key in ("pretrain_test_accuracy", "final_test_accuracy", "final_test_psnr"):
+        assert isinstance(summary[key], float)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    loaded = rundir.load_run(run)
+    assert not loaded.obfuscator.training and loaded.undefended_obfuscator is not None
+    # The undefended obfuscator is the one right after pretraining, not the final one.
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.obfuscator.state_dict().values(), loaded.undefended_obfuscator.state_dict().values()))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(tiny_config, run, log=lambda *_: None)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    reference = train(tiny_config, tmp_path / "a", log=lambda *_: None)
+    real_save = rundir.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_three(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(rundir, "save_checkpoint", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, tmp_path / "b", log=lambda *_: None)
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    # A half-written metrics line, as a kill mid-write would leave.
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "phase": "reconstructor_wa')
+    resumed = train(tiny_config, tmp_path / "b", resume=True, log=lambda *_: None)
+    for key in ("pretrain_test_accuracy", "final_test_accuracy", "final_test_psnr", "undefended_test_psnr"):
+        assert resumed[key] == reference[key], key
+    a, b = rundir.load_run(tmp_path / "a"), rundir.load_run(tmp_path / "b")
+    for x, y in zip(a.obfuscator.state_dict().values(), b.obfuscator.state_dict().values()):
+        assert torch.equal(x, y)
+    assert len(rundir.read_metrics(tmp_path / "b")) == len(plan(tiny_config.train))
