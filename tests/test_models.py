@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
 from veil.config import ModelConfig
+from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
 
 
 def n_params(m: torch.nn.Module) -> int:
