@@ -22,7 +22,8 @@ DEFENCES = ("adversarial", "nopeek", "noise", "none")
 
 def _centred_distances(x: torch.Tensor) -> torch.Tensor:
     """Double-centred pairwise Euclidean distances of the rows of x (n x d)."""
-    d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    sq = x.pow(2).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2 * x @ x.T  # n x n, without an n x n x d intermediate
     d = d2.clamp_min(1e-12).sqrt()  # clamp: the zero diagonal would give an infinite gradient
     return d - d.mean(0, keepdim=True) - d.mean(1, keepdim=True) + d.mean()
 
