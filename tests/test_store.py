@@ -162,6 +162,13 @@ def test_verify_names_each_kind_of_damage(tiny, tmp_path):
         m["shards"][0]["count"] = 15
         (d / MANIFEST).write_text(json.dumps(m))
 
+    def edit(**fields):
+        def how(d):
+            m = json.loads((d / MANIFEST).read_text())
+            m.update(fields)
+            (d / MANIFEST).write_text(json.dumps(m))
+        return how
+
     cases = {
         "truncated": (truncate, r"shard-00001\.safetensors: shard truncated"),
         "altered": (alter, r"shard-00002\.safetensors: shard altered"),
@@ -170,6 +177,9 @@ def test_verify_names_each_kind_of_damage(tiny, tmp_path):
         "manifest": (lambda d: (d / MANIFEST).write_text("{"), r"manifest\.json: damaged"),
         "counts": (edit_manifest, r"shard-00000\.safetensors: 'features' should be \(15,"),
         "gone": (lambda d: (d / MANIFEST).unlink(), "not a Veil store"),
+        "total": (edit(count=61), r"manifest\.json: count is 61 but the shards hold 60"),
+        "labels": (edit(labels_sha256="0" * 64), r"manifest\.json: labels_sha256 does not match"),
+        "unfinished": (edit(complete=False), r"incomplete \(60 of 60"),
     }
     for name, (how, message) in cases.items():
         with pytest.raises(StoreError, match=message):
@@ -359,3 +369,20 @@ def test_fingerprint_follows_weights_and_batchnorm_statistics(tiny):
     assert fingerprint(a) == fingerprint(b)
     bn.num_batches_tracked += 1  # a 0-d counter that does not change any output still counts as a weight
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_features_the_dtype_cannot_hold_are_refused(tiny, tmp_path):
+    run = tmp_path / "loud-run"
+    shutil.copytree(tiny["run"], run)
+    weights = latest_step_dir(run) / "obfuscator.safetensors"
+    state = load_tensors(weights)
+    last_bn = max((k for k in state if k.endswith("running_var")), key=lambda k: int(k.split(".")[0])).replace("running_var", "weight")
+    for scale, message in ((1e6, "exceed float16's range"), (float("nan"), "not finite")):
+        state[last_bn] = torch.full_like(state[last_bn], scale)
+        save_tensors(weights, state)
+        with pytest.raises(StoreError, match=message):
+            obfuscate(run, "run:test", tmp_path / f"s{scale}", device="cpu", progress=False, log=lambda *_: None)
+    state[last_bn] = torch.full_like(state[last_bn], 1e6)
+    save_tensors(weights, state)
+    obfuscate(run, "run:test", tmp_path / "s32", dtype="float32", device="cpu", progress=False, log=lambda *_: None)
+    assert read_all(tmp_path / "s32")["features"].abs().max() > 65504

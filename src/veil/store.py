@@ -35,7 +35,7 @@ import torch
 
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
-from veil.io import atomic_write_json, save_tensors
+from veil.io import atomic_write_json, save_tensors, sha256_file
 
 FORMAT = "veil-store"
 FORMAT_VERSION = 1
@@ -276,17 +276,17 @@ def verify(store: str | Path, fingerprint: str | None = None, progress: bool = F
     strays = sorted(p.name for p in store.glob("shard-*.safetensors") if p.name not in listed)
     if strays:
         raise StoreError(f"{store / strays[0]}: not listed in the manifest (left by an interrupted run, or added later)")
-    labels = []
+    digest, count, n_classes = hashlib.sha256(), 0, len(manifest["dataset"]["classes"])
     for i in tqdm(range(len(manifest["shards"])), desc="verify", disable=not progress, leave=False):
-        labels.append(read_shard(store, manifest, i)["labels"])
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    if len(labels) != manifest["count"]:
-        raise StoreError(f"{store / MANIFEST}: count is {manifest['count']} but the shards hold {len(labels)} items")
-    if labels_digest(labels) != manifest["labels_sha256"]:
+        labels = read_shard(store, manifest, i)["labels"]  # one shard at a time: memory stays bounded
+        digest.update(labels.numpy().tobytes())
+        count += len(labels)
+        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+            raise StoreError(f"{store / manifest['shards'][i]['file']}: labels must be in 0..{n_classes - 1}, found {labels.min().item()}..{labels.max().item()}")
+    if count != manifest["count"]:
+        raise StoreError(f"{store / MANIFEST}: count is {manifest['count']} but the shards hold {count} items")
+    if digest.hexdigest() != manifest["labels_sha256"]:
         raise StoreError(f"{store / MANIFEST}: labels_sha256 does not match the labels in the shards")
-    n_classes = len(manifest["dataset"]["classes"])
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise StoreError(f"{store}: labels must be in 0..{n_classes - 1}, found {labels.min().item()}..{labels.max().item()}")
     return manifest
 
 
@@ -349,6 +349,8 @@ def obfuscate(
         raise StoreError(f"--shard-size and --batch-size must be >= 1, got {shard_size} and {batch_size}")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
+    if not run.summary:
+        log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
     t0 = time.perf_counter()
     source = open_source(parse_spec(data), run.config.data, run.config.seed, name)
     open_seconds = time.perf_counter() - t0  # reading (and for named data, decoding) the images held in memory
@@ -395,7 +397,7 @@ def obfuscate(
             ids = torch.frombuffer(bytearray(secrets.token_bytes(ID_BYTES * (b - a))), dtype=torch.uint8).reshape(b - a, ID_BYTES)
             path = out / shard_name(index)
             save_tensors(path, {"features": features, "labels": source.labels[a:b].clone(), "ids": ids}, {"format": FORMAT, "shard": str(index)})
-            manifest["shards"].append({"file": path.name, "count": b - a, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            manifest["shards"].append({"file": path.name, "count": b - a, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
             manifest["complete"] = index + 1 == n_shards
             atomic_write_json(out / MANIFEST, manifest)  # after the shard: a listed shard is always whole
             written += b - a
@@ -413,17 +415,11 @@ def obfuscate(
 
 
 def _check_representable(features: torch.Tensor, dtype: str, data: str, start: int) -> None:
-    if not torch.isfinite(features).all():
-        raise DataError(f"--data {data}: the obfuscator gave non-finite features for items {start}.. (a damaged run?)")
+    """One reduction catches NaN, inf and values the store's dtype cannot hold (NaN fails every comparison)."""
     limit = torch.finfo(DTYPES[dtype]).max
-    if features.abs().max() > limit:
-        raise StoreError(f"features of items {start}.. exceed {dtype}'s range ({limit:g}); use --dtype float32")
-
-
-def _sha256(path: Path) -> str:
-    from veil.io import sha256_file
-
-    return sha256_file(path)
+    if not features.abs().amax() <= limit:
+        raise StoreError(f"--data {data}: features of items {start}.. are not finite or exceed {dtype}'s range ({limit:g}); "
+                         f"a damaged run, or use --dtype float32")
 
 
 @torch.inference_mode()
