@@ -64,6 +64,71 @@ def print_summary(summary: dict) -> None:
     print(f"({defence}: {setting}reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
 
 
+def cmd_obfuscate(args: argparse.Namespace) -> int:
+    from veil.store import obfuscate
+
+    r = obfuscate(args.run, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
+                  name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench)
+    if r["written"]:
+        print(f"wrote {r['written']} of {r['items']} items to {args.out} in {r['seconds']:.2f} s ({r['written'] / r['seconds']:.0f} images/s; "
+              f"{r['open_seconds']:.2f} s reading the source before); {r['shards']} shards, {r['bytes'] / r['items']:.0f} bytes per item")
+    if "bare_seconds" in r and r["written"]:
+        bare, rate = r["bare_images"] / r["bare_seconds"], r["written"] / r["seconds"]
+        cpu_ratio = (r["written"] / r["cpu_seconds"]) / (r["bare_images"] / r["bare_cpu_seconds"])
+        print(f"bare obfuscator forward on {r['bare_images']} of the same images: {bare:.0f} images/s; obfuscate runs at "
+              f"{rate / bare:.2f}x of it ({cpu_ratio:.2f}x counting CPU time)")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from veil.classify import HeadConfig, train_classifier
+
+    cfg = HeadConfig(**{k: getattr(args, k) for k in HeadConfig.__dataclass_fields__ if k != "progress"}, progress=not args.no_progress)
+    summary = train_classifier(args.store, args.out, cfg, test_store=args.test_store)
+    if summary["final_test_accuracy"] is not None:
+        print(f"test accuracy {summary['final_test_accuracy']:.2%} on {summary['test_items']} items of {args.test_store} "
+              f"(head {summary['head']}, {summary['epochs']} epochs, {summary['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from veil.classify import accuracy_of, predict
+
+    predictions = predict(args.run, images=args.images, store=args.store, classifier=args.classifier, device=args.device)
+    shown = predictions if args.show < 0 else predictions[: args.show]
+    width = max([len("item")] + [len(p.item) for p in shown])
+    print(f"{'item':<{width}}  {'class':<12} confidence")
+    for p in shown:
+        print(f"{p.item:<{width}}  {p.name:<12} {p.confidence:>9.1%}")
+    if 0 <= args.show < len(predictions):
+        print(f"... {len(predictions) - args.show} more (--show -1 prints all)")
+    if args.csv:
+        from veil.io import atomic_write_text
+
+        rows = ["item,class,label,confidence,true_label"] + [f"{p.item},{p.name},{p.label},{p.confidence:.6f},{'' if p.true_label is None else p.true_label}" for p in predictions]
+        atomic_write_text(args.csv, "\n".join(rows) + "\n")
+    acc = accuracy_of(predictions)
+    if acc is not None:
+        print(f"accuracy against the store's labels: {acc:.2%} ({len(predictions)} items)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from veil.store import store_bytes, verify
+
+    fp = None
+    if args.run:
+        from veil.models.obfuscator import fingerprint
+        from veil.rundir import load_run
+
+        fp = fingerprint(load_run(args.run).obfuscator)
+    m = verify(args.store, fingerprint=fp, progress=not args.no_progress)
+    print(f"{args.store}: OK, {m['count']} items in {len(m['shards'])} shards, {store_bytes(Path(args.store), m) / max(1, m['count']):.0f} bytes per item; "
+          f"{m['dataset']['name']} ({m['dataset']['split']}), {len(m['dataset']['classes'])} classes, features {'x'.join(map(str, m['features']['shape']))} "
+          f"{m['features']['dtype']}, obfuscator {m['obfuscator']['fingerprint'][:16]}...{' (matches ' + args.run + ')' if args.run else ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from veil import __version__
 
@@ -78,6 +143,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
+
+    from veil.store import DTYPES, SPEC_HELP
+
+    p = sub.add_parser("obfuscate", help="images -> a feature store (no pixels, no file names); resumable")
+    p.add_argument("--run", required=True, help="run directory whose obfuscator to use")
+    p.add_argument("--data", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--out", required=True, metavar="STORE", help="store directory to create (or to finish, after an interruption)")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="how features are kept (default float16)")
+    p.add_argument("--shard-size", type=int, default=4096, help="items per shard file (default 4096); memory holds one shard")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
+    p.add_argument("--name", default="", help="dataset name for the manifest (default: the named dataset, or 'npz'/'folder')")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--bench", action="store_true", help="also time a bare forward pass of the obfuscator on the same images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_obfuscate)
+
+    from veil.classify import HeadConfig
+    from veil.config import field_docs
+
+    p = sub.add_parser("train-classifier", help="train a classifier from a feature store alone")
+    p.add_argument("store", help="store made by veil obfuscate (e.g. from the defender split)")
+    p.add_argument("--out", required=True, metavar="DIR", help="classifier directory to create")
+    p.add_argument("--test-store", help="store of test images (same obfuscator) to report accuracy on")
+    docs = field_docs(HeadConfig)
+    for name, f in HeadConfig.__dataclass_fields__.items():
+        if name != "progress":
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"{docs.get(name, '')} (default {f.default})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("predict", help="class and confidence of new images, or of a store's items")
+    p.add_argument("--run", required=True, help="run directory: its obfuscator (and, unless --classifier, its classifier)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    p.add_argument("--store", help="classify a store's items instead of images (refused if another obfuscator made it)")
+    p.add_argument("--classifier", metavar="DIR", help="a classifier made by veil train-classifier, instead of the run's own")
+    p.add_argument("--show", type=int, default=20, help="print at most this many predictions (-1 = all; default 20)")
+    p.add_argument("--csv", help="write every prediction to this CSV file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("verify", help="recompute a store's checksums and check its manifest")
+    p.add_argument("store", help="store directory")
+    p.add_argument("--run", help="also check that this run's obfuscator made the store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -85,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from veil.config import ConfigError
     from veil.data import DataError
     from veil.io import CheckpointError
+    from veil.store import StoreError
     from veil.train import TrainingError
 
     parser = build_parser()
@@ -94,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

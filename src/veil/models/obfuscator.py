@@ -62,5 +62,5 @@ def fingerprint(obfuscator: nn.Module) -> str:
     for name, t in sorted(obfuscator.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d counters cannot be viewed as bytes
     return h.hexdigest()

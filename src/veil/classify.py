@@ -1,0 +1,357 @@
+"""A classifier trained from a feature store alone, and predictions for new images or a store.
+
+The GDPR motivation (paper, Introduction): once the images are gone, the obfuscated features
+are what is left to retrain on, e.g. when the model changes. `train_classifier` reads only a
+store, never an image, and writes a classifier directory:
+
+    OUT/config.yaml              the resolved HeadConfig
+    OUT/classifier.safetensors   the head's weights
+    OUT/classifier.json          head, classes, feature shape, the store's obfuscator fingerprint
+    OUT/metrics.jsonl            one line per epoch (train loss and accuracy, test accuracy)
+    OUT/summary.json             final test accuracy, seconds, versions
+
+`predict` puts new images through a run's obfuscator and then a classifier (the run's own, or
+one trained from a store), or classifies a store's features directly. A store or classifier
+made by another obfuscator is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from veil.io import CheckpointError, atomic_write_json, atomic_write_text, load_module, save_tensors
+from veil.store import StoreError, check_fingerprint, iter_shards, read_shard, verify
+
+# ----------------------------------------------------------------------------- heads
+
+
+def vgg16_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
+    """The paper's classifier g: the rest of VGG16-BN and its 512-512-classes head (veil.models.Classifier)."""
+    from veil.models import Classifier, init_xavier
+
+    return init_xavier(Classifier(num_classes, width, split, dropout))
+
+
+def small_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
+    """A lighter head: two 3x3 conv blocks (2C channels), global average pooling, one linear layer."""
+    from veil.models import init_xavier
+    from veil.models.obfuscator import conv_bn_relu
+
+    c = 2 * channels
+    return init_xavier(nn.Sequential(
+        *conv_bn_relu(channels, c), nn.MaxPool2d(2), *conv_bn_relu(c, c),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes),
+    ))
+
+
+HEADS = {"vgg16": vgg16_head, "small": small_head}
+
+
+def build_head(name: str, features: dict, obfuscator: dict, num_classes: int, dropout: float) -> nn.Module:
+    if name not in HEADS:
+        raise StoreError(f"unknown head '{name}'; valid: {', '.join(HEADS)}")
+    return HEADS[name](features["shape"][0], num_classes, obfuscator["width"], obfuscator["split"], dropout)
+
+
+@dataclass
+class HeadConfig:
+    head: str = "vgg16"
+    """vgg16 (the paper's classifier g, the rest of VGG16-BN) | small (two conv blocks and a linear layer)."""
+    epochs: int = 30
+    """Passes over the store."""
+    batch_size: int = 128
+    """Items per optimisation step."""
+    lr: float = 2e-3
+    """Peak learning rate (Adam, one-cycle: linear warm-up, then cosine to 0)."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    dropout: float = 0.0
+    """Dropout before each hidden linear layer of the head."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy."""
+    shift: int = 1
+    """Random shift of the feature map by up to this many cells (zero fill) per item; 0 = none. One cell is 2**split pixels."""
+    memory_mb: int = 1024
+    """Features held in memory at once (MiB); a larger store is read a few shards at a time, shuffled within them."""
+    seed: int = 0
+    """Seed of initialisation, shard order, batch order and shifts."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def check_head_config(cfg: HeadConfig) -> None:
+    if cfg.head not in HEADS:
+        raise StoreError(f"--head must be one of {', '.join(HEADS)}, got '{cfg.head}'")
+    for key in ("epochs", "batch_size", "memory_mb"):
+        if getattr(cfg, key) < 1:
+            raise StoreError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1 or cfg.shift < 0:
+        raise StoreError(f"invalid training settings: lr {cfg.lr}, weight_decay {cfg.weight_decay}, dropout {cfg.dropout}, label_smoothing {cfg.label_smoothing}, shift {cfg.shift}")
+
+
+# ----------------------------------------------------------------------------- reading a store for training
+
+
+def shard_groups(store: Path, manifest: dict, memory_mb: int, generator: torch.Generator | None):  # noqa: ANN201
+    """Yield (features, labels) of groups of whole shards that fit memory_mb, shards in random order if a generator is given."""
+    n = len(manifest["shards"])
+    itemsize = torch.empty((), dtype=_dtype(manifest)).element_size()
+    per_item = itemsize * int(torch.tensor(manifest["features"]["shape"]).prod())
+    per_group = max(1, (memory_mb << 20) // max(1, per_item * manifest["shard_size"]))
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for g in range(0, n, per_group):
+        shards = [read_shard(store, manifest, i) for i in order[g : g + per_group]]
+        yield torch.cat([s["features"] for s in shards]), torch.cat([s["labels"] for s in shards])
+
+
+def _dtype(manifest: dict) -> torch.dtype:
+    from veil.store import DTYPES
+
+    return DTYPES[manifest["features"]["dtype"]]
+
+
+def random_shift(features: torch.Tensor, cells: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each feature map by up to `cells` in x and y, zero-filled: the image's random crop, seen after the obfuscator.
+
+    The obfuscator is convolutions and 2x2 pools, so shifting an image by 2**split pixels shifts
+    its feature map by about one cell (exactly, away from the borders).
+    """
+    n, c, h, w = features.shape
+    padded = F.pad(features, (cells, cells, cells, cells))
+    dy = torch.randint(0, 2 * cells + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * cells + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # n x 1 x h x 1
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # n x 1 x 1 x w
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+@torch.no_grad()
+def store_accuracy(head: nn.Module, store: Path, manifest: dict, device: torch.device, batch_size: int = 500) -> float:
+    head.eval()
+    correct, total = 0, 0
+    for shard in iter_shards(store, manifest):
+        for s in range(0, len(shard["labels"]), batch_size):
+            logits = head(shard["features"][s : s + batch_size].to(device).float())
+            correct += (logits.argmax(1).cpu() == shard["labels"][s : s + batch_size]).sum().item()
+            total += len(logits)
+    return correct / max(1, total)
+
+
+def _same_store_kind(train: dict, test: dict, test_path: Path) -> None:
+    check_fingerprint(test, train["obfuscator"]["fingerprint"], str(test_path), "the training store")
+    for key, a, b in (("classes", train["dataset"]["classes"], test["dataset"]["classes"]), ("feature shape", train["features"]["shape"], test["features"]["shape"])):
+        if a != b:
+            raise StoreError(f"{test_path}: {key} {b} differ from the training store's {a}")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_store: str | Path | None = None, log=print) -> dict:  # noqa: ANN001
+    """Train a classifier head on a store's features alone; report accuracy on a test store. Returns the summary."""
+    from tqdm.auto import tqdm
+
+    from veil import __version__
+    from veil.train import onecycle_factor, resolve_device
+
+    check_head_config(cfg)
+    store, out = Path(store), Path(out)
+    if (out / "classifier.safetensors").exists() or (out / "config.yaml").exists():
+        raise StoreError(f"{out} already holds a classifier; choose another --out")
+    manifest = verify(store, progress=cfg.progress)  # every checksum, before anything is trained on it
+    test_manifest = None
+    if test_store is not None:
+        test_store = Path(test_store)
+        test_manifest = verify(test_store, progress=cfg.progress)
+        _same_store_kind(manifest, test_manifest, test_store)
+    device = resolve_device(cfg.device)
+    classes = manifest["dataset"]["classes"]
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg.head, manifest["features"], manifest["obfuscator"], len(classes), cfg.dropout).to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = manifest["count"]
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    log(f"veil train-classifier: {n} items of {manifest['dataset']['name']} ({manifest['dataset']['split']}), head {cfg.head}, "
+        f"{sum(p.numel() for p in head.parameters()):,} parameters, {cfg.epochs} epochs, device {device}")
+    # Small stores are read once; larger ones a few shards at a time, every epoch.
+    cached = None
+    if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
+        cached = next(shard_groups(store, manifest, 1 << 40, None))
+    step, metrics, start = 0, [], time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        head.train()
+        sums, seen, t0 = torch.zeros(2), 0, time.perf_counter()
+        groups = [cached] if cached is not None else shard_groups(store, manifest, cfg.memory_mb, generator)
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress, dynamic_ncols=True) as bar:
+            for features, labels in groups:
+                order = torch.randperm(len(labels), generator=generator)
+                # Drop a last partial batch: BatchNorm at 1x1 spatial size cannot train on one item.
+                stop = len(order) - len(order) % cfg.batch_size if len(order) > cfg.batch_size else len(order)
+                for s in range(0, stop, cfg.batch_size):
+                    idx = order[s : s + cfg.batch_size]
+                    x = features[idx].float()
+                    if cfg.shift:
+                        x = random_shift(x, cfg.shift, generator)
+                    x, y = x.to(device), labels[idx].to(device)
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * onecycle_factor(min(step, total_steps - 1), total_steps)
+                    logits = head(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if not torch.isfinite(loss):
+                        raise StoreError(f"non-finite loss in epoch {epoch}; lower --lr")
+                    sums += torch.stack([loss.detach().cpu() * len(y), (logits.argmax(1) == y).sum().cpu().float()])
+                    seen += len(y)
+                    step += 1
+                    bar.update(1)
+        record = {"epoch": epoch, "loss": sums[0].item() / max(1, seen), "train_accuracy": sums[1].item() / max(1, seen)}
+        if test_manifest is not None:
+            record["test_accuracy"] = store_accuracy(head, test_store, test_manifest, device)
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        metrics.append(record)
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
+        log("  ".join([f"[{epoch}/{cfg.epochs}]", f"loss {record['loss']:.3f}", f"train_accuracy {record['train_accuracy']:.2%}"]
+                      + ([f"test_accuracy {record['test_accuracy']:.2%}"] if "test_accuracy" in record else []) + [f"{record['seconds']:.1f}s"]))
+
+    save_tensors(out / "classifier.safetensors", head.state_dict())
+    atomic_write_json(out / "classifier.json", {
+        "head": cfg.head,
+        "classes": classes,
+        "dropout": cfg.dropout,
+        "features": manifest["features"],
+        "obfuscator": manifest["obfuscator"],
+        "train_store": {"dataset": manifest["dataset"], "count": n},
+        "test_store": None if test_manifest is None else {"dataset": test_manifest["dataset"], "count": test_manifest["count"]},
+    })
+    summary = {
+        "head": cfg.head,
+        "train_items": n,
+        "final_train_accuracy": metrics[-1]["train_accuracy"],
+        "final_test_accuracy": metrics[-1].get("test_accuracy"),
+        "test_items": None if test_manifest is None else test_manifest["count"],
+        "epochs": cfg.epochs,
+        "seconds": round(time.perf_counter() - start, 1),
+        "seed": cfg.seed,
+        "veil_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _item_bytes(manifest: dict) -> int:
+    return torch.empty((), dtype=_dtype(manifest)).element_size() * int(torch.tensor(manifest["features"]["shape"]).prod())
+
+
+# ----------------------------------------------------------------------------- predicting
+
+
+@dataclass
+class Prediction:
+    item: str  # the image's path as given, or the store item's opaque id (hex)
+    label: int
+    name: str
+    confidence: float  # softmax probability of the predicted class
+    true_label: int | None = None
+
+
+def load_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """A classifier directory written by train_classifier: the head in eval mode and its classifier.json."""
+    path = Path(path)
+    meta_path = path / "classifier.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: not a classifier directory (no classifier.json; made by `veil train-classifier`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        head = build_head(meta["head"], meta["features"], meta["obfuscator"], len(meta["classes"]), meta["dropout"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: damaged ({e})") from None
+    load_module(head, path / "classifier.safetensors")
+    return head.to(device).eval(), meta
+
+
+def _classifier_for(run, classifier_dir: str | Path | None, device: torch.device) -> tuple[nn.Module, list[str], str]:  # noqa: ANN001
+    """The run's own classifier, or one trained from a store made by this run's obfuscator."""
+    from veil.models.obfuscator import fingerprint
+
+    fp = fingerprint(run.obfuscator)
+    if classifier_dir is None:
+        return run.classifier, run.class_names or [str(i) for i in range(run.num_classes)], fp
+    head, meta = load_classifier(classifier_dir, device)
+    if meta["obfuscator"]["fingerprint"] != fp:
+        raise StoreError(f"{classifier_dir}: trained on features of obfuscator {meta['obfuscator']['fingerprint'][:16]}..., "
+                         f"but {run.path} has obfuscator {fp[:16]}...")
+    return head, meta["classes"], fp
+
+
+def _predictions(logits: torch.Tensor, items: list[str], classes: list[str], true: torch.Tensor | None) -> list[Prediction]:
+    probs = logits.float().softmax(1).cpu()
+    conf, label = probs.max(1)
+    return [
+        Prediction(items[i], int(label[i]), classes[int(label[i])] if int(label[i]) < len(classes) else str(int(label[i])), float(conf[i]),
+                   None if true is None else int(true[i]))
+        for i in range(len(items))
+    ]
+
+
+@torch.inference_mode()
+def predict(run_dir: str | Path, images: list[str] | None = None, store: str | Path | None = None, classifier: str | Path | None = None,
+            device: str = "auto", batch_size: int = 500) -> list[Prediction]:
+    """Class and confidence of image files (obfuscator, then classifier) or of a store's items (classifier only)."""
+    from veil.data import to_float, to_tensor_images
+    from veil.rundir import load_run
+    from veil.store import load_image
+    from veil.train import resolve_device
+
+    if (images and store) or not (images or store):
+        raise StoreError("give image files or --store STORE (not both)")
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev)
+    head, classes, fp = _classifier_for(run, classifier, dev)
+    out: list[Prediction] = []
+    if store is not None:
+        manifest = verify(store, fingerprint=fp)  # a store from another obfuscator is refused here
+        for shard in iter_shards(store, manifest):
+            for s in range(0, len(shard["labels"]), batch_size):
+                logits = head(shard["features"][s : s + batch_size].to(dev).float())
+                ids = [bytes(row.tolist()).hex() for row in shard["ids"][s : s + batch_size]]
+                out += _predictions(logits, ids, classes, shard["labels"][s : s + batch_size])
+        return out
+    size = run.config.data.image_size
+    mode = "L" if run.channels == 1 else "RGB"
+    # Images the size of the run's data or smaller are zero-padded (as 28x28 digits are), larger ones
+    # resized; a run trained on an image folder saw every image resized, so predict resizes too.
+    pad_small = run.config.data.dataset != "folder"
+    for s in range(0, len(images), batch_size):
+        paths = images[s : s + batch_size]
+        arrays = []
+        for p in paths:
+            if not Path(p).is_file():
+                raise StoreError(f"image not found: {p}")
+            arr = load_image(Path(p), mode, size, pad_small)
+            arrays.append(to_tensor_images(arr[None], size, p)[0])
+        x = to_float(torch.stack(arrays).to(dev))
+        out += _predictions(head(run.obfuscator(x)), list(paths), classes, None)
+    return out
+
+
+def accuracy_of(predictions: list[Prediction]) -> float | None:
+    known = [p for p in predictions if p.true_label is not None]
+    return sum(p.label == p.true_label for p in known) / len(known) if known else None
