@@ -14,10 +14,10 @@ from veil.io import CheckpointError  # noqa: E402
 from veil.metrics import psnr, ssim  # noqa: E402
 from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor  # noqa: E402
 from veil.rundir import Run, load_run  # noqa: E402
-from veil.train import TrainingError, train  # noqa: E402
+from veil.train import Stopped, TrainingError, train  # noqa: E402
 
 __all__ = [
     "Config", "ConfigError", "DataError", "ImageSet", "Splits", "load_splits", "CheckpointError", "psnr", "ssim",
     "RECONSTRUCTORS", "Classifier", "Obfuscator", "build_networks", "build_reconstructor", "Run", "load_run",
-    "TrainingError", "train", "__version__",
+    "Stopped", "TrainingError", "train", "__version__",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def cmd_train(args: argparse.Namespace) -> int:
     from veil import config as config_mod
-    from veil.train import summarize, train
+    from veil.train import train
 
     if args.help_config:
         print(config_mod.describe())
@@ -22,7 +22,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overrides:
             # Only knobs that do not change what was trained may differ on resume.
             original = config_mod.load(run_dir / "config.yaml")
-            allowed = {"device", "progress"}
+            allowed = set(config_mod.RESUME_MAY_CHANGE)
             changed = [k for k in config_mod.valid_keys() if _get(cfg, k) != _get(original, k) and k not in allowed]
             if changed:
                 raise config_mod.ConfigError(f"cannot change {', '.join(changed)} when resuming; only {', '.join(sorted(allowed))} may differ")
@@ -32,10 +32,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         run_dir = Path(args.out)
     summary = train(cfg, run_dir, resume=bool(args.resume))
-    if not summary:
-        return 0
-    metrics = __import__("veil.rundir", fromlist=["read_metrics"]).read_metrics(run_dir)
-    summary = summary or summarize(metrics, cfg)
     print_summary(summary)
     return 0
 
@@ -196,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from veil.data import DataError
     from veil.io import CheckpointError
     from veil.store import StoreError
-    from veil.train import TrainingError
+    from veil.train import Stopped, TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError, StoreError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder: the message names the file
+        print(f"veil {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Stopped as e:  # SIGTERM/SIGINT after a saved phase-epoch: the shell's 128 + signal number
+        print(f"veil {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"veil {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ class DataConfig:
     """Keep at most this many test images (0 = all)."""
     augment: bool = True
     """Random crop (4-pixel padding) on training batches, plus horizontal flip for natural images."""
+    on_bad_image: str = "error"
+    """An unreadable image file in a folder dataset: error (stop, naming it) | skip (leave it out, report the count)."""
 
 
 @dataclass
@@ -117,6 +121,11 @@ SECTIONS = ("data", "model", "train")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "npz", "folder")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("onecycle", "constant")
+BAD_IMAGE_ACTIONS = ("error", "skip")
+MAX_PHASE_EPOCHS = 1_000_000  # the paper's runs have ~500; far more is a typo that would only hang
+# Keys that may differ when a run is resumed: where things are and how they run, not what is trained.
+# A moved data file is fine; its content is checked against the checkpoint's data fingerprint.
+RESUME_MAY_CHANGE = ("device", "progress", "data.data_dir", "data.path", "data.cache_dir", "data.download")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -176,7 +185,7 @@ def _coerce(value: object, typ: object, key: str, where: str) -> object:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return "" if value is None else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
@@ -235,6 +244,8 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e})") from None
     cfg = from_dict(raw, str(path))
     return apply_overrides(cfg, overrides or [])
 
@@ -244,7 +255,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like KEY=VALUE, e.g. train.lambda_privacy=0")
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", "override")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value  # not YAML (a path with odd characters, say): taken as the plain string
+        _set(cfg, key.strip(), parsed, "override")
     validate(cfg, "override")
     return cfg
 
@@ -255,15 +270,25 @@ def validate(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: {msg}")
 
     d, m, t = cfg.data, cfg.model, cfg.train
+    for name, section in (("data", d), ("model", m), ("train", t)):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"{name}.{f.name} must be a finite number, got {v}")
     need(d.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, got '{d.dataset}'")
     need(d.dataset not in ("npz", "folder") or bool(d.path), f"data.path is required for dataset '{d.dataset}'")
-    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    need(d.on_bad_image in BAD_IMAGE_ACTIONS, f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_ACTIONS)}, got '{d.on_bad_image}'")
     need(0 < d.attacker_fraction < 1, f"data.attacker_fraction must be in (0, 1), got {d.attacker_fraction}")
     need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     for k in ("n_defender", "n_attacker", "n_test"):
         need(getattr(d, k) >= 0, f"data.{k} must be >= 0, got {getattr(d, k)}")
-    need(m.width > 0, f"model.width must be > 0, got {m.width}")
+    need(0 < m.width <= 8, f"model.width must be in (0, 8] (1.0 = the paper's VGG16), got {m.width}")
     need(1 <= m.split <= 4, f"model.split must be 1..4 VGG blocks, got {m.split}")
+    # VGG16 halves the image five times (the classifier needs >= 1x1 at the end) and the
+    # reconstructors upsample the feature map back by 2**split, so the side must divide evenly.
+    need(
+        d.image_size >= 32 and d.image_size % 2**m.split == 0,
+        f"data.image_size must be >= 32 and a multiple of {2**m.split} (2**model.split), got {d.image_size}",
+    )
     from veil.models.reconstructors import RECONSTRUCTORS
 
     need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}'")
@@ -276,6 +301,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     for k in ("pretrain_epochs", "t_main", "t_sub"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
+    n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + 3 * t.t_main * t.t_sub
+    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + warm-ups + 3 * t_main * t_sub); at most {MAX_PHASE_EPOCHS} are allowed")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size and train.eval_batch_size must be >= 1")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
     need(t.pretrain_schedule in SCHEDULES, f"train.pretrain_schedule must be one of {', '.join(SCHEDULES)}, got '{t.pretrain_schedule}'")
@@ -284,11 +311,30 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(t.adversarial_lr_scale > 0, f"train.adversarial_lr_scale must be > 0, got {t.adversarial_lr_scale}")
     need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got '{cfg.device}'")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be auto, cpu or cuda[:N], got '{cfg.device}'")
+    need(0 <= cfg.seed < 2**32, f"seed must be in 0..2**32-1, got {cfg.seed}")
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flatten(raw: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'t_main': 3}} -> {'train.t_main': 3}."""
+    out: dict[str, object] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, as 'key: old -> new'."""
+    a, b = flatten(old), flatten(new)
+    keys = [k for k in list(a) + [k for k in b if k not in a] if k not in ignore]
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -10,7 +10,8 @@ import hashlib
 import io
 import os
 import pickle
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from veil.io import atomic_write_bytes
 
 NATURAL = ("cifar10", "cifar100")  # datasets that get horizontal flips
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_CLASSES = 100_000  # labels above this without a `classes` array are a damaged file, not a dataset
 
 
 class DataError(ValueError):
@@ -52,6 +54,7 @@ class Splits:
     test: ImageSet  # the users' images: accuracy and privacy are measured here
     name: str
     natural: bool  # horizontal flips make sense (not for digits)
+    skipped: list[str] = field(default_factory=list)  # "file: reason" of unreadable images left out
 
     @property
     def channels(self) -> int:
@@ -87,31 +90,64 @@ def decode_jpegs(jpeg_bytes: np.ndarray, offsets: np.ndarray, where: str) -> np.
     return np.stack(out)
 
 
+def _npz_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    # numpy and zipfile raise many types for a damaged member (bad CRC, truncated, object dtype).
+    try:
+        return np.asarray(z[key])
+    except Exception as e:
+        raise DataError(f"{path}: array '{key}' cannot be read ({type(e).__name__}: {e})") from None
+
+
 def read_npz(path: Path, cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An .npz with `images` (N x H x W x C uint8) or `jpeg_bytes`+`offsets`, and `labels`."""
     try:
         z = np.load(path, allow_pickle=False)
-        keys = set(z.files)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds a single array, not an .npz archive with 'images' and 'labels' (save it with np.savez)")
+    keys = set(z.files)
     if "labels" not in keys or not ({"images"} <= keys or {"jpeg_bytes", "offsets"} <= keys):
         raise DataError(f"{path}: expected arrays 'images' (or 'jpeg_bytes' and 'offsets') and 'labels', found {sorted(keys)}")
-    labels = np.asarray(z["labels"]).astype(np.int64)
+    labels = check_label_array(_npz_array(z, "labels", path), str(path))
     if "images" in keys:
-        images = z["images"]
+        images = _npz_array(z, "images", path)
     else:
         images = _cached_jpeg_decode(path, z, cache_dir)
     if images.dtype != np.uint8:
-        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {images.dtype}")
+        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {images.dtype} (scale floats in [0, 1] by 255 and cast)")
     if images.ndim == 3:  # N x H x W grayscale
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{path}: 'images' must be N x H x W x C with C = 1 or 3, got shape {images.shape}")
+        hint = " (channels first? Veil expects channels last: N x H x W x C)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
+        raise DataError(f"{path}: 'images' must be N x H x W x C with C = 1 (grey) or 3 (RGB), got shape {images.shape}{hint}")
+    if 0 in images.shape[1:3]:
+        raise DataError(f"{path}: 'images' are empty ({images.shape[1]}x{images.shape[2]} pixels)")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    n_classes = int(labels.max()) + 1 if len(labels) else 0
-    classes = [str(c) for c in z["classes"]] if "classes" in keys else [str(i) for i in range(n_classes)]
+    if "classes" in keys:
+        names = _npz_array(z, "classes", path)
+        if names.ndim != 1:
+            raise DataError(f"{path}: 'classes' must be a 1-D array of class names, got shape {names.shape}")
+        classes = [str(c) for c in names]
+    else:
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        if n_classes > MAX_CLASSES:
+            raise DataError(f"{path}: labels go up to {n_classes - 1}; without a 'classes' array at most {MAX_CLASSES} classes are accepted")
+        classes = [str(i) for i in range(n_classes)]
     return images, labels, classes
+
+
+def check_label_array(labels: np.ndarray, where: str) -> np.ndarray:
+    """Labels as a 1-D int64 array of class indices; one-hot rows or fractional values are refused."""
+    if labels.ndim != 1:
+        hint = " (one-hot? store the class index, e.g. labels.argmax(1))" if labels.ndim == 2 else ""
+        raise DataError(f"{where}: 'labels' must be a 1-D array of class indices, got shape {labels.shape}{hint}")
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all() and np.abs(labels).max(initial=0) < 2**62:
+        return labels.astype(np.int64)
+    raise DataError(f"{where}: 'labels' must be whole class indices 0..K-1, got dtype {labels.dtype}")
 
 
 def _cached_jpeg_decode(path: Path, z: np.lib.npyio.NpzFile, cache_dir: Path | None) -> np.ndarray:
@@ -124,7 +160,14 @@ def _cached_jpeg_decode(path: Path, z: np.lib.npyio.NpzFile, cache_dir: Path | N
             return np.load(cache, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged cache is rebuilt below
-    images = decode_jpegs(z["jpeg_bytes"], z["offsets"], str(path))
+    jpeg_bytes, offsets = _npz_array(z, "jpeg_bytes", path), _npz_array(z, "offsets", path)
+    if jpeg_bytes.dtype != np.uint8 or jpeg_bytes.ndim != 1 or offsets.dtype.kind not in "iu" or offsets.ndim != 1 or len(offsets) < 1:
+        raise DataError(f"{path}: 'jpeg_bytes' must be 1-D uint8 and 'offsets' 1-D integers, got {jpeg_bytes.dtype} {jpeg_bytes.shape} and {offsets.dtype} {offsets.shape}")
+    if offsets[0] != 0 or offsets[-1] != len(jpeg_bytes) or (np.diff(offsets.astype(np.int64)) <= 0).any():
+        raise DataError(f"{path}: 'offsets' must rise from 0 to len(jpeg_bytes) = {len(jpeg_bytes)}, one more entry than images")
+    if len(offsets) == 1:
+        raise DataError(f"{path}: 'jpeg_bytes' holds no images")
+    images = decode_jpegs(jpeg_bytes, offsets, str(path))
     try:
         buf = io.BytesIO()
         np.save(buf, images, allow_pickle=False)
@@ -218,32 +261,43 @@ def read_named(cfg: DataConfig, train: bool) -> tuple[np.ndarray, np.ndarray, li
     return found
 
 
-def read_folder(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One sub-folder per class, images of any size resized to image_size x image_size."""
+def read_folder(path: Path, image_size: int, on_bad_image: str = "error", skipped: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One sub-folder per class, images of any size resized to image_size x image_size.
+
+    An unreadable file stops with its name (on_bad_image="error") or is left out and noted as
+    "file: reason" in `skipped` ("skip"). Images are RGB unless every one of them is greyscale.
+    """
     from PIL import Image
 
     if not path.is_dir():
-        raise DataError(f"image folder not found: {path}")
+        raise DataError(f"image folder not found: {path} (data.path should hold one sub-folder per class)")
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"{path}: expected one sub-folder per class, found none")
-    images, labels, mode = [], [], None
+    skipped = [] if skipped is None else skipped
+    pictures, labels = [], []  # pictures: PIL images already resized, in their own L or RGB mode
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{d}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        n_before = len(labels)
         for f in files:
             try:
                 with Image.open(f) as img:
                     img.load()
-                    mode = mode or ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")
-                    img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
-                    arr = np.asarray(img, dtype=np.uint8)
+                    mode = "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
+                    pictures.append(img.convert(mode).resize((image_size, image_size), Image.BILINEAR))
             except Exception as e:  # PIL raises many types for corrupt data
-                raise DataError(f"{f}: not a readable image ({e})") from None
-            images.append(arr if arr.ndim == 3 else arr[..., None])
+                if on_bad_image != "skip":
+                    raise DataError(f"{f}: not a readable image ({e}); set data.on_bad_image=skip to leave such files out") from None
+                skipped.append(f"{f}: {e}")
+                continue
             labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
+        if len(labels) == n_before:
+            raise DataError(f"{d}: class folder holds no readable images ({len(files)} files, all skipped as unreadable)")
+    mode = "L" if all(p.mode == "L" for p in pictures) else "RGB"
+    images = [np.asarray(p.convert(mode), dtype=np.uint8) for p in pictures]
+    return np.stack([a if a.ndim == 3 else a[..., None] for a in images]), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
 
 
 # ----------------------------------------------------------------------------- split
@@ -269,6 +323,7 @@ def check_labels(labels: np.ndarray, classes: list[str], where: str) -> None:
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """The three disjoint splits: defender-train, attacker-train, test (users), fixed by `seed`."""
     rng = np.random.default_rng(seed)
+    skipped: list[str] = []
     if cfg.dataset in ("npz", "folder"):
         path = Path(cfg.path)
         if cfg.dataset == "npz":
@@ -276,14 +331,14 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                 raise DataError(f"data.path: .npz file not found: {path}")
             images, labels, classes = read_npz(path, Path(cfg.cache_dir) if cfg.cache_dir else None)
         else:
-            images, labels, classes = read_folder(path, cfg.image_size)
+            images, labels, classes = read_folder(path, cfg.image_size, cfg.on_bad_image, skipped)
         check_labels(labels, classes, str(path))
         order = rng.permutation(len(labels))
         n_test = int(round(len(order) * cfg.test_fraction))
         test_idx, train_idx = order[:n_test], order[n_test:]
         train = (images[train_idx], labels[train_idx])
         test = (images[test_idx], labels[test_idx])
-        name = path.stem
+        name, where = path.stem, str(path)
         natural = images.shape[-1] == 3
     else:
         tr_images, tr_labels, classes = read_named(cfg, train=True)
@@ -292,7 +347,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         check_labels(te_labels, classes, f"{cfg.dataset} test")
         train = (tr_images, tr_labels)
         test = (te_images, te_labels)
-        name = cfg.dataset
+        name = where = cfg.dataset
         natural = cfg.dataset in NATURAL
 
     # Attacker and defender draw from the training images, disjoint by construction.
@@ -309,8 +364,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
     def make(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, what: str) -> ImageSet:
         if len(idx) == 0:
-            raise DataError(f"{name}: the {what} split is empty; use more images or other fractions")
-        return ImageSet(to_tensor_images(images[idx], cfg.image_size, name), torch.from_numpy(labels[idx].copy()), classes)
+            raise DataError(f"{where}: the {what} split is empty; use more images or other fractions")
+        return ImageSet(to_tensor_images(images[idx], cfg.image_size, where), torch.from_numpy(labels[idx].copy()), classes)
 
     return Splits(
         defender=make(*train, defender_idx, "defender-train"),
@@ -318,7 +373,18 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         test=make(*test, test_idx, "test"),
         name=name,
         natural=natural,
+        skipped=skipped,
     )
+
+
+def fingerprint(splits: Splits) -> str:
+    """sha256 over the three splits' images, labels and class names: the same data, image for image."""
+    h = hashlib.sha256()
+    for part in (splits.defender, splits.attacker, splits.test):
+        h.update(f"{tuple(part.images.shape)}:{part.classes}".encode())
+        h.update(part.images.cpu().contiguous().numpy().tobytes())
+        h.update(part.labels.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- batches

@@ -4,11 +4,13 @@
     RUN/metrics.jsonl                  one line per phase-epoch
     RUN/summary.json                   headline numbers, written when training ends
     RUN/checkpoints/latest.json        which step folder is the newest complete checkpoint
-    RUN/checkpoints/step-NNNNN/        obfuscator, classifier, reconstructor, optimiser states
-    RUN/checkpoints/undefended/        obfuscator and classifier right after pretraining
+    RUN/checkpoints/step-NNNNN/        obfuscator, classifier, reconstructor, optimiser states,
+                                       info.json (step, data shape, config, data fingerprint, sha256 of each file)
+    RUN/checkpoints/undefended/        obfuscator and classifier right after pretraining (+ info.json)
 
 A checkpoint folder is written under a temporary name and renamed; latest.json is replaced
-atomically afterwards, so a kill at any moment leaves the previous checkpoint in force.
+atomically afterwards, so a kill at any moment leaves the previous checkpoint in force. Every
+file's sha256 is checked before its weights are loaded: a damaged checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from pathlib import Path
 import torch
 
 from veil import config as config_mod
-from veil.io import CheckpointError, atomic_write_json, atomic_write_text, load_module, load_tensors, read_metadata, save_tensors
+from veil.io import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    check_sha256,
+    load_module,
+    load_tensors,
+    read_metadata,
+    save_tensors,
+)
 
 NETWORKS = ("obfuscator", "classifier", "reconstructor")
 
@@ -44,22 +55,33 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All complete lines; a truncated last line (a kill mid-write) is dropped."""
+    """All complete lines; a truncated last line (a kill mid-write) is dropped, a bad line before it is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
+    lines = path.read_text(errors="replace").splitlines()
     records = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            records.append(record)
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break  # the line being written when the run was killed
+            raise CheckpointError(f"{path}: line {i + 1} of {len(lines)} is damaged ({e}); only a last line may be cut short") from None
     return records
 
 
 def truncate_metrics(run_dir: Path, steps_done: int) -> None:
-    """Keep only lines of steps covered by the checkpoint being resumed from."""
+    """Keep only lines of steps covered by the checkpoint being resumed from; they must all be there."""
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) < steps_done]
+    if [r.get("step") for r in kept] != list(range(steps_done)):
+        raise CheckpointError(
+            f"{Path(run_dir) / 'metrics.jsonl'}: holds lines for steps {[r.get('step') for r in kept]}, but the checkpoint "
+            f"covers steps 0..{steps_done - 1}; the log was edited or lost, so the summary would be wrong"
+        )
     atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -76,15 +98,16 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
                 tensors[f"{pid}.{k}"] = v
             else:
                 scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
+    # One metadata entry: safetensors writes several in a random order, and the same state should give the same bytes.
+    return tensors, {"optimizer": json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})}
 
 
 def optimizer_from_file(opt: torch.optim.Optimizer, path: Path) -> None:
     tensors, meta = load_tensors(path), read_metadata(path)
     try:
-        groups = json.loads(meta["param_groups"])
-        scalars = json.loads(meta["scalars"])
-    except (KeyError, json.JSONDecodeError) as e:
+        meta = json.loads(meta["optimizer"]) if "optimizer" in meta else {k: json.loads(meta[k]) for k in ("param_groups", "scalars")}
+        groups, scalars = meta["param_groups"], meta["scalars"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: optimiser metadata is missing or damaged ({e})") from None
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(scalars.items()):
@@ -104,19 +127,25 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict[str, torch.nn.Module], 
     name = f"step-{step:05d}"
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for net_name, net in nets.items():
-        save_tensors(tmp / f"{net_name}.safetensors", net.state_dict())
-    for opt_name, opt in optimizers.items():
-        tensors, meta = optimizer_to_tensors(opt)
-        save_tensors(tmp / f"optim-{opt_name}.safetensors", tensors, meta)
-    atomic_write_json(tmp / "info.json", {"step": step, **info})
+    files = {}
+    try:
+        for net_name, net in nets.items():
+            files[f"{net_name}.safetensors"] = save_tensors(tmp / f"{net_name}.safetensors", net.state_dict())
+        for opt_name, opt in optimizers.items():
+            tensors, meta = optimizer_to_tensors(opt)
+            files[f"optim-{opt_name}.safetensors"] = save_tensors(tmp / f"optim-{opt_name}.safetensors", tensors, meta)
+        atomic_write_json(tmp / "info.json", {"step": step, **info, "files": files})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half folder behind
+        raise
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    previous = latest_step_dir(run_dir)
     atomic_write_json(root / "latest.json", {"step": step, "dir": name})
-    if previous is not None and previous.name != name:
-        shutil.rmtree(previous, ignore_errors=True)
+    # Older step folders (also one left by a kill between the rename and latest.json) are now stale.
+    for old in root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_step_dir(run_dir: Path) -> Path | None:
@@ -134,8 +163,73 @@ def latest_step_dir(run_dir: Path) -> Path | None:
 
 def save_undefended(run_dir: Path, obfuscator: torch.nn.Module, classifier: torch.nn.Module) -> None:
     d = checkpoints(run_dir) / "undefended"
-    save_tensors(d / "obfuscator.safetensors", obfuscator.state_dict())
-    save_tensors(d / "classifier.safetensors", classifier.state_dict())
+    files = {
+        "obfuscator.safetensors": save_tensors(d / "obfuscator.safetensors", obfuscator.state_dict()),
+        "classifier.safetensors": save_tensors(d / "classifier.safetensors", classifier.state_dict()),
+    }
+    atomic_write_json(d / "info.json", {"files": files})
+
+
+def read_info(folder: Path) -> dict:
+    """A checkpoint folder's info.json, after checking every file it lists against its sha256."""
+    path = Path(folder) / "info.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint folder is incomplete")
+    try:
+        info = json.loads(path.read_text())
+        files = info.get("files", {})
+        if not isinstance(info, dict) or not isinstance(files, dict):
+            raise ValueError("not a JSON object with a 'files' mapping")
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: damaged ({e})") from None
+    for name, digest in files.items():
+        check_sha256(Path(folder) / name, digest)
+    return info
+
+
+def check_compatible(saved: dict, current: dict, where: Path) -> None:
+    """Refuse a checkpoint made for other data or another config (an edited config.yaml, a replaced data file)."""
+    for key, what in (("channels", "image channels"), ("num_classes", "classes")):
+        if key in saved and saved[key] != current[key]:
+            raise CheckpointError(
+                f"{where} was trained on data with {saved[key]} {what}, but the data now has {current[key]}; "
+                f"the data file or config changed since the run started"
+            )
+    if "config" in saved:
+        changed = config_mod.changed_keys(saved["config"], current["config"])
+        if changed:
+            raise CheckpointError(
+                f"{where} was made with another config; config.yaml was edited since ({'; '.join(changed)}). "
+                f"Put the values back, or start a new run with --out"
+            )
+    if "data_fingerprint" in saved and saved["data_fingerprint"] != current["data_fingerprint"]:
+        raise CheckpointError(
+            f"{where} was trained on other images: the data's fingerprint {current['data_fingerprint'][:16]}... differs from "
+            f"{saved['data_fingerprint'][:16]}... recorded in the checkpoint; the data file changed since the run started"
+        )
+
+
+def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: dict) -> int:
+    """Load the newest checkpoint into `nets` and `optimizers`; return how many steps it covers (0: none yet)."""
+    # Temporary files a kill left behind (never read: real files appear only by rename).
+    stale = [*checkpoints(run_dir).glob(".*.tmp"), *Path(run_dir).glob(".metrics.jsonl.*.tmp"), *Path(run_dir).glob(".summary.json.*.tmp")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    step_dir = latest_step_dir(run_dir)
+    done = 0
+    if step_dir is not None:
+        saved = read_info(step_dir)
+        check_compatible(saved, info, step_dir)
+        for name, net in nets.items():
+            load_module(net, step_dir / f"{name}.safetensors")
+        for name, opt in optimizers.items():
+            optimizer_from_file(opt, step_dir / f"optim-{name}.safetensors")
+        done = int(saved["step"])
+    truncate_metrics(run_dir, done)
+    return done
 
 
 # ----------------------------------------------------------------------------- loading
@@ -169,13 +263,19 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     step_dir = latest_step_dir(run_dir)
     if step_dir is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (training has not finished a phase-epoch)")
-    info = json.loads((step_dir / "info.json").read_text())
+    info = read_info(step_dir)
+    if "config" in info:
+        changed = config_mod.changed_keys(info["config"], config_mod.to_dict(cfg))
+        if changed:
+            raise CheckpointError(f"{run_dir / 'config.yaml'} was edited after {step_dir} was written ({'; '.join(changed)}); put the values back")
     noise = cfg.train.defence == "noise"
     nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, noise=noise)
     for name in NETWORKS:
         load_module(nets[name], step_dir / f"{name}.safetensors")
     undefended = None
     if (checkpoints(run_dir) / "undefended" / "obfuscator.safetensors").is_file():
+        if (checkpoints(run_dir) / "undefended" / "info.json").is_file():
+            read_info(checkpoints(run_dir) / "undefended")
         undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, noise=noise)["obfuscator"]
         load_module(undefended, checkpoints(run_dir) / "undefended" / "obfuscator.safetensors")
         undefended.to(device).eval()

@@ -24,6 +24,7 @@ augmentations as an uninterrupted one. A checkpoint is written after every step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from veil import config as config_mod
+from veil import data as data_mod
 from veil import rundir
 from veil.config import Config, TrainConfig
 from veil.data import ImageSet, Splits, batches, load_splits, to_float
@@ -49,6 +51,14 @@ FINAL = "reconstructor_final"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a run directory in the wrong state)."""
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT stopped the run after its current phase-epoch was saved; --resume continues it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -137,9 +147,16 @@ def freeze(module: nn.Module, frozen: bool) -> None:
 def _check_finite(value: torch.Tensor, phase: str, step: Step, batch: int) -> None:
     if not torch.isfinite(value):
         raise TrainingError(
-            f"non-finite loss ({value.item()}) in phase '{phase}', round {step.round}, epoch {step.epoch}, batch {batch}; "
-            f"the last good checkpoint is kept. Lower the learning rate or lambda and resume."
+            f"non-finite loss ({value.item()}) in phase '{phase}', round {step.round}, epoch {step.epoch}, batch {batch}"
         )
+
+
+def check_finite_weights(nets: dict[str, nn.Module], step: Step) -> None:
+    """A step that ends with inf/NaN weights (a last batch that blew up) must not become a checkpoint."""
+    for name, net in nets.items():
+        for key, value in net.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise TrainingError(f"non-finite values in {name} '{key}' at the end of phase '{step.phase}', round {step.round}, epoch {step.epoch}")
 
 
 def train_obfuscator_classifier(
@@ -251,6 +268,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = 0
         self._old: dict = {}
 
     def __enter__(self) -> _StopFlag:
@@ -264,7 +282,7 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(f"\nveil: signal {signum} received; stopping after this phase-epoch is saved (send again to stop now)", flush=True)
 
     def __exit__(self, *exc) -> None:  # noqa: ANN002
@@ -279,19 +297,23 @@ def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:  # noqa: ANN001
-    """Run Algorithm 1 into `run_dir` (or continue it) and return the summary."""
+    """Run Algorithm 1 into `run_dir` (or continue it) and return the summary.
+
+    Raises Stopped when SIGTERM/SIGINT ended the run early (after saving), TrainingError on a
+    non-finite loss (nothing of that step is saved) or a run directory in the wrong state.
+    """
     run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise TrainingError(f"cannot resume: {run_dir} holds no config.yaml (not a Veil run directory)")
     elif (run_dir / "config.yaml").exists():
         raise TrainingError(f"{run_dir} already holds a run; resume it with `veil train --resume {run_dir}` or choose another --out")
+    device = resolve_device(cfg.device)
+    splits: Splits = load_splits(cfg.data, cfg.seed)
+    # Only now that the data loaded: bad input must not leave a run directory that blocks the next try.
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
-
-    device = resolve_device(cfg.device)
-    splits: Splits = load_splits(cfg.data, cfg.seed)
     defender, test = splits.defender.to(device), splits.test.to(device)
     torch.manual_seed(cfg.seed)
     nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, noise=cfg.train.defence == "noise")
@@ -299,20 +321,17 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
         net.to(device)
     opts = make_optimizers(nets, cfg.train)
     steps = plan(cfg.train)
-    info = {"noise": cfg.train.defence == "noise", "channels": splits.channels, "num_classes": splits.num_classes, "class_names": splits.defender.classes, "dataset": splits.name}
+    info = {
+        "noise": cfg.train.defence == "noise", "channels": splits.channels, "num_classes": splits.num_classes, "class_names": splits.defender.classes, "dataset": splits.name,
+        "config": config_mod.to_dict(cfg), "data_fingerprint": data_mod.fingerprint(splits),
+    }
+    if splits.skipped:
+        log(f"skipped {len(splits.skipped)} unreadable image files (data.on_bad_image=skip), e.g. {splits.skipped[0]}")
 
     done = 0
     if resume:
-        step_dir = rundir.latest_step_dir(run_dir)
-        if step_dir is not None:
-            for name, net in nets.items():
-                rundir.load_module(net, step_dir / f"{name}.safetensors")
-            for name, opt in opts.items():
-                rundir.optimizer_from_file(opt, step_dir / f"optim-{name}.safetensors")
-            import json
-
-            done = json.loads((step_dir / "info.json").read_text())["step"]
-        rundir.truncate_metrics(run_dir, done)
+        # Checks every file's sha256, the config and the data against the checkpoint before loading.
+        done = rundir.restore(run_dir, nets, opts, info)
         log(f"resuming {run_dir} after step {done} of {len(steps)}")
 
     log(
@@ -329,7 +348,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + index)
             desc = f"{step.phase} r{step.round} e{step.epoch}"
             start = time.perf_counter()
-            with _progress(steps_per_epoch, desc, cfg.progress) as bar:
+            with _progress(steps_per_epoch, desc, cfg.progress) as bar, _on_nonfinite(run_dir, index, len(steps)):
                 if step.phase == PRETRAIN:
                     lr_factor = None
                     if cfg.train.pretrain_schedule == "onecycle":
@@ -351,6 +370,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
                     record = train_reconstructor(nets, opts[PHASE_B], defender, splits.natural, cfg, generator, step, bar)
                 else:
                     record = train_obfuscator(nets, opts[PHASE_C], defender, splits.natural, cfg, generator, step, bar)
+                check_finite_weights(nets, step)
             record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN))
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
             rundir.append_metrics(run_dir, record)
@@ -359,11 +379,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
             rundir.save_checkpoint(run_dir, index + 1, nets, opts, info)
             log(_format(record))
             if stop.requested and index + 1 < len(steps):
-                log(f"stopped after step {index + 1} of {len(steps)}; continue with `veil train --resume {run_dir}`")
-                return {}
+                raise Stopped(f"stopped after step {index + 1} of {len(steps)} (saved); continue with `veil train --resume {run_dir}`", stop.signum)
     summary = summarize(rundir.read_metrics(run_dir), cfg)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+@contextlib.contextmanager
+def _on_nonfinite(run_dir: Path, index: int, n_steps: int):  # noqa: ANN202
+    """Say which step failed and which checkpoint is kept (nothing of the failed step is saved)."""
+    try:
+        yield
+    except TrainingError as e:
+        kept = rundir.latest_step_dir(run_dir)
+        where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint had been written yet"
+        raise TrainingError(
+            f"{e} (step {index + 1} of {n_steps}); training stopped and {where}. "
+            f"Lower the learning rate or train.lambda_privacy and train again"
+        ) from None
 
 
 def _format(r: dict) -> str:

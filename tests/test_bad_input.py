@@ -1,0 +1,338 @@
+"""Bad input gives one clear line naming the item and what was expected, and damages nothing.
+
+Each CLI case runs `veil.cli.main` and checks the return code, that stderr is a single
+`veil train: error: ...` line (never a traceback from inside torch), that no run directory was
+left behind to block the next try, and that the input files are byte for byte unchanged.
+Property-based tests (hypothesis) throw random and malformed configs and .npz files at the
+loaders: the answer is a valid object or ConfigError/DataError, never another exception.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from veil import config as config_mod
+from veil.cli import main
+from veil.config import Config, ConfigError, DataConfig
+from veil.data import DataError, Splits, load_splits, read_folder
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def snapshot(*roots: Path) -> dict[str, bytes]:
+    files = [p for r in roots for p in ([r] if r.is_file() else sorted(r.rglob("*"))) if p.is_file()]
+    return {str(p): p.read_bytes() for p in files}
+
+
+def train_error(capsys, tmp_path: Path, raw: dict, overrides: list[str] = (), inputs: tuple[Path, ...] = ()) -> str:
+    """`veil train` on `raw` must fail with code 2 and one line, leaving no run directory and the inputs intact."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    before = snapshot(config, *inputs)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("veil train: error: "), err
+    assert not out.exists(), "a failed start must not leave a run directory that blocks the next try"
+    assert snapshot(config, *inputs) == before
+    return err
+
+
+def tiny(path: Path, **data) -> dict:
+    return {
+        "data": {"dataset": "npz", "path": str(path), "test_fraction": 0.25, "attacker_fraction": 0.25, **data},
+        "model": {"width": 0.0625},
+        "train": {"pretrain_epochs": 1, "warmup_epochs": 0, "t_main": 0, "batch_size": 8},
+        "device": "cpu",
+        "progress": False,
+    }
+
+
+def save_npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_mistyped_key_in_file_and_override(capsys, tmp_path, tiny_npz):
+    raw = tiny(tiny_npz)
+    raw["train"]["lamda_privacy"] = 0.5
+    err = train_error(capsys, tmp_path, raw)
+    assert "unknown config key 'train.lamda_privacy'. Did you mean 'train.lambda_privacy'? Valid keys: data.dataset, " in err
+    err = train_error(capsys, tmp_path, tiny(tiny_npz), ["trian.t_main=3"])
+    assert "override: unknown config key 'trian.t_main'. Did you mean 'train.t_main'?" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.image_size=16", "data.image_size must be >= 32 and a multiple of 4 (2**model.split), got 16"),
+        ("data.image_size=34", "data.image_size must be >= 32 and a multiple of 4 (2**model.split), got 34"),
+        ("train.lr_obfuscator=.inf", "train.lr_obfuscator must be a finite number, got inf"),
+        ("seed=-1", "seed must be in 0..2**32-1, got -1"),
+        ("device=cuda:x", "device must be auto, cpu or cuda[:N], got 'cuda:x'"),
+        ("model.width=25", "model.width must be in (0, 8]"),
+        ("data.on_bad_image=ignore", "data.on_bad_image must be one of error, skip, got 'ignore'"),
+        ("train.t_main=[1", "'train.t_main' must be int, got '[1'"),
+        ("train.t_main=400000", "the run would have 1200001 phase-epochs"),
+    ],
+)
+def test_values_that_would_fail_deep_inside_torch_are_refused_up_front(capsys, tmp_path, tiny_npz, override, message):
+    assert message in train_error(capsys, tmp_path, tiny(tiny_npz), [override])
+
+
+def test_config_file_that_is_not_text(capsys, tmp_path):
+    config = tmp_path / "weights.yaml"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "weights.yaml: not a text file" in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert f"cannot resume: {tmp_path / 'nothing' / 'config.yaml'} not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def test_missing_data_says_where_it_looked_and_how_to_get_it(capsys, tmp_path):
+    raw = tiny(tmp_path)
+    raw["data"] = {"dataset": "cifar10", "data_dir": str(tmp_path / "nowhere")}
+    err = train_error(capsys, tmp_path, raw)
+    assert f"no train split of 'cifar10' found under {tmp_path / 'nowhere'}" in err
+    assert "Point data.data_dir (or $VEIL_DATA_DIR) at a copy, or set data.download=true" in err
+    assert "data.path: .npz file not found" in train_error(capsys, tmp_path, tiny(tmp_path / "gone.npz"))
+    raw["data"] = {"dataset": "folder", "path": str(tmp_path / "photos")}
+    assert f"image folder not found: {tmp_path / 'photos'}" in train_error(capsys, tmp_path, raw)
+
+
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (np.zeros((20, 32, 32, 4), np.uint8), np.arange(20) % 2, "'images' must be N x H x W x C with C = 1 (grey) or 3 (RGB), got shape (20, 32, 32, 4)"),
+        (np.zeros((20, 32, 32, 2), np.uint8), np.arange(20) % 2, "got shape (20, 32, 32, 2)"),
+        (np.zeros((20, 3, 32, 32), np.uint8), np.arange(20) % 2, "(channels first? Veil expects channels last: N x H x W x C)"),
+        (np.zeros((20, 64, 64, 3), np.uint8), np.arange(20) % 2, "images are 64x64, larger than data.image_size=32"),
+        (np.zeros((20, 32, 32, 3), np.float32), np.arange(20) % 2, "'images' must be uint8 (0..255), got float32"),
+        (np.zeros((20, 32, 32, 3), np.uint8), np.arange(19) % 2, "20 images but 19 labels"),
+        (np.zeros((20, 32, 32, 3), np.uint8), np.eye(2)[np.arange(20) % 2], "'labels' must be a 1-D array of class indices, got shape (20, 2) (one-hot?"),
+        (np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) / 3, "'labels' must be whole class indices 0..K-1, got dtype float64"),
+        (np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) - 1, "labels must be in 0..18 for 19 classes, found -1..18"),
+    ],
+)
+def test_npz_of_wrong_shape_type_or_labels(capsys, tmp_path, images, labels, message):
+    npz = save_npz(tmp_path / "bad.npz", images=images, labels=labels)
+    err = train_error(capsys, tmp_path, tiny(npz), inputs=(npz,))
+    assert f"{npz}: " in err and message in err, err
+
+
+def test_labels_beyond_the_named_classes(capsys, tmp_path):
+    npz = save_npz(tmp_path / "bad.npz", images=np.zeros((20, 32, 32, 3), np.uint8), labels=np.arange(20) % 5, classes=np.array(["a", "b", "c"]))
+    assert "labels must be in 0..2 for 3 classes, found 0..4" in train_error(capsys, tmp_path, tiny(npz), inputs=(npz,))
+
+
+def test_npz_that_is_not_an_npz(capsys, tmp_path):
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as fh:
+        np.save(fh, np.zeros((4, 32, 32, 3), np.uint8))
+    assert "holds a single array, not an .npz archive" in train_error(capsys, tmp_path, tiny(single), inputs=(single,))
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    assert f"{empty}: not a readable .npz file" in train_error(capsys, tmp_path, tiny(empty), inputs=(empty,))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def make_folder(root: Path, sizes=((40, 30), (20, 50), (32, 32)), classes=("cats", "dogs"), grey_first=False) -> Path:
+    from PIL import Image
+
+    for c, colour in zip(classes, ((200, 10, 10), (10, 10, 200))):
+        (root / c).mkdir(parents=True)
+        for i, size in enumerate(sizes * 2):
+            img = Image.new("RGB", size, colour)
+            (img.convert("L") if grey_first and i == 0 else img).save(root / c / f"{i}.png")
+    return root
+
+
+def test_folder_of_mixed_sizes_and_modes_is_fine(tmp_path):
+    folder = make_folder(tmp_path / "photos", grey_first=True)
+    images, labels, classes = read_folder(folder, 32)
+    assert images.shape == (12, 32, 32, 3) and classes == ["cats", "dogs"]  # RGB although the first file is grey
+    assert (images[labels == 0][1:, ..., 0] > 150).all() and (images[labels == 1][1:, ..., 2] > 150).all()
+
+
+def test_corrupt_images_are_fatal_or_skipped_with_a_count(capsys, tmp_path):
+    folder = make_folder(tmp_path / "photos")
+    (folder / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    good = (folder / "dogs" / "0.png").read_bytes()
+    (folder / "dogs" / "cut.png").write_bytes(good[: len(good) // 2])
+    raw = tiny(folder, dataset="folder")
+    err = train_error(capsys, tmp_path, raw, inputs=(folder,))
+    assert f"{folder / 'cats' / 'broken.png'}: not a readable image" in err and "set data.on_bad_image=skip" in err
+
+    skipped: list[str] = []
+    images, labels, _ = read_folder(folder, 32, "skip", skipped)
+    assert len(images) == 12 and np.bincount(labels).tolist() == [6, 6]
+    assert [s.split(":")[0] for s in skipped] == [str(folder / "cats" / "broken.png"), str(folder / "dogs" / "cut.png")]
+
+    # Through the CLI: the run trains on the readable images and says how many it left out.
+    before = snapshot(folder)
+    config = tmp_path / "skip.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "data.on_bad_image=skip"]) == 0
+    assert "skipped 2 unreadable image files (data.on_bad_image=skip), e.g. " in capsys.readouterr().out
+    assert snapshot(folder) == before
+
+
+def test_empty_class_folder(capsys, tmp_path):
+    folder = make_folder(tmp_path / "photos")
+    (folder / "birds").mkdir()
+    (folder / "birds" / "notes.txt").write_text("no images here")
+    err = train_error(capsys, tmp_path, tiny(folder, dataset="folder"), inputs=(folder,))
+    assert f"{folder / 'birds'}: class folder holds no images (.png, .jpg" in err
+    (folder / "birds" / "fake.jpg").write_bytes(b"nope")
+    with pytest.raises(DataError, match=r"birds: class folder holds no readable images \(1 files, all skipped as unreadable\)"):
+        read_folder(folder, 32, "skip")
+
+
+# ----------------------------------------------------------------------------- property-based: config
+
+
+LEAVES = [k.split(".")[-1] for k in config_mod.valid_keys()]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.sampled_from(["npz", "cifar10", "simrec", "adam", "cpu", "cuda:0", "skip", "1e-3", "true", "32"]),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+keys = st.sampled_from(["data", "model", "train", *LEAVES]) | st.text(max_size=10)
+sections = st.dictionaries(st.sampled_from(LEAVES) | st.text(max_size=10), values, max_size=5)
+raw_configs = st.one_of(values, st.dictionaries(keys, values | sections, max_size=6))
+
+
+@SETTINGS
+@given(raw_configs)
+def test_any_mapping_gives_a_config_or_config_error(raw):
+    try:
+        cfg = config_mod.from_dict(raw)
+    except ConfigError:
+        event("ConfigError")
+        return
+    event("valid config")
+    assert isinstance(cfg, Config)
+    assert config_mod.from_dict(yaml.safe_load(config_mod.to_yaml(cfg))) == cfg  # what is valid survives a round trip
+
+
+@SETTINGS
+@given(st.lists(st.text(max_size=30) | st.builds("{}={}".format, st.sampled_from(config_mod.valid_keys() + LEAVES), st.text(max_size=12)), max_size=4))
+def test_any_override_gives_a_config_or_config_error(overrides):
+    try:
+        cfg = config_mod.apply_overrides(Config(), overrides)
+    except ConfigError:
+        return
+    assert isinstance(cfg, Config)
+
+
+@SETTINGS
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_any_file_gives_a_config_or_config_error(content):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.yaml"
+        path.write_bytes(content)
+        try:
+            assert isinstance(config_mod.load(path), Config)
+        except ConfigError:
+            pass
+
+
+# ----------------------------------------------------------------------------- property-based: data loaders
+
+
+dtypes = st.sampled_from([np.uint8, np.int8, np.int64, np.uint16, np.float32, np.float64, np.bool_, np.complex64]) | hnp.unicode_string_dtypes(max_len=3)
+any_array = hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=5))
+image_shapes = st.tuples(st.integers(0, 12), st.integers(1, 40), st.integers(1, 40), st.integers(0, 5)).map(
+    lambda s: s[:3] if s[3] == 0 else s  # channel 0 stands for "no channel axis" (greyscale N x H x W)
+)
+plausible_images = image_shapes.flatmap(lambda s: hnp.arrays(np.uint8, s) | hnp.arrays(dtypes, s))
+plausible_labels = st.tuples(
+    st.integers(0, 12).flatmap(lambda n: hnp.arrays(np.int64, n, elements=st.integers(-2, 12))),
+    st.sampled_from([np.int64, np.int32, np.float64, np.uint8]),
+).map(lambda t: t[0].astype(t[1]))
+npz_contents = st.fixed_dictionaries(
+    {},
+    optional={
+        "images": plausible_images | any_array,
+        "labels": plausible_labels | any_array,
+        "classes": any_array | st.lists(st.text(max_size=4), max_size=12).map(np.array),
+        "jpeg_bytes": any_array,
+        "offsets": any_array,
+        "extra": any_array,
+    },
+)
+
+
+def _load_npz_bytes(data: bytes) -> Splits | None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "data.npz"
+        path.write_bytes(data)
+        try:
+            s = load_splits(DataConfig(dataset="npz", path=str(path), cache_dir=d, test_fraction=0.3, attacker_fraction=0.3), 0)
+        except DataError:
+            event("DataError")
+            return None
+    event("image sets")
+    for part in (s.defender, s.attacker, s.test):
+        assert part.images.dtype.is_floating_point is False and part.images.shape[1:] == (s.channels, 32, 32)
+        assert len(part) > 0 and 0 <= int(part.labels.min()) and int(part.labels.max()) < s.num_classes
+    return s
+
+
+@SETTINGS
+@given(npz_contents)
+def test_any_npz_contents_give_image_sets_or_data_error(contents):
+    buf = io.BytesIO()
+    np.savez(buf, **contents)
+    _load_npz_bytes(buf.getvalue())
+
+
+@SETTINGS
+@given(st.binary(max_size=300), st.integers(0, 10_000))
+def test_random_or_truncated_npz_files_give_data_error(noise, cut):
+    buf = io.BytesIO()
+    np.savez(buf, images=np.zeros((12, 8, 8, 3), np.uint8), labels=np.arange(12) % 3)
+    whole = buf.getvalue()
+    assert _load_npz_bytes(whole) is not None
+    assert _load_npz_bytes(noise) is None
+    assert _load_npz_bytes(whole[: cut % len(whole)]) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4), st.sampled_from(["error", "skip"]))
+def test_folders_of_random_files_give_images_or_data_error(blobs, on_bad_image):
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "a").mkdir()
+        (root / "b").mkdir()
+        Image.new("RGB", (9, 7), (1, 2, 3)).save(root / "a" / "ok.png")
+        for i, blob in enumerate(blobs):
+            (root / "b" / f"{i}.png").write_bytes(blob)
+        try:
+            images, labels, classes = read_folder(root, 32, on_bad_image)
+        except DataError:
+            return
+        assert images.shape[1:] == (32, 32, 3) and classes == ["a", "b"] and set(labels.tolist()) == {0, 1}
