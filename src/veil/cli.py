@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_mod.describe())
         return 0
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # One process per device through PyTorch's own launcher, each running this same command.
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import main as torchrun
+
+        try:
+            torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "veil", *args.argv])
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            print(f"veil train: training process {rank} failed with exit code {failure.exitcode}; its messages are above", file=sys.stderr)
+            return 1
+        return 0
     if args.resume:
         run_dir = Path(args.resume)
         cfg = config_mod.load(run_dir / "config.yaml", args.overrides) if (run_dir / "config.yaml").is_file() else None
@@ -23,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overrides:
             # Only knobs that do not change what was trained may differ on resume.
             original = config_mod.load(run_dir / "config.yaml")
-            allowed = {"device", "progress"}
+            allowed = {"device", "progress", "train.precision", "train.channels_last", "train.compile"}
             changed = [k for k in config_mod.valid_keys() if _get(cfg, k) != _get(original, k) and k not in allowed]
             if changed:
                 raise config_mod.ConfigError(f"cannot change {', '.join(changed)} when resuming; only {', '.join(sorted(allowed))} may differ")
@@ -38,6 +51,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = __import__("veil.rundir", fromlist=["read_metrics"]).read_metrics(run_dir)
     summary = summary or summarize(metrics, cfg)
     print_summary(summary)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from veil import config as config_mod
+    from veil.bench import PHASES, bench, format_table
+
+    cfg = config_mod.load(args.config, args.overrides) if args.config else config_mod.apply_overrides(config_mod.Config(), args.overrides)
+    phases = tuple(args.phases.split(",")) if args.phases else PHASES
+    result = bench(cfg, args.batches, args.repeats, args.warmup, phases, progress=cfg.progress and not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
 
@@ -74,8 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished phase-epoch")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--nproc", type=int, default=1, help="train with N processes (torchrun on this machine: one per GPU, or N CPU processes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="images/s of each phase beside a bare PyTorch loop on the same model")
+    p.add_argument("--config", help="YAML config file (default: the built-in defaults, width 1.0)")
+    p.add_argument("--batches", type=int, default=8, help="batches per timed pass (default 8)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per phase; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per phase first (default 1)")
+    p.add_argument("--phases", help="comma-separated subset of: pretrain, obfuscator_classifier, reconstructor, obfuscator, evaluate, obfuscate")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. width=0.25 batch_size=256 device=cpu")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -87,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
