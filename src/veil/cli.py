@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.help_config:
         print(config_mod.describe())
+        return 0
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # One process per device through PyTorch's own launcher, each running this same command.
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import main as torchrun
+
+        try:
+            torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "veil", *args.argv])
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            print(f"veil train: training process {rank} failed with exit code {failure.exitcode}; its messages are above", file=sys.stderr)
+            return 1
         return 0
     if args.resume:
         run_dir = Path(args.resume)
@@ -33,6 +47,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out)
     summary = train(cfg, run_dir, resume=bool(args.resume))
     print_summary(summary)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from veil import config as config_mod
+    from veil.bench import PHASES, bench, format_table
+
+    cfg = config_mod.load(args.config, args.overrides) if args.config else config_mod.apply_overrides(config_mod.Config(), args.overrides)
+    phases = tuple(args.phases.split(",")) if args.phases else PHASES
+    result = bench(cfg, args.batches, args.repeats, args.warmup, phases, progress=cfg.progress and not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
 
@@ -137,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished phase-epoch")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--nproc", type=int, default=1, help="train with N processes (torchrun on this machine: one per GPU, or N CPU processes)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
 
@@ -184,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="also check that this run's obfuscator made the store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="images/s of each phase beside a bare PyTorch loop on the same model")
+    p.add_argument("--config", help="YAML config file (default: the built-in defaults, width 1.0)")
+    p.add_argument("--batches", type=int, default=8, help="batches per timed pass (default 8)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per phase; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per phase first (default 1)")
+    p.add_argument("--phases", help="comma-separated subset of: pretrain, obfuscator_classifier, reconstructor, obfuscator, evaluate, obfuscate")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. width=0.25 batch_size=256 device=cpu")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -196,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -99,9 +99,17 @@ class TrainConfig:
     weight_decay: float = 5e-4
     """L2 weight decay of the obfuscator and classifier (the reconstructor has none)."""
     pretrain_schedule: str = "onecycle"
-    """Learning-rate schedule of pretraining: onecycle (warm up, then anneal to 0) | constant."""
+    """Learning-rate schedule of pretraining: onecycle (warm up, then anneal to 0) | step (x0.1 at 50% and 75%) | constant."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy."""
+    precision: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32) | fp32 | bf16 (autocast; weights, BatchNorm, losses fp32)."""
+    channels_last: str = "auto"
+    """Channels-last (NHWC) memory layout: auto (on for CUDA, off on CPU where it measured slower) | on | off."""
+    compile: bool = False
+    """torch.compile every network (the first steps of each phase are slow while it compiles)."""
+    sync_batchnorm: bool = True
+    """Multi-process runs: BatchNorm statistics over the global batch (as one process), not per process."""
 
 
 @dataclass
@@ -120,12 +128,14 @@ class Config:
 SECTIONS = ("data", "model", "train")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "npz", "folder")
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("onecycle", "constant")
+SCHEDULES = ("onecycle", "step", "constant")
 BAD_IMAGE_ACTIONS = ("error", "skip")
 MAX_PHASE_EPOCHS = 1_000_000  # the paper's runs have ~500; far more is a typo that would only hang
 # Keys that may differ when a run is resumed: where things are and how they run, not what is trained.
 # A moved data file is fine; its content is checked against the checkpoint's data fingerprint.
-RESUME_MAY_CHANGE = ("device", "progress", "data.data_dir", "data.path", "data.cache_dir", "data.download")
+RESUME_MAY_CHANGE = ("device", "progress", "data.data_dir", "data.path", "data.cache_dir", "data.download", "train.precision", "train.channels_last", "train.compile")
+PRECISIONS = ("auto", "fp32", "bf16")
+SWITCHES = ("auto", "on", "off", "true", "false")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -313,6 +323,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, f"device must be auto, cpu or cuda[:N], got '{cfg.device}'")
     need(0 <= cfg.seed < 2**32, f"seed must be in 0..2**32-1, got {cfg.seed}")
+    need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
+    need(str(t.channels_last).lower() in SWITCHES, f"train.channels_last must be auto, on or off, got '{t.channels_last}'")
 
 
 def to_dict(cfg: Config) -> dict:

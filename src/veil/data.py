@@ -390,31 +390,59 @@ def fingerprint(splits: Splits) -> str:
 # ----------------------------------------------------------------------------- batches
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def to_float(images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 0..255 -> float 0..1, the scale every network and metric in Veil works on."""
-    return images.float().div_(255)
+    return images.to(dtype=torch.float32, memory_format=memory_format).div_(255)
+
+
+def draw_augmentation(n: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per image: crop offsets dy, dx in 0..8 (4-pixel padding) and, with `flip`, a mirror flag."""
+    pad = 4
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
+    mirror = torch.rand(n, generator=generator, device=generator.device) < 0.5 if flip else None
+    return dy, dx, mirror
+
+
+def apply_augmentation(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirror: torch.Tensor | None) -> torch.Tensor:
+    """Crop (after 4-pixel zero padding) and mirror a whole uint8 batch with one gather, no Python per image."""
+    n, c, h, w = images.shape
+    pad = 4
+    padded = F.pad(images, (pad, pad, pad, pad))
+    device = images.device
+    dy, dx = dy.to(device), dx.to(device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]  # n x 1 x h x 1
+    cols = dx[:, None] + torch.arange(w, device=device)  # n x w
+    if mirror is not None:
+        cols = torch.where(mirror.to(device)[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]  # n x 1 x 1 x w
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    chan = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
 
 
 def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop with 4-pixel zero padding (+ horizontal flip) for a whole uint8 batch at once."""
-    n, c, h, w = images.shape
-    pad = 4
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # n x 1 x h x 1
-    cols = (dx[:, None] + torch.arange(w, device=images.device))  # n x w
-    if flip:
-        mirror = torch.rand(n, generator=generator, device=generator.device) < 0.5
-        cols = torch.where(mirror[:, None], cols.flip(1), cols)
-    cols = cols[:, None, None, :]  # n x 1 x 1 x w
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    chan = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    return apply_augmentation(images, *draw_augmentation(len(images), flip, generator))
 
 
-def batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None, augment_flip: bool | None = None):
-    """Yield (float images in [0, 1], labels). Shuffled and augmented when a generator is given."""
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Process `rank`'s contiguous part of n items (the first n % world_size processes get one more)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def batches(
+    data: ImageSet, batch_size: int, generator: torch.Generator | None = None, augment_flip: bool | None = None,
+    rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
+):
+    """Yield (float images in [0, 1], labels). Shuffled and augmented when a generator is given.
+
+    With world_size > 1 (a multi-process run) every process draws the same permutation and the
+    same augmentation for the whole global batch and keeps its own contiguous 1/world_size of it,
+    so the processes together see exactly what one process would.
+    """
     n = len(data)
     if generator is not None:
         order = torch.randperm(n, generator=generator, device=generator.device).to(data.images.device)
@@ -424,7 +452,12 @@ def batches(data: ImageSet, batch_size: int, generator: torch.Generator | None =
     stop = n - n % batch_size if generator is not None and n > batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
+        draws = draw_augmentation(len(idx), augment_flip, generator) if generator is not None and augment_flip is not None else None
+        if world_size > 1:
+            part = shard(len(idx), rank, world_size)
+            idx = idx[part]
+            draws = None if draws is None else tuple(None if d is None else d[part] for d in draws)
         images = data.images[idx]
-        if generator is not None and augment_flip is not None:
-            images = augment(images, augment_flip, generator)
-        yield to_float(images), data.labels[idx]
+        if draws is not None:
+            images = apply_augmentation(images, *draws)
+        yield to_float(images, memory_format), data.labels[idx]

@@ -61,29 +61,31 @@ def set_noise(obfuscator: nn.Module, sigma: float) -> None:
             m.sigma.fill_(sigma)
 
 
-def defence_epoch(nets: dict[str, nn.Module], opt: torch.optim.Optimizer, batches, cfg, check, bar=None) -> dict:  # noqa: ANN001
-    """One epoch of nopeek or noise training: f and g on cross-entropy (+ alpha * dCor for nopeek)."""
-    f, g = nets["obfuscator"], nets["classifier"]
-    f.requires_grad_(True).train(), g.requires_grad_(True).train()
-    nets["reconstructor"].requires_grad_(False).eval()
+def defence_epoch(nets: dict[str, nn.Module], opt: torch.optim.Optimizer, batches, cfg, rt, step, bar=None) -> dict:  # noqa: ANN001
+    """One epoch of nopeek or noise training: f and g on cross-entropy (+ alpha * dCor for nopeek).
+    In a multi-process run dCor is computed on each process's part of the batch."""
+    from veil.train import _epoch_means, _row, freeze
+
+    freeze(nets["obfuscator"], False), freeze(nets["classifier"], False), freeze(nets["reconstructor"], True)
+    f, g = rt.replica(nets, "obfuscator"), rt.replica(nets, "classifier")
     t = cfg.train
-    sums, n = torch.zeros(4), 0
-    for i, (images, labels) in enumerate(batches):
-        features = f(images)  # noise, if any, is the obfuscator's last layer
-        logits = g(features)
-        ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-        dcor = distance_correlation(images, features) if t.defence == "nopeek" else torch.zeros(())
-        loss = ce + t.nopeek_alpha * dcor
+    rows, n = [], 0
+    for images, labels in batches:
+        with rt.autocast():
+            features = f(images)  # noise, if any, is the obfuscator's last layer
+            logits = g(features)
+            ce = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
+            dcor = distance_correlation(images, features) if t.defence == "nopeek" else torch.zeros((), device=images.device)
+            loss = ce + t.nopeek_alpha * dcor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        check(loss.detach(), i)
-        b = len(labels)
-        sums += torch.stack([loss.detach() * b, ce.detach() * b, dcor.detach() * b, (logits.argmax(1) == labels).sum()]).float().cpu()
-        n += b
+        rows.append(_row(len(labels), loss, ce, dcor, correct=(logits.argmax(1) == labels).sum()))
+        n += len(labels)
         if bar is not None:
             bar.update(1)
-    out = {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "train_accuracy": sums[3].item() / n}
+    loss, ce, dcor, accuracy = _epoch_means(rows, n, rt, step)
+    out = {"loss": loss, "ce": ce, "train_accuracy": accuracy}
     if t.defence == "nopeek":
-        out["train_dcor"] = sums[2].item() / n
+        out["train_dcor"] = dcor
     return out

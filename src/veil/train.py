@@ -37,12 +37,13 @@ from torch import nn
 
 from veil import config as config_mod
 from veil import data as data_mod
-from veil import rundir
+from veil import distributed, rundir, runtime
 from veil.config import Config, TrainConfig
-from veil.data import ImageSet, Splits, batches, load_splits, to_float
+from veil.data import ImageSet, Splits, batches, load_splits, shard, to_float
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks
+from veil.runtime import Runtime
 
 PRETRAIN, WARMUP = "pretrain", "reconstructor_warmup"
 PHASE_A, PHASE_B, PHASE_C = "obfuscator_classifier", "reconstructor", "obfuscator"
@@ -83,6 +84,7 @@ def plan(t: TrainConfig) -> list[Step]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -130,6 +132,23 @@ def onecycle_factor(step: int, total: int, warmup_fraction: float = 0.15) -> flo
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def step_factor(epoch: int, total: int) -> float:
+    """The plain step schedule: the peak rate, x0.1 from 50% of the epochs, x0.01 from 75%."""
+    done = (epoch - 1) / max(1, total)
+    return 1.0 if done < 0.5 else 0.1 if done < 0.75 else 0.01
+
+
+def pretrain_lr_factor(schedule: str, epoch: int, n_epochs: int, steps_per_epoch: int):  # noqa: ANN201
+    """Batch index -> multiplier of the peak rates for one pretraining epoch (None = keep the peak)."""
+    if schedule == "onecycle":
+        offset, total = (epoch - 1) * steps_per_epoch, n_epochs * steps_per_epoch
+        return lambda i: onecycle_factor(offset + i, total)
+    if schedule == "step":
+        factor = step_factor(epoch, n_epochs)
+        return lambda i: factor
+    return None
+
+
 def set_lr(opt: torch.optim.Optimizer, peaks: list[float], factor: float) -> None:
     for group, peak in zip(opt.param_groups, peaks):
         group["lr"] = peak * factor
@@ -144,11 +163,35 @@ def freeze(module: nn.Module, frozen: bool) -> None:
 # ----------------------------------------------------------------------------- phases
 
 
-def _check_finite(value: torch.Tensor, phase: str, step: Step, batch: int) -> None:
-    if not torch.isfinite(value):
+def _batches(data: ImageSet, natural: bool, cfg: Config, generator: torch.Generator, rt: Runtime):
+    """This process's part of each training batch, augmented, in the runtime's memory layout."""
+    flip = natural if cfg.data.augment else None
+    return batches(data, cfg.train.batch_size, generator, flip, rt.rank, rt.world_size, rt.memory_format)
+
+
+def _row(batch: int, *means: torch.Tensor, correct: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch's metric sums (means x batch size, then the count of correct answers), kept on the device."""
+    sums = [m.detach().float() * batch for m in means]
+    return torch.stack(sums if correct is None else sums + [correct.float()])
+
+
+def _epoch_means(rows: list[torch.Tensor], n: int, rt: Runtime, step: Step) -> list[float]:
+    """Per-batch sums -> epoch means over all processes (a count of correct answers -> accuracy).
+
+    This is the one host-device sync of a training epoch. A non-finite loss is reported here,
+    at the end of the phase-epoch, so the step itself never waits for the device; the checkpoint
+    of this phase-epoch is then not written, and the previous one stays in force.
+    """
+    per_batch = torch.stack(rows)  # batches x k
+    total = torch.cat([per_batch.sum(0), torch.tensor([float(n)], device=per_batch.device)])
+    values = distributed.all_reduce_sum(total).tolist()
+    if not all(math.isfinite(v) for v in values):
+        bad = (~torch.isfinite(per_batch).all(1)).nonzero()
+        where = f"batch {bad[0].item()}" if len(bad) else "another process"
         raise TrainingError(
-            f"non-finite loss ({value.item()}) in phase '{phase}', round {step.round}, epoch {step.epoch}, batch {batch}"
+            f"non-finite loss in phase '{step.phase}', round {step.round}, epoch {step.epoch}, first at {where}"
         )
+    return [v / values[-1] for v in values[:-1]]
 
 
 def check_finite_weights(nets: dict[str, nn.Module], step: Step) -> None:
@@ -161,103 +204,136 @@ def check_finite_weights(nets: dict[str, nn.Module], step: Step) -> None:
 
 def train_obfuscator_classifier(
     nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
-    generator: torch.Generator, step: Step, lambda_privacy: float, lr_factor=None, bar=None,
+    generator: torch.Generator, step: Step, lambda_privacy: float, lr_factor=None, bar=None, rt: Runtime | None = None,
 ) -> dict:
     """Pretraining (lambda = 0) and phase (a): f and g minimise CE + lambda * PSNR(I, r(f(I))) (Eq. 2)."""
-    f, g, r = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
-    freeze(f, False), freeze(g, False), freeze(r, True)
+    rt = rt or Runtime(data.images.device)
+    freeze(nets["obfuscator"], False), freeze(nets["classifier"], False), freeze(nets["reconstructor"], True)
+    f, g, r = rt.replica(nets, "obfuscator"), rt.replica(nets, "classifier"), nets["reconstructor"]
     use_r = lambda_privacy > 0
     t = cfg.train
-    sums = torch.zeros(4)  # loss, ce, psnr, correct
-    n = 0
-    for i, (images, labels) in enumerate(batches(data, t.batch_size, generator, natural if cfg.data.augment else None)):
+    rows, n = [], 0
+    for i, (images, labels) in enumerate(_batches(data, natural, cfg, generator, rt)):
         if lr_factor is not None:
             set_lr(opt, [t.lr_obfuscator, t.lr_classifier], lr_factor(i))
-        features = f(images)  # N x 128w x 8 x 8
-        logits = g(features)
-        ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-        p = psnr(images, r(features)).mean() if use_r else torch.zeros(())
-        loss = ce + lambda_privacy * p  # Eq. 2
+        with rt.autocast():
+            features = f(images)  # N x 128w x 8 x 8
+            logits = g(features)
+            ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
+            p = psnr(images, r(features)).mean() if use_r else torch.zeros((), device=images.device)
+            loss = ce + lambda_privacy * p  # Eq. 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _check_finite(loss.detach(), step.phase, step, i)
-        b = len(labels)
-        sums += torch.stack([loss.detach() * b, ce.detach() * b, p.detach() * b, (logits.argmax(1) == labels).sum()]).float().cpu()
-        n += b
+        rows.append(_row(len(labels), loss, ce, p, correct=(logits.argmax(1) == labels).sum()))
+        n += len(labels)
         if bar is not None:
             bar.update(1)
-    out = {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "train_accuracy": sums[3].item() / n}
+    loss, ce, p, accuracy = _epoch_means(rows, n, rt, step)
+    out = {"loss": loss, "ce": ce, "train_accuracy": accuracy}
     if use_r:
-        out["train_psnr"] = sums[2].item() / n
+        out["train_psnr"] = p
     return out
 
 
-def train_reconstructor(nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config, generator: torch.Generator, step: Step, bar=None) -> dict:
+def train_reconstructor(
+    nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
+    generator: torch.Generator, step: Step, bar=None, rt: Runtime | None = None,
+) -> dict:
     """Phase (b) and the warm-up: r maximises PSNR(I, r(f(I))) with f frozen (Eq. 3)."""
-    f, g, r = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
-    freeze(f, True), freeze(g, True), freeze(r, False)
-    total, n = torch.zeros(()), 0
-    for i, (images, _) in enumerate(batches(data, cfg.train.batch_size, generator, natural if cfg.data.augment else None)):
-        with torch.no_grad():
-            features = f(images)
-        p = psnr(images, r(features)).mean()
-        loss = -p  # Eq. 3: maximise PSNR
+    rt = rt or Runtime(data.images.device)
+    freeze(nets["obfuscator"], True), freeze(nets["classifier"], True), freeze(nets["reconstructor"], False)
+    f, r = nets["obfuscator"], rt.replica(nets, "reconstructor")
+    rows, n = [], 0
+    for images, _ in _batches(data, natural, cfg, generator, rt):
+        with rt.autocast():
+            with torch.no_grad():
+                features = f(images)
+            p = psnr(images, r(features)).mean()
+            loss = -p  # Eq. 3: maximise PSNR
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _check_finite(loss.detach(), step.phase, step, i)
-        total += p.detach().cpu() * len(images)
+        rows.append(_row(len(images), p))
         n += len(images)
         if bar is not None:
             bar.update(1)
-    return {"loss": -total.item() / n, "train_psnr": total.item() / n}
+    (p,) = _epoch_means(rows, n, rt, step)
+    return {"loss": -p, "train_psnr": p}
 
 
-def train_obfuscator(nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config, generator: torch.Generator, step: Step, bar=None) -> dict:
+def train_obfuscator(
+    nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
+    generator: torch.Generator, step: Step, bar=None, rt: Runtime | None = None,
+) -> dict:
     """Phase (c): f minimises Eq. 2 with g and r frozen."""
-    f, g, r = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
-    freeze(f, False), freeze(g, True), freeze(r, True)
+    rt = rt or Runtime(data.images.device)
+    freeze(nets["obfuscator"], False), freeze(nets["classifier"], True), freeze(nets["reconstructor"], True)
+    f, g, r = rt.replica(nets, "obfuscator"), nets["classifier"], nets["reconstructor"]
     lam = cfg.train.lambda_privacy
-    sums, n = torch.zeros(4), 0
-    for i, (images, labels) in enumerate(batches(data, cfg.train.batch_size, generator, natural if cfg.data.augment else None)):
-        features = f(images)
-        logits = g(features)
-        ce = F.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
-        p = psnr(images, r(features)).mean()
-        loss = ce + lam * p  # Eq. 2
+    rows, n = [], 0
+    for images, labels in _batches(data, natural, cfg, generator, rt):
+        with rt.autocast():
+            features = f(images)
+            logits = g(features)
+            ce = F.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
+            p = psnr(images, r(features)).mean()
+            loss = ce + lam * p  # Eq. 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _check_finite(loss.detach(), step.phase, step, i)
-        b = len(labels)
-        sums += torch.stack([loss.detach() * b, ce.detach() * b, p.detach() * b, (logits.argmax(1) == labels).sum()]).float().cpu()
-        n += b
+        rows.append(_row(len(labels), loss, ce, p, correct=(logits.argmax(1) == labels).sum()))
+        n += len(labels)
         if bar is not None:
             bar.update(1)
-    return {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "train_psnr": sums[2].item() / n, "train_accuracy": sums[3].item() / n}
+    loss, ce, p, accuracy = _epoch_means(rows, n, rt, step)
+    return {"loss": loss, "ce": ce, "train_psnr": p, "train_accuracy": accuracy}
 
 
 @torch.no_grad()
-def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_reconstructor: bool = True) -> dict:
-    """Test accuracy of g(f(I)) and mean PSNR of r(f(I)) over a whole split, networks in eval mode."""
+def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_reconstructor: bool = True, rt: Runtime | None = None) -> dict:
+    """Test accuracy of g(f(I)) and mean PSNR of r(f(I)) over a whole split, networks in eval mode.
+
+    In a multi-process run each process evaluates its own part of the split and the sums are added.
+    """
+    rt = rt or Runtime(data.images.device)
     f, g, r = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
     modes = {k: m.training for k, m in nets.items()}
     for m in nets.values():
         m.eval()
-    correct, total_psnr = 0, 0.0
-    for start in range(0, len(data), batch_size):
-        images = to_float(data.images[start : start + batch_size])
-        features = f(images)
-        correct += (g(features).argmax(1) == data.labels[start : start + batch_size]).sum().item()
-        if with_reconstructor:
-            total_psnr += psnr(images, r(features)).sum().item()
+    part = shard(len(data), rt.rank, rt.world_size)
+    images_u8, labels_all = data.images[part], data.labels[part]
+    sums = torch.zeros(3, device=data.images.device)  # correct, PSNR sum, images
+    sums[2] = len(labels_all)
+    for start in range(0, len(labels_all), batch_size):
+        images = to_float(images_u8[start : start + batch_size], rt.memory_format)
+        labels = labels_all[start : start + batch_size]
+        with rt.autocast():
+            features = f(images)
+            sums[0] += (g(features).argmax(1) == labels).sum()
+            if with_reconstructor:
+                sums[1] += psnr(images, r(features)).sum()
     for k, m in nets.items():
         m.train(modes[k])
-    out = {"test_accuracy": correct / len(data)}
+    correct, total_psnr, n = distributed.all_reduce_sum(sums).tolist()
+    out = {"test_accuracy": correct / n}
     if with_reconstructor:
-        out["test_psnr"] = total_psnr / len(data)
+        out["test_psnr"] = total_psnr / n
     return out
+
+
+@torch.no_grad()
+def obfuscate(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
+    """f(I) for uint8 images N x C x H x W, batch by batch in eval mode: N x 128w x H/4 x W/4 float32."""
+    rt = rt or Runtime(images.device)
+    mode = obfuscator.training
+    obfuscator.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        with rt.autocast():
+            out.append(obfuscator(to_float(images[start : start + batch_size], rt.memory_format)).float())
+    obfuscator.train(mode)
+    return torch.cat(out).contiguous()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -301,24 +377,44 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
 
     Raises Stopped when SIGTERM/SIGINT ended the run early (after saving), TrainingError on a
     non-finite loss (nothing of that step is saved) or a run directory in the wrong state.
+    Under torchrun every process calls this; process 0 writes the run directory and logs, and
+    returns the summary (the others return {}).
     """
-    run_dir = Path(run_dir)
+    rt = runtime.resolve(cfg, resolve_device(cfg.device))
+    started = distributed.join(rt.device)
+    try:
+        return _train(cfg, Path(run_dir), resume, log if rt.is_main else (lambda *_: None), rt)
+    finally:
+        distributed.leave(started)
+
+
+def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> None:
+    """Check (in every process), then create the run directory (process 0) before anyone writes."""
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise TrainingError(f"cannot resume: {run_dir} holds no config.yaml (not a Veil run directory)")
     elif (run_dir / "config.yaml").exists():
         raise TrainingError(f"{run_dir} already holds a run; resume it with `veil train --resume {run_dir}` or choose another --out")
-    device = resolve_device(cfg.device)
+    if rt.distributed and cfg.train.batch_size % rt.world_size:
+        raise TrainingError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the number of processes ({rt.world_size})")
+    distributed.barrier()  # every process has checked before process 0 writes
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime) -> dict:  # noqa: ANN001
+    device = rt.device
     splits: Splits = load_splits(cfg.data, cfg.seed)
     # Only now that the data loaded: bad input must not leave a run directory that blocks the next try.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
+    _open_run_dir(cfg, run_dir, resume, rt)
     defender, test = splits.defender.to(device), splits.test.to(device)
+    if rt.distributed and len(defender) < cfg.train.batch_size:
+        raise TrainingError(f"multi-process training needs at least one full batch: {len(defender)} defender images < train.batch_size {cfg.train.batch_size}")
     torch.manual_seed(cfg.seed)
     nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, noise=cfg.train.defence == "noise")
-    for net in nets.values():
-        net.to(device)
+    runtime.prepare_networks(nets, rt, cfg.train.sync_batchnorm)
     opts = make_optimizers(nets, cfg.train)
     steps = plan(cfg.train)
     info = {
@@ -332,11 +428,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
     if resume:
         # Checks every file's sha256, the config and the data against the checkpoint before loading.
         done = rundir.restore(run_dir, nets, opts, info)
+        if rt.is_main:
+            rundir.truncate_metrics(run_dir, done)
         log(f"resuming {run_dir} after step {done} of {len(steps)}")
+    runtime.wrap_networks(nets, rt)  # compile and DDP come after loading: DDP copies process 0's weights
 
     log(
         f"veil train: {splits.name}, defender {len(defender)} / attacker {len(splits.attacker)} / test {len(test)} images, "
         f"width {cfg.model.width}, reconstructor {cfg.model.reconstructor}, lambda {cfg.train.lambda_privacy}, device {device}"
+        + (f" x {rt.world_size} processes" if rt.distributed else "")
+        + f", {rt.precision}{', channels_last' if rt.channels_last else ''}{', compiled' if rt.compile else ''}"
     )
     steps_per_epoch = max(1, len(defender) // cfg.train.batch_size) if len(defender) > cfg.train.batch_size else 1
     n_pretrain = sum(s.phase == PRETRAIN for s in steps)
@@ -344,42 +445,41 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
         for index in range(done, len(steps)):
             step = steps[index]
             # Seed by step index alone: a resumed run sees the same batches as an uninterrupted one.
-            torch.manual_seed(cfg.seed * 1_000_003 + index)
+            # The data generator is the same in every process (each takes its slice of the same batch);
+            # the global generator (dropout) differs per process.
+            torch.manual_seed(cfg.seed * 1_000_003 + index + 7919 * rt.rank)
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + index)
             desc = f"{step.phase} r{step.round} e{step.epoch}"
             start = time.perf_counter()
-            with _progress(steps_per_epoch, desc, cfg.progress) as bar, _on_nonfinite(run_dir, index, len(steps)):
+            with _progress(steps_per_epoch, desc, cfg.progress and rt.is_main) as bar, _on_nonfinite(run_dir, index, len(steps)):
                 if step.phase == PRETRAIN:
-                    lr_factor = None
-                    if cfg.train.pretrain_schedule == "onecycle":
-                        offset, total = (step.epoch - 1) * steps_per_epoch, n_pretrain * steps_per_epoch
-
-                        def lr_factor(i: int, offset=offset, total=total) -> float:
-                            return onecycle_factor(offset + i, total)
-
-                    record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, 0.0, lr_factor, bar)
+                    lr_factor = pretrain_lr_factor(cfg.train.pretrain_schedule, step.epoch, n_pretrain, steps_per_epoch)
+                    record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, 0.0, lr_factor, bar, rt)
                 elif step.phase in ("nopeek", "noise"):
                     from veil.defences import defence_epoch, set_noise
 
                     set_noise(nets["obfuscator"], cfg.train.noise_sigma)
-                    data_iter = batches(defender, cfg.train.batch_size, generator, splits.natural if cfg.data.augment else None)
-                    record = defence_epoch(nets, opts[PHASE_A], data_iter, cfg, lambda v, i, s=step: _check_finite(v, s.phase, s, i), bar)
+                    data_iter = _batches(defender, splits.natural, cfg, generator, rt)
+                    record = defence_epoch(nets, opts[PHASE_A], data_iter, cfg, rt, step, bar)
                 elif step.phase == PHASE_A:
-                    record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, cfg.train.lambda_privacy, None, bar)
+                    record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, cfg.train.lambda_privacy, None, bar, rt)
                 elif step.phase in (WARMUP, PHASE_B, FINAL):
-                    record = train_reconstructor(nets, opts[PHASE_B], defender, splits.natural, cfg, generator, step, bar)
+                    record = train_reconstructor(nets, opts[PHASE_B], defender, splits.natural, cfg, generator, step, bar, rt)
                 else:
-                    record = train_obfuscator(nets, opts[PHASE_C], defender, splits.natural, cfg, generator, step, bar)
+                    record = train_obfuscator(nets, opts[PHASE_C], defender, splits.natural, cfg, generator, step, bar, rt)
                 check_finite_weights(nets, step)
-            record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN))
+            record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN, rt=rt))
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
-            rundir.append_metrics(run_dir, record)
-            if step.phase == PRETRAIN and (index + 1 == len(steps) or steps[index + 1].phase != PRETRAIN):
-                rundir.save_undefended(run_dir, nets["obfuscator"], nets["classifier"])
-            rundir.save_checkpoint(run_dir, index + 1, nets, opts, info)
+            if rt.is_main:
+                rundir.append_metrics(run_dir, record)
+                if step.phase == PRETRAIN and (index + 1 == len(steps) or steps[index + 1].phase != PRETRAIN):
+                    rundir.save_undefended(run_dir, nets["obfuscator"], nets["classifier"])
+                rundir.save_checkpoint(run_dir, index + 1, nets, opts, info)
             log(_format(record))
-            if stop.requested and index + 1 < len(steps):
+            if distributed.any_process(stop.requested, device) and index + 1 < len(steps):
                 raise Stopped(f"stopped after step {index + 1} of {len(steps)} (saved); continue with `veil train --resume {run_dir}`", stop.signum)
+    if not rt.is_main:
+        return {}
     summary = summarize(rundir.read_metrics(run_dir), cfg)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

@@ -1,0 +1,301 @@
+"""`veil bench`: images per second of every phase of Algorithm 1, beside a bare PyTorch loop.
+
+For one config (width, batch size, device, precision, layout, compile) each phase is timed twice
+in the same process and threads, on the same networks and synthetic images:
+
+    veil   Veil's own phase function (train.py) on a synthetic uint8 ImageSet on the device:
+           shuffling, batch augmentation, metric sums, the end-of-epoch sync, all included
+    bare   the same forward, loss, backward and optimiser step written as a plain loop over
+           one pre-made float batch: the practical limit of this hardware for this model
+
+ratio = veil / bare; 1.0 means Veil adds nothing. Each figure is the median of `repeats` timed
+passes of `batches` batches, after `warmup` untimed passes (compilation happens there); the two
+loops alternate so that a load change on a shared machine hits both alike. Model FLOP/s come from
+torch.utils.flop_counter on one bare step of the uncompiled networks.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from veil.config import Config, ConfigError
+from veil.data import ImageSet, to_float
+from veil.models import build_networks
+from veil.runtime import Runtime, prepare_networks, resolve, wrap_networks
+from veil.train import (
+    PHASE_A,
+    PHASE_B,
+    PHASE_C,
+    PRETRAIN,
+    Step,
+    evaluate,
+    freeze,
+    make_optimizers,
+    obfuscate,
+    pretrain_lr_factor,
+    resolve_device,
+    train_obfuscator,
+    train_obfuscator_classifier,
+    train_reconstructor,
+)
+
+PHASES = ("pretrain", "obfuscator_classifier", "reconstructor", "obfuscator", "evaluate", "obfuscate")
+SHAPES = {"mnist": (1, 10), "fashion-mnist": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}  # channels, classes
+
+
+@dataclass
+class Phase:
+    veil: Callable[[], object]  # one pass through Veil's phase function
+    bare: Callable[[], object]  # the same work as a plain loop
+    images: int  # images per pass
+    flop_step: Callable[[], object]  # one bare batch, for the FLOP counter
+    flop_images: int  # images in that batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bare_psnr(images: torch.Tensor, rebuilt: torch.Tensor) -> torch.Tensor:
+    return -10 * (images.float() - rebuilt.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10).log10()  # Eq. 1
+
+
+def build_phases(cfg: Config, rt: Runtime, n_batches: int) -> dict[str, Phase]:
+    """Networks, optimisers and synthetic data for `cfg`, and the two timed callables of each phase."""
+    channels, classes = SHAPES.get(cfg.data.dataset, (3, 10))
+    size, b, eb = cfg.data.image_size, cfg.train.batch_size, cfg.train.eval_batch_size
+    n = n_batches * b
+    dev = rt.device
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    data = ImageSet(
+        torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, device=dev, generator=gen),
+        torch.randint(0, classes, (n,), device=dev, generator=gen),
+        [str(i) for i in range(classes)],
+    )
+    x = to_float(data.images[:b], rt.memory_format)  # the bare loops' one pre-made batch
+    y = data.labels[:b]
+    x_eval, y_eval = to_float(data.images[:eb], rt.memory_format), data.labels[:eb]
+    eval_sizes = [min(eb, n - s) for s in range(0, n, eb)]
+
+    torch.manual_seed(cfg.seed)
+    nets = build_networks(cfg.model, channels, classes, size)
+    prepare_networks(nets, rt)
+    opts = make_optimizers(nets, cfg.train)
+    f, g, r = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
+    lam = cfg.train.lambda_privacy or 1.0
+    smooth = cfg.train.label_smoothing
+    t = cfg.train
+
+    def modes(trained: tuple[nn.Module, ...]) -> None:
+        for m in (f, g, r):
+            freeze(m, m not in trained)
+
+    def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # --- one bare batch of each phase
+    def pretrain_batch() -> None:
+        with rt.autocast():
+            loss = F.cross_entropy(g(f(x)), y, label_smoothing=smooth)
+        step(opts[PRETRAIN], loss)
+
+    def phase_a_batch() -> None:
+        with rt.autocast():
+            z = f(x)
+            loss = F.cross_entropy(g(z), y, label_smoothing=smooth) + lam * _bare_psnr(x, r(z)).mean()  # Eq. 2
+        step(opts[PHASE_A], loss)
+
+    def reconstructor_batch() -> None:
+        with rt.autocast():
+            with torch.no_grad():
+                z = f(x)
+            loss = -_bare_psnr(x, r(z)).mean()  # Eq. 3
+        step(opts[PHASE_B], loss)
+
+    def obfuscator_batch() -> None:
+        with rt.autocast():
+            z = f(x)
+            loss = F.cross_entropy(g(z), y, label_smoothing=smooth) + lam * _bare_psnr(x, r(z)).mean()
+        step(opts[PHASE_C], loss)
+
+    @torch.no_grad()
+    def evaluate_batch(k: int = eb) -> torch.Tensor:
+        with rt.autocast():
+            z = f(x_eval[:k])
+            return torch.stack([(g(z).argmax(1) == y_eval[:k]).sum().float(), _bare_psnr(x_eval[:k], r(z)).sum()])
+
+    @torch.no_grad()
+    def obfuscate_batch(k: int = eb) -> None:
+        with rt.autocast():
+            f(x_eval[:k]).float()
+
+    def bare(batch: Callable[[], object], trained: tuple[nn.Module, ...]) -> Callable[[], None]:
+        def run() -> None:
+            modes(trained)
+            for _ in range(n_batches):
+                batch()
+            _sync(dev)
+
+        return run
+
+    def bare_eval(batch: Callable[[int], object]) -> Callable[[], None]:
+        def run() -> None:
+            modes(())
+            for k in eval_sizes:
+                batch(k)
+            _sync(dev)
+
+        return run
+
+    def once(batch: Callable[[], object], trained: tuple[nn.Module, ...]) -> Callable[[], object]:
+        def run() -> object:
+            modes(trained)
+            return batch()
+
+        return run
+
+    def veil(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            _sync(dev)
+
+        return run
+
+    nat = channels == 3
+
+    def g_(seed: int) -> torch.Generator:
+        return torch.Generator(device=dev).manual_seed(seed)
+
+    lr_factor = pretrain_lr_factor(t.pretrain_schedule, 1, 1, n_batches)
+    phases = {
+        "pretrain": Phase(
+            veil(lambda: train_obfuscator_classifier(nets, opts[PRETRAIN], data, nat, cfg, g_(1), Step(PRETRAIN, 0, 1), 0.0, lr_factor, None, rt)),
+            bare(pretrain_batch, (f, g)), n, once(pretrain_batch, (f, g)), b,
+        ),
+        "obfuscator_classifier": Phase(
+            veil(lambda: train_obfuscator_classifier(nets, opts[PHASE_A], data, nat, cfg, g_(2), Step(PHASE_A, 1, 1), lam, None, None, rt)),
+            bare(phase_a_batch, (f, g)), n, once(phase_a_batch, (f, g)), b,
+        ),
+        "reconstructor": Phase(
+            veil(lambda: train_reconstructor(nets, opts[PHASE_B], data, nat, cfg, g_(3), Step(PHASE_B, 1, 1), None, rt)),
+            bare(reconstructor_batch, (r,)), n, once(reconstructor_batch, (r,)), b,
+        ),
+        "obfuscator": Phase(
+            veil(lambda: train_obfuscator(nets, opts[PHASE_C], data, nat, cfg, g_(4), Step(PHASE_C, 1, 1), None, rt)),
+            bare(obfuscator_batch, (f,)), n, once(obfuscator_batch, (f,)), b,
+        ),
+        "evaluate": Phase(veil(lambda: evaluate(nets, data, eb, True, rt)), bare_eval(evaluate_batch), n, once(evaluate_batch, ()), eb),
+        "obfuscate": Phase(veil(lambda: obfuscate(f, data.images, eb, rt)), bare_eval(obfuscate_batch), n, once(obfuscate_batch, ()), eb),
+    }
+    wrap_networks(nets, rt)  # compile after the FLOP counter has seen the plain networks
+    return phases
+
+
+def count_flops(batch: Callable[[], object]) -> int:
+    """FLOPs of one batch (forward, and backward where it trains), from torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        batch()
+    return counter.get_total_flops()
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _process_peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def bench(cfg: Config, n_batches: int = 8, repeats: int = 5, warmup: int = 1, phases: tuple[str, ...] = PHASES, progress: bool = True) -> dict:
+    """Time each phase through Veil and through the bare loop; return the figures as a dict."""
+    from tqdm.auto import tqdm
+
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise ConfigError(f"bench: unknown phase(s) {', '.join(unknown)}; valid: {', '.join(PHASES)}")
+    if min(n_batches, repeats) < 1 or warmup < 0:
+        raise ConfigError(f"bench: batches and repeats must be >= 1 and warmup >= 0, got {n_batches}, {repeats}, {warmup}")
+
+    device = resolve_device(cfg.device)
+    rt = resolve(cfg, device)
+    rt.world_size, rt.rank = 1, 0  # one process: bench measures the single-device path
+    built = build_phases(cfg, rt, n_batches)
+    flops = {name: count_flops(built[name].flop_step) / built[name].flop_images for name in phases}
+    results = {}
+    bar = tqdm(total=len(phases) * (warmup + repeats), desc="veil bench", leave=False, disable=not progress, dynamic_ncols=True)
+    for name in phases:
+        phase = built[name]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            phase.veil(), phase.bare()
+            bar.update(1)
+        veil_s, bare_s = [], []
+        for k in range(repeats):
+            # Alternate which loop goes first, so a load change on a shared machine hits both alike.
+            for which in (("veil", "bare") if k % 2 == 0 else ("bare", "veil")):
+                start = time.perf_counter()
+                (phase.veil if which == "veil" else phase.bare)()
+                (veil_s if which == "veil" else bare_s).append(time.perf_counter() - start)
+            bar.update(1)
+        veil_ips, bare_ips = phase.images / statistics.median(veil_s), phase.images / statistics.median(bare_s)
+        results[name] = {
+            "images_per_s": veil_ips,
+            "bare_images_per_s": bare_ips,
+            "ratio": veil_ips / bare_ips,
+            "flop_per_image": flops[name],
+            "flop_per_s": flops[name] * veil_ips,
+            "peak_memory_mb": _peak_memory_mb(device),
+        }
+    bar.close()
+    return {
+        "phases": results,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "width": cfg.model.width,
+        "reconstructor": cfg.model.reconstructor,
+        "batch_size": cfg.train.batch_size,
+        "eval_batch_size": cfg.train.eval_batch_size,
+        "batches": n_batches,
+        "repeats": repeats,
+        "warmup": warmup,
+        "precision": rt.precision,
+        "channels_last": rt.channels_last,
+        "compile": rt.compile,
+        "peak_rss_mb": _process_peak_rss_mb(),
+    }
+
+
+def format_table(result: dict) -> str:
+    """The bench result as a plain-text table."""
+    lines = [
+        f"veil bench: {result['device']}, {result['threads']} threads, torch {result['torch_version']}, width {result['width']}, "
+        f"batch {result['batch_size']} (eval {result['eval_batch_size']}), {result['precision']}"
+        f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}; "
+        f"median of {result['repeats']} x {result['batches']} batches",
+        f"{'phase':<22} {'veil img/s':>11} {'bare img/s':>11} {'ratio':>6} {'GFLOP/s':>9} {'peak MiB':>9}",
+    ]
+    for name, p in result["phases"].items():
+        mem = "" if p["peak_memory_mb"] is None else f"{p['peak_memory_mb']:.0f}"
+        lines.append(f"{name:<22} {p['images_per_s']:>11.1f} {p['bare_images_per_s']:>11.1f} {p['ratio']:>6.2f} {p['flop_per_s'] / 1e9:>9.1f} {mem:>9}")
+    lines.append(f"process peak resident memory: {result['peak_rss_mb']:.0f} MiB")
+    return "\n".join(lines)

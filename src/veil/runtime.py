@@ -1,0 +1,137 @@
+"""How the networks run: device, precision, memory layout, compilation, and the processes of a
+multi-process run. Resolved once from the config into a `Runtime` that every phase function takes.
+
+    precision      fp32, or bf16 autocast: convolutions and linear layers in bfloat16; weights,
+                   BatchNorm (statistics, affine parameters) and the losses stay float32
+    channels_last  NHWC layout of weights and activations (faster convolutions on recent GPUs)
+    compile        torch.compile each network (nn.Module.compile: state_dict keys unchanged)
+    processes      under torchrun: one process per device, each network in its own
+                   DistributedDataParallel wrapper (gloo on CPU, NCCL on CUDA)
+
+Every option can be switched off, and the result is the same within floating-point tolerance
+(bf16 within bf16's ~3 significant digits). tests/test_runtime.py checks this on CPU.
+
+Multi-process runs: `torchrun --nproc_per_node=N -m veil train ...` (or `veil train --nproc N`).
+`train.batch_size` stays the global batch; each process takes a disjoint 1/N slice of every
+batch of the same epoch permutation, so N processes see exactly the batches one process sees.
+Gradients are averaged across processes by DDP. Only the networks a phase trains go through their
+DDP wrapper; frozen ones are called directly (no gradient, nothing to synchronise). BatchNorm:
+with train.sync_batchnorm (the default) training statistics are over the global batch, so N
+processes compute what one process computes (SyncBatchNorm on CUDA; on CPU, where PyTorch has
+none, distributed.GlobalBatchNorm2d). With it off each process normalises with its own slice's
+statistics (faster on many GPUs) and DDP copies process 0's running statistics to the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from veil.config import Config
+from veil.distributed import global_batchnorm, process_env
+
+ON, OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0  # this process's index in a torchrun job
+    world_size: int = 1  # number of processes
+    replicas: dict[str, nn.Module] = field(default_factory=dict)  # DDP wrapper of each network, by name
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0 writes files, logs and shows progress; the others only compute."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for the forward passes; a no-op at fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def replica(self, nets: dict[str, nn.Module], name: str) -> nn.Module:
+        """The network as a phase trains it: its DDP wrapper in a multi-process run, else itself."""
+        return self.replicas.get(name, nets[name])
+
+
+# ----------------------------------------------------------------------------- resolving options
+
+
+def resolve_precision(value: str, device: torch.device) -> str:
+    """auto -> bf16 on a CUDA device that supports it, else fp32."""
+    if value == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return value
+
+
+def resolve_channels_last(value: str, device: torch.device) -> bool:
+    """auto -> on for CUDA only: on 2 CPU cores channels_last measured slower (docs/benchmarks.md)."""
+    value = str(value).lower()
+    if value == "auto":
+        return device.type == "cuda"
+    return value in ON
+
+
+def resolve(cfg: Config, device: torch.device) -> Runtime:
+    """The Runtime of this process: options resolved for `device`, rank and size from torchrun's environment."""
+    rank, world_size, local_rank = process_env()
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one process per GPU
+    t = cfg.train
+    return Runtime(
+        device=device,
+        precision=resolve_precision(t.precision, device),
+        channels_last=resolve_channels_last(t.channels_last, device),
+        compile=t.compile,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def prepare_networks(nets: dict[str, nn.Module], rt: Runtime, sync_batchnorm: bool = True) -> None:
+    """Move the networks to the device and layout, in place; global-batch BatchNorm in a multi-process run.
+
+    Call before building optimisers (parameters keep their identity either way). `wrap_networks`
+    comes after a checkpoint is loaded, since DDP copies process 0's weights to every process.
+    """
+    for name, net in nets.items():
+        net.to(rt.device)
+        if rt.distributed and sync_batchnorm:
+            nets[name] = net = global_batchnorm(net, rt.device)
+        net.to(memory_format=rt.memory_format)
+
+
+def wrap_networks(nets: dict[str, nn.Module], rt: Runtime) -> None:
+    """torch.compile each network in place, then give each its own DDP wrapper in a multi-process run.
+
+    Each network gets its own wrapper because the phases train different subsets of them
+    (Algorithm 1): a phase runs its trained networks through their wrappers, so every parameter
+    of a wrapper gets a gradient in every backward (no find_unused_parameters needed).
+    """
+    for name, net in nets.items():
+        if rt.compile:
+            net.compile()
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            rt.replicas[name] = DistributedDataParallel(net, device_ids=ids)
