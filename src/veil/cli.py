@@ -62,6 +62,27 @@ def print_summary(summary: dict) -> None:
     print(f"(lambda {summary['lambda_privacy']}, reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from veil.report import report
+
+    report(args.run_dirs, args.out, n_images=args.images)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from veil.report import db, pct
+    from veil.sweep import parse_attack_settings, parse_strengths, sweep
+
+    settings = parse_attack_settings(args.attack)
+    rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings)
+    if rows:
+        print()
+        print(f"{'point':<16}{'test accuracy':>15}{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
+        for r in rows:
+            print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}{db(r['psnr']) + ' dB':>26}{pct(r['reid_top1'], 1):>14}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from veil import __version__
 
@@ -76,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="tables and figures of runs or sweeps as one HTML page and Markdown")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (veil train) or sweep directories (veil sweep)")
+    p.add_argument("--out", metavar="DIR", help="where to write report.html, report.md and figures (default: the first RUN_DIR)")
+    p.add_argument("--images", type=int, default=8, metavar="N", help="users' images shown in Figures 4 and 5 (default 8)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="train and attack one run per lambda; plot the utility-privacy frontier (resumable)")
+    p.add_argument("--config", required=True, help="YAML config file shared by every run")
+    p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3 (lambda of Eq. 2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
+    p.add_argument("--defence", default="adversarial", help="defence whose strength is swept (default: adversarial, the paper's)")
+    p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
+                   help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -83,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from veil.config import ConfigError
     from veil.data import DataError
     from veil.io import CheckpointError
+    from veil.report import ReportError
     from veil.train import TrainingError
 
     parser = build_parser()
@@ -92,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ReportError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

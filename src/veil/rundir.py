@@ -5,7 +5,8 @@
     RUN/summary.json                   headline numbers, written when training ends
     RUN/checkpoints/latest.json        which step folder is the newest complete checkpoint
     RUN/checkpoints/step-NNNNN/        obfuscator, classifier, reconstructor, optimiser states
-    RUN/checkpoints/undefended/        obfuscator and classifier right after pretraining
+    RUN/checkpoints/undefended/        obfuscator and classifier right after pretraining, and the
+                                       reconstructor warmed up against them
 
 A checkpoint folder is written under a temporary name and renamed; latest.json is replaced
 atomically afterwards, so a kill at any moment leaves the previous checkpoint in force.
@@ -132,10 +133,13 @@ def latest_step_dir(run_dir: Path) -> Path | None:
     return d
 
 
-def save_undefended(run_dir: Path, obfuscator: torch.nn.Module, classifier: torch.nn.Module) -> None:
+def save_undefended(run_dir: Path, obfuscator: torch.nn.Module | None = None, classifier: torch.nn.Module | None = None,
+                    reconstructor: torch.nn.Module | None = None) -> None:
+    """Networks of the undefended stage: f and g after pretraining, r after the warm-up against them."""
     d = checkpoints(run_dir) / "undefended"
-    save_tensors(d / "obfuscator.safetensors", obfuscator.state_dict())
-    save_tensors(d / "classifier.safetensors", classifier.state_dict())
+    for name, net in (("obfuscator", obfuscator), ("classifier", classifier), ("reconstructor", reconstructor)):
+        if net is not None:
+            save_tensors(d / f"{name}.safetensors", net.state_dict())
 
 
 # ----------------------------------------------------------------------------- loading

@@ -345,6 +345,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
             rundir.append_metrics(run_dir, record)
             if step.phase == PRETRAIN and (index + 1 == len(steps) or steps[index + 1].phase != PRETRAIN):
                 rundir.save_undefended(run_dir, nets["obfuscator"], nets["classifier"])
+            if step.phase == WARMUP and (index + 1 == len(steps) or steps[index + 1].phase != WARMUP):
+                # The reconstructor fitted to the undefended obfuscator: `veil report`'s Figure 5.
+                rundir.save_undefended(run_dir, reconstructor=nets["reconstructor"])
             rundir.save_checkpoint(run_dir, index + 1, nets, opts, info)
             log(_format(record))
             if stop.requested and index + 1 < len(steps):
