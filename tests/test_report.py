@@ -47,7 +47,7 @@ def make_tiny_npz(path: Path) -> Path:
 
 
 def attacker_entry(psnr: float, top1: float = 0.05) -> dict:
-    return {"psnr_mean": psnr, "psnr_std": 1.5, "ssim_mean": 0.25, "reid_top1": top1, "reid_top5": 4 * top1, "n_candidates": 100}
+    return {"psnr_mean": psnr, "psnr_std": 1.5, "ssim_mean": 0.25, "reid_top1": top1, "reid_top5": min(1.0, top1 + 0.15), "n_candidates": 100}
 
 
 def write_attack(run_dir: Path, defended: dict, undefended: dict, floor: float = 11.0) -> dict:
@@ -139,7 +139,7 @@ def test_report_of_two_runs_holds_every_section(runs, tmp_path):
     pngs = embedded_pngs(text)
     for png in pngs:
         with Image.open(io.BytesIO(png)) as im:
-            assert im.format == "PNG" and im.width > 50 and im.height > 50
+            assert im.format == "PNG" and im.width >= 40 and im.height >= 40
     figure_files = [k for k in written if k.endswith(".png")]
     assert len(pngs) == len(figure_files)
     # Figures 3, 4, 5 and the attack PNGs (3 + 2 attackers).

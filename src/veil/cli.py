@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise config_mod.ConfigError("veil train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
         cfg = config_mod.load(args.config, args.overrides)
         run_dir = Path(args.out)
-    summary = train(cfg, run_dir, resume=bool(args.resume))
+    summary = train(cfg, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard)
     if not summary:
         return 0
     metrics = __import__("veil.rundir", fromlist=["read_metrics"]).read_metrics(run_dir)
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished phase-epoch")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--tensorboard", action="store_true", help="also log scalars and reconstructions to RUN_DIR/tensorboard (needs the tensorboard package)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
 

@@ -20,6 +20,7 @@ import io
 import json
 import platform
 import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,7 @@ table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; font-size: 0.9rem; }
 th, td { border: 1px solid #888; padding: 0.25rem 0.55rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #e8e8e8; }
-caption { caption-side: top; text-align: left; font-size: 0.85rem; color: #333; padding-bottom: 0.3rem; }
+p.caption { font-size: 0.85rem; color: #333; margin: 0.8rem 0 0.2rem; }
 figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; border: 1px solid #ccc; }
 figcaption { font-size: 0.85rem; color: #333; }
 pre { background: #f4f4f4; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
@@ -289,7 +290,7 @@ def render_html(page: Page) -> str:
             t: Table = content  # type: ignore[assignment]
             rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in t.rows)
             head = "".join(f"<th>{e(h)}</th>" for h in t.header)
-            out.append(f"<table><caption>{e(t.caption)}</caption><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            out.append(f"<p class='caption'>{e(t.caption)}</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "figure":
             f: Figure = content  # type: ignore[assignment]
             data = base64.b64encode(f.png).decode()
@@ -353,6 +354,9 @@ def plot_accuracy_by_round(runs: list[RunResults]) -> bytes:
         acc = accuracy_by_round(run.metrics)
         xs = sorted(acc)
         ax.plot(xs, [100 * acc[x] for x in xs], label=label(run, runs), markersize=5, linewidth=1.6, **line_style(i))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adversarial round (0 = pretrained baseline)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, color="#cccccc", linewidth=0.6)
@@ -380,7 +384,7 @@ def plot_image_rows(rows: list[tuple[str, torch.Tensor, list[float] | None]]) ->
                 ax.imshow(img.permute(1, 2, 0).numpy())
             if psnrs is not None:
                 ax.set_xlabel(f"{psnrs[c]:.1f} dB", fontsize=8, labelpad=2)
-        axes[r][0].set_ylabel(row_label, fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+        axes[r][0].set_ylabel(textwrap.fill(row_label, 22), fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
     return png_bytes(fig)
 
 

@@ -273,7 +273,39 @@ def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:  # noqa: ANN001
+def tensorboard_writer(run_dir: Path):  # noqa: ANN201
+    """Optional: TensorBoard event files in RUN/tensorboard; needs the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+@torch.no_grad()
+def log_tensorboard(writer, record: dict, nets: dict[str, nn.Module], test: ImageSet, n_images: int = 8) -> None:  # noqa: ANN001
+    """One phase-epoch's scalars, and users' images (top row) above their reconstructions."""
+    from torchvision.utils import make_grid
+
+    step = record["step"]
+    for key in ("loss", "ce", "train_psnr", "train_accuracy"):
+        if key in record:
+            writer.add_scalar(f"{record['phase']}/{key}", record[key], step)
+    for key in ("test_accuracy", "test_psnr"):
+        if key in record:
+            writer.add_scalar(f"test/{key}", record[key], step)
+    if record["phase"] != PRETRAIN:
+        f, r = nets["obfuscator"], nets["reconstructor"]
+        modes = (f.training, r.training)
+        f.eval(), r.eval()
+        images = to_float(test.images[:n_images])
+        rebuilt = r(f(images)).clamp(0, 1)
+        f.train(modes[0]), r.train(modes[1])
+        writer.add_image("reconstructions", make_grid(torch.cat([images, rebuilt]).cpu(), nrow=len(images)), step)
+    writer.flush()
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print, tensorboard: bool = False) -> dict:  # noqa: ANN001
     """Run Algorithm 1 into `run_dir` (or continue it) and return the summary."""
     run_dir = Path(run_dir)
     if resume:
@@ -281,6 +313,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
             raise TrainingError(f"cannot resume: {run_dir} holds no config.yaml (not a Veil run directory)")
     elif (run_dir / "config.yaml").exists():
         raise TrainingError(f"{run_dir} already holds a run; resume it with `veil train --resume {run_dir}` or choose another --out")
+    writer = tensorboard_writer(run_dir) if tensorboard else None  # fails before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
@@ -343,6 +376,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
             record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN))
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
             rundir.append_metrics(run_dir, record)
+            if writer is not None:
+                log_tensorboard(writer, record, nets, test)
             if step.phase == PRETRAIN and (index + 1 == len(steps) or steps[index + 1].phase != PRETRAIN):
                 rundir.save_undefended(run_dir, nets["obfuscator"], nets["classifier"])
             if step.phase == WARMUP and (index + 1 == len(steps) or steps[index + 1].phase != WARMUP):
@@ -353,6 +388,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
             if stop.requested and index + 1 < len(steps):
                 log(f"stopped after step {index + 1} of {len(steps)}; continue with `veil train --resume {run_dir}`")
                 return {}
+    if writer is not None:
+        writer.close()
     summary = summarize(rundir.read_metrics(run_dir), cfg)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
