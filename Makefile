@@ -5,7 +5,7 @@ VEIL := $(VENV)/bin/veil
 # torch/torchvision pinned to the releases this project is tested with (a CUDA build; runs on CPU too).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all lint format clean chromium
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -21,8 +21,17 @@ demo: install
 	$(VEIL) train --config configs/demo.yaml --out runs/demo
 
 ## The test suite (a few minutes on 2 cores; slow end-to-end tests included).
-test: install
+test: install chromium
 	$(PY) -m pytest
+
+## Headless Chromium for the report test (Debian's package); skipped quietly unless we are root.
+## Without it, the browser test skips and says why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1)) || \
+		echo "make chromium: could not install chromium; the report's browser test will be skipped"; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise config_mod.ConfigError("veil train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
         cfg = config_mod.load(args.config, args.overrides)
         run_dir = Path(args.out)
-    summary = train(cfg, run_dir, resume=bool(args.resume))
+    summary = train(cfg, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard)
     print_summary(summary)
     return 0
 
@@ -150,6 +150,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from veil.report import report
+
+    report(args.run_dirs, args.out, n_images=args.images)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from veil.report import db, pct
+    from veil.sweep import parse_attack_settings, parse_strengths, sweep
+
+    settings = parse_attack_settings(args.attack)
+    rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings)
+    if rows:
+        print()
+        print(f"{'point':<16}{'test accuracy':>15}{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
+        for r in rows:
+            print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}{db(r['psnr']) + ' dB':>26}{pct(r['reid_top1'], 1):>14}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from veil import __version__
 
@@ -163,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished phase-epoch")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("--nproc", type=int, default=1, help="train with N processes (torchrun on this machine: one per GPU, or N CPU processes)")
+    p.add_argument("--tensorboard", action="store_true", help="also log scalars and reconstructions to RUN_DIR/tensorboard (needs the tensorboard package)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
 
@@ -220,6 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. width=0.25 batch_size=256 device=cpu")
     p.set_defaults(func=cmd_bench)
+
+
+    p = sub.add_parser("report", help="tables and figures of runs or sweeps as one HTML page and Markdown")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (veil train) or sweep directories (veil sweep)")
+    p.add_argument("--out", metavar="DIR", help="where to write report.html, report.md and figures (default: the first RUN_DIR)")
+    p.add_argument("--images", type=int, default=8, metavar="N", help="users' images shown in Figures 4 and 5 (default 8)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="train and attack one run per lambda; plot the utility-privacy frontier (resumable)")
+    p.add_argument("--config", required=True, help="YAML config file shared by every run")
+    p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3 (lambda of Eq. 2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
+    p.add_argument("--defence", default="adversarial", help="defence whose strength is swept (default: adversarial, the paper's)")
+    p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
+                   help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -227,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from veil.config import ConfigError
     from veil.data import DataError
     from veil.io import CheckpointError
+    from veil.report import ReportError
     from veil.store import StoreError
     from veil.train import Stopped, TrainingError
 
@@ -238,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError, ReportError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder: the message names the file

@@ -6,7 +6,8 @@
     RUN/checkpoints/latest.json        which step folder is the newest complete checkpoint
     RUN/checkpoints/step-NNNNN/        obfuscator, classifier, reconstructor, optimiser states,
                                        info.json (step, data shape, config, data fingerprint, sha256 of each file)
-    RUN/checkpoints/undefended/        obfuscator and classifier right after pretraining (+ info.json)
+    RUN/checkpoints/undefended/        obfuscator and classifier right after pretraining, the reconstructor
+                                       warmed up against them (+ info.json)
 
 A checkpoint folder is written under a temporary name and renamed; latest.json is replaced
 atomically afterwards, so a kill at any moment leaves the previous checkpoint in force. Every
@@ -161,12 +162,14 @@ def latest_step_dir(run_dir: Path) -> Path | None:
     return d
 
 
-def save_undefended(run_dir: Path, obfuscator: torch.nn.Module, classifier: torch.nn.Module) -> None:
+def save_undefended(run_dir: Path, obfuscator: torch.nn.Module | None = None, classifier: torch.nn.Module | None = None,
+                    reconstructor: torch.nn.Module | None = None) -> None:
+    """Networks of the undefended stage: f and g after pretraining, r after the warm-up against them."""
     d = checkpoints(run_dir) / "undefended"
-    files = {
-        "obfuscator.safetensors": save_tensors(d / "obfuscator.safetensors", obfuscator.state_dict()),
-        "classifier.safetensors": save_tensors(d / "classifier.safetensors", classifier.state_dict()),
-    }
+    files = read_info(d).get("files", {}) if (d / "info.json").is_file() else {}
+    for name, net in (("obfuscator", obfuscator), ("classifier", classifier), ("reconstructor", reconstructor)):
+        if net is not None:
+            files[f"{name}.safetensors"] = save_tensors(d / f"{name}.safetensors", net.state_dict())
     atomic_write_json(d / "info.json", {"files": files})
 
 

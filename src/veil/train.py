@@ -372,7 +372,39 @@ def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:  # noqa: ANN001
+def tensorboard_writer(run_dir: Path):  # noqa: ANN201
+    """Optional: TensorBoard event files in RUN/tensorboard; needs the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+@torch.no_grad()
+def log_tensorboard(writer, record: dict, nets: dict[str, nn.Module], test: ImageSet, n_images: int = 8) -> None:  # noqa: ANN001
+    """One phase-epoch's scalars, and users' images (top row) above their reconstructions."""
+    from torchvision.utils import make_grid
+
+    step = record["step"]
+    for key in ("loss", "ce", "train_psnr", "train_accuracy"):
+        if key in record:
+            writer.add_scalar(f"{record['phase']}/{key}", record[key], step)
+    for key in ("test_accuracy", "test_psnr"):
+        if key in record:
+            writer.add_scalar(f"test/{key}", record[key], step)
+    if record["phase"] != PRETRAIN:
+        f, r = nets["obfuscator"], nets["reconstructor"]
+        modes = (f.training, r.training)
+        f.eval(), r.eval()
+        images = to_float(test.images[:n_images])
+        rebuilt = r(f(images)).clamp(0, 1)
+        f.train(modes[0]), r.train(modes[1])
+        writer.add_image("reconstructions", make_grid(torch.cat([images, rebuilt]).cpu(), nrow=len(images)), step)
+    writer.flush()
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print, tensorboard: bool = False) -> dict:  # noqa: ANN001
     """Run Algorithm 1 into `run_dir` (or continue it) and return the summary.
 
     Raises Stopped when SIGTERM/SIGINT ended the run early (after saving), TrainingError on a
@@ -383,7 +415,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
     rt = runtime.resolve(cfg, resolve_device(cfg.device))
     started = distributed.join(rt.device)
     try:
-        return _train(cfg, Path(run_dir), resume, log if rt.is_main else (lambda *_: None), rt)
+        return _train(cfg, Path(run_dir), resume, log if rt.is_main else (lambda *_: None), rt, tensorboard)
     finally:
         distributed.leave(started)
 
@@ -404,11 +436,12 @@ def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> None
             atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime) -> dict:  # noqa: ANN001
+def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboard: bool = False) -> dict:  # noqa: ANN001
     device = rt.device
     splits: Splits = load_splits(cfg.data, cfg.seed)
     # Only now that the data loaded: bad input must not leave a run directory that blocks the next try.
     _open_run_dir(cfg, run_dir, resume, rt)
+    writer = tensorboard_writer(run_dir) if tensorboard and rt.is_main else None
     defender, test = splits.defender.to(device), splits.test.to(device)
     if rt.distributed and len(defender) < cfg.train.batch_size:
         raise TrainingError(f"multi-process training needs at least one full batch: {len(defender)} defender images < train.batch_size {cfg.train.batch_size}")
@@ -472,12 +505,19 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime) -> dict: 
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
             if rt.is_main:
                 rundir.append_metrics(run_dir, record)
+                if writer is not None:
+                    log_tensorboard(writer, record, nets, test)
                 if step.phase == PRETRAIN and (index + 1 == len(steps) or steps[index + 1].phase != PRETRAIN):
                     rundir.save_undefended(run_dir, nets["obfuscator"], nets["classifier"])
+                if step.phase == WARMUP and (index + 1 == len(steps) or steps[index + 1].phase != WARMUP):
+                    # The reconstructor fitted to the undefended obfuscator: `veil report`'s Figure 5.
+                    rundir.save_undefended(run_dir, reconstructor=nets["reconstructor"])
                 rundir.save_checkpoint(run_dir, index + 1, nets, opts, info)
             log(_format(record))
             if distributed.any_process(stop.requested, device) and index + 1 < len(steps):
                 raise Stopped(f"stopped after step {index + 1} of {len(steps)} (saved); continue with `veil train --resume {run_dir}`", stop.signum)
+    if writer is not None:
+        writer.close()
     if not rt.is_main:
         return {}
     summary = summarize(rundir.read_metrics(run_dir), cfg)

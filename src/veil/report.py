@@ -1,0 +1,716 @@
+"""Results -> one page: the paper's Table 2/3 and Figures 3-5, every attack table, configs.
+
+    veil report RUN_DIR [RUN_DIR ...] [--out DIR]
+        DIR/report.html    self-contained: figures embedded as base64 PNG, opens offline
+        DIR/report.md      the same content; figures as DIR/report-*.png beside it
+
+A run directory is read as `veil train` and `veil attack` left it (config.yaml, metrics.jsonl,
+summary.json, attack/attack.json and the attack PNGs). Figures 4 and 5 are recomputed from the
+run's own networks on the first users' (test) images. A sweep directory (`veil sweep`) is a
+RUN_DIR too: its runs are reported, headed by the utility-privacy frontier.
+
+matplotlib is imported only here, lazily, through its object API (no pyplot, no global backend).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+import re
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from veil import config as config_mod
+from veil.io import CheckpointError, atomic_write_bytes, atomic_write_text
+
+ATTACKERS = ("simrec", "urec1", "urec2", "resrec", "whitebox")  # display order; others follow
+ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", "whitebox": "white-box"}
+ATTACK_FIELDS = ("psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates")
+ROUND_PHASES = ("obfuscator_classifier", "reconstructor", "obfuscator")  # phases (a), (b), (c) of a round
+
+# Okabe-Ito colours stay distinct under the common colour-vision deficiencies; markers and line
+# styles carry the same distinction in grayscale.
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+class ReportError(ValueError):
+    """A run or result file that cannot be reported; the message names the file and field."""
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class RunResults:
+    """Everything the report shows about one run, read from its directory."""
+
+    path: Path
+    name: str
+    config: config_mod.Config
+    config_text: str
+    metrics: list[dict]
+    summary: dict
+    attack: dict | None  # attack/attack.json, checked against the harness's contract
+    attack_pngs: list[Path] = field(default_factory=list)
+
+    @property
+    def lambda_privacy(self) -> float:
+        return self.config.train.lambda_privacy
+
+    @property
+    def reconstructor(self) -> str:
+        return self.config.model.reconstructor
+
+
+def read_attack(path: Path) -> dict:
+    """attack.json, with the fields the report relies on checked (floor, defended, undefended)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    floor = data.get("floor")
+    if not isinstance(floor, dict) or not all(isinstance(floor.get(k), (int, float)) for k in ("psnr", "ssim")):
+        raise ReportError(f"{path}: 'floor' must be {{'psnr': number, 'ssim': number}}, got {floor!r}")
+    for side in ("defended", "undefended"):
+        table = data.get(side)
+        if not isinstance(table, dict):
+            raise ReportError(f"{path}: '{side}' must map attacker names to their metrics, got {table!r}")
+        for attacker, row in table.items():
+            missing = [k for k in ATTACK_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
+            if missing:
+                raise ReportError(f"{path}: {side}['{attacker}'] lacks numeric {', '.join(missing)} (expected {', '.join(ATTACK_FIELDS)})")
+    return data
+
+
+def read_run(path: str | Path) -> RunResults:
+    from veil.rundir import read_metrics
+
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path}: not a Veil run directory (no config.yaml)")
+    cfg = config_mod.load(path / "config.yaml")
+    summary = {}
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path / 'summary.json'}: not valid JSON ({e})") from None
+    attack_dir = path / "attack"
+    attack = read_attack(attack_dir / "attack.json") if (attack_dir / "attack.json").is_file() else None
+    return RunResults(
+        path=path,
+        name=path.name,
+        config=cfg,
+        config_text=(path / "config.yaml").read_text(),
+        metrics=read_metrics(path),
+        summary=summary,
+        attack=attack,
+        attack_pngs=sorted(attack_dir.glob("*.png")) if attack_dir.is_dir() else [],
+    )
+
+
+def read_matrix(path: Path) -> dict:
+    """matrix.json of `veil attack --matrix`: rows (attackers), columns (runs), psnr[row][column]."""
+    try:
+        m = json.loads(path.read_text())
+        for row in m["rows"]:
+            for col in m["columns"]:
+                if not isinstance(m["psnr"][row][col], (int, float)):
+                    raise TypeError(f"psnr['{row}']['{col}'] is {m['psnr'][row][col]!r}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReportError(f"{path}: not a Table 3 matrix of veil attack --matrix ({type(e).__name__}: {e})") from None
+    return m
+
+
+def expand_dirs(dirs: list[Path]) -> tuple[list[Path], list[Path], list[tuple[Path, dict]]]:
+    """(run directories, sweep directories, matrices): a sweep or matrix directory stands for its runs."""
+    from veil.sweep import SWEEP_FILE, sweep_runs
+
+    runs: list[Path] = []
+    sweeps, matrices = [], []
+    for d in dirs:
+        d = Path(d)
+        if (d / SWEEP_FILE).is_file():
+            sweeps.append(d)
+            runs += sweep_runs(d)
+        elif (d / "config.yaml").is_file():
+            runs.append(d)
+        elif (d / "matrix.json").is_file():
+            m = read_matrix(d / "matrix.json")
+            matrices.append((d, m))
+            runs += [Path(r) for r in m.get("runs", []) if (Path(r) / "config.yaml").is_file()]
+        else:
+            raise CheckpointError(f"{d}: not a Veil run directory (no config.yaml), sweep directory (no {SWEEP_FILE}) or attack matrix (no matrix.json)")
+    seen, unique = set(), []
+    for r in runs:  # a run named twice (directly and through a sweep or matrix) is reported once
+        if r.resolve() not in seen:
+            seen.add(r.resolve())
+            unique.append(r)
+    return unique, sweeps, matrices
+
+
+def unique_names(runs: list[RunResults]) -> None:
+    """Directory names, made unique with the parent folder where two runs share one."""
+    names = [r.path.name for r in runs]
+    for r in runs:
+        if names.count(r.path.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+
+
+def label(run: RunResults, runs: list[RunResults]) -> str:
+    """Short legend label: the training reconstructor, with lambda when runs differ in it."""
+    base = ATTACKER_NAMES.get(run.reconstructor, run.reconstructor)
+    if len({r.lambda_privacy for r in runs}) > 1:
+        base += f", λ={run.lambda_privacy:g}"
+    keys = [(r.reconstructor, r.lambda_privacy) for r in runs]
+    if keys.count((run.reconstructor, run.lambda_privacy)) > 1:
+        base += f" ({run.name})"
+    return base
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def accuracy_by_round(metrics: list[dict]) -> dict[int, float]:
+    """Table 2: test accuracy after pretraining (round 0) and at the end of each adversarial round."""
+    out: dict[int, float] = {}
+    pre = [m for m in metrics if m["phase"] == "pretrain" and "test_accuracy" in m]
+    if pre:
+        out[0] = pre[-1]["test_accuracy"]
+    for m in metrics:  # the last phase-epoch of a round wins: its end
+        if m["phase"] in ROUND_PHASES and "test_accuracy" in m:
+            out[m["round"]] = m["test_accuracy"]
+    return out
+
+
+def psnr_by_round(metrics: list[dict]) -> dict[int, float]:
+    """The training reconstructor's test PSNR after it trained against each round's obfuscator
+    (round 0: the warm-up against the undefended one; round k: the end of phase (b))."""
+    out: dict[int, float] = {}
+    for m in metrics:
+        if "test_psnr" not in m:
+            continue
+        if m["phase"] == "reconstructor_warmup":
+            out[0] = m["test_psnr"]
+        elif m["phase"] == "reconstructor":
+            out[m["round"]] = m["test_psnr"]
+    return out
+
+
+def shown_rounds(rounds: set[int]) -> list[int]:
+    """All rounds up to 20; beyond that 0, 1, every 10th and the last (as the paper's Table 2)."""
+    ordered = sorted(rounds)
+    if len(ordered) <= 21:
+        return ordered
+    return [k for k in ordered if k <= 1 or k % 10 == 0 or k == ordered[-1]]
+
+
+def strongest(table: dict, key: str) -> tuple[str, float] | None:
+    """(attacker, value) of the attacker with the highest `key` (PSNR or re-identification)."""
+    if not table:
+        return None
+    name = max(table, key=lambda a: table[a][key])
+    return name, table[name][key]
+
+
+def attacker_order(names: list[str] | set[str]) -> list[str]:
+    return [a for a in ATTACKERS if a in names] + sorted(set(names) - set(ATTACKERS))
+
+
+# ----------------------------------------------------------------------------- page model
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    filename: str  # written next to report.md
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Page:
+    title: str
+    blocks: list[tuple[str, object]] = field(default_factory=list)  # (kind, content): h2 h3 p pre table figure
+
+    def add(self, kind: str, content: object) -> None:
+        self.blocks.append((kind, content))
+
+
+def pct(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def db(v: float | None, std: float | None = None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #111; background: #fff; }
+h1 { font-size: 1.6rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #999; } h3 { margin-top: 1.4rem; }
+table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; font-size: 0.9rem; }
+th, td { border: 1px solid #888; padding: 0.25rem 0.55rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #e8e8e8; }
+p.caption { font-size: 0.85rem; color: #333; margin: 0.8rem 0 0.2rem; }
+figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; border: 1px solid #ccc; }
+figcaption { font-size: 0.85rem; color: #333; }
+pre { background: #f4f4f4; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
+"""
+
+
+def render_html(page: Page) -> str:
+    e = html.escape
+    out = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{e(page.title)}</title>", f"<style>{CSS}</style></head><body>", f"<h1>{e(page.title)}</h1>"]
+    for kind, content in page.blocks:
+        if kind in ("h2", "h3", "p"):
+            out.append(f"<{kind}>{e(str(content))}</{kind}>")
+        elif kind == "pre":
+            out.append(f"<pre>{e(str(content))}</pre>")
+        elif kind == "table":
+            t: Table = content  # type: ignore[assignment]
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in t.rows)
+            head = "".join(f"<th>{e(h)}</th>" for h in t.header)
+            out.append(f"<p class='caption'>{e(t.caption)}</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "figure":
+            f: Figure = content  # type: ignore[assignment]
+            data = base64.b64encode(f.png).decode()
+            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{e(f.caption)}'><figcaption>{e(f.caption)}</figcaption></figure>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def render_markdown(page: Page) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    out = [f"# {page.title}", ""]
+    for kind, content in page.blocks:
+        if kind == "h2":
+            out += [f"## {content}", ""]
+        elif kind == "h3":
+            out += [f"### {content}", ""]
+        elif kind == "p":
+            out += [str(content), ""]
+        elif kind == "pre":
+            out += ["```", str(content).rstrip("\n"), "```", ""]
+        elif kind == "table":
+            t: Table = content  # type: ignore[assignment]
+            if t.caption:
+                out += [f"*{cell(t.caption)}*", ""]
+            out.append("| " + " | ".join(cell(h) for h in t.header) + " |")
+            out.append("| " + " | ".join("---" for _ in t.header) + " |")
+            out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+            out.append("")
+        elif kind == "figure":
+            f: Figure = content  # type: ignore[assignment]
+            out += [f"![{cell(f.caption)}]({f.filename})", "", f"*{f.caption}*", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def new_figure(width: float, height: float):  # noqa: ANN201
+    from matplotlib.figure import Figure as MplFigure
+
+    return MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def png_bytes(fig) -> bytes:  # noqa: ANN001
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, facecolor="white")
+    return buf.getvalue()
+
+
+def line_style(i: int) -> dict:
+    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+
+
+def plot_accuracy_by_round(runs: list[RunResults]) -> bytes:
+    """Figure 3 style: test accuracy against adversarial round, one line per run."""
+    fig = new_figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        acc = accuracy_by_round(run.metrics)
+        xs = sorted(acc)
+        ax.plot(xs, [100 * acc[x] for x in xs], label=label(run, runs), markersize=5, linewidth=1.6, **line_style(i))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("adversarial round (0 = pretrained baseline)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, color="#cccccc", linewidth=0.6)
+    ax.legend(title="training reconstructor", fontsize=8, title_fontsize=8)
+    return png_bytes(fig)
+
+
+def plot_image_rows(rows: list[tuple[str, torch.Tensor, list[float] | None]]) -> bytes:
+    """Rows of images (N x C x H x W in [0, 1]); a row label on the left, PSNR (dB) under each image."""
+    n = max(len(images) for _, images, _ in rows)
+    fig = new_figure(1.15 * n + 1.4, 1.45 * len(rows))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for r, (row_label, images, psnrs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c >= len(images):
+                continue
+            img = images[c].detach().float().clamp(0, 1).cpu()
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.permute(1, 2, 0).numpy())
+            if psnrs is not None:
+                ax.set_xlabel(f"{psnrs[c]:.1f} dB", fontsize=8, labelpad=2)
+        axes[r][0].set_ylabel(textwrap.fill(row_label, 22), fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+    return png_bytes(fig)
+
+
+# ----------------------------------------------------------------------------- reconstructions
+
+
+@dataclass
+class Reconstructions:
+    """One row of Figure 4 or 5: a network pair's reconstructions of the shown users' images."""
+
+    label: str
+    images: torch.Tensor
+    psnr: list[float]
+
+
+@torch.no_grad()
+def reconstruct(obfuscator: torch.nn.Module, reconstructor: torch.nn.Module, images: torch.Tensor, row_label: str) -> Reconstructions:
+    from veil.metrics import psnr
+
+    out = reconstructor(obfuscator(images)).clamp(0, 1)
+    return Reconstructions(row_label, out, psnr(images, out).tolist())
+
+
+def users_images(cfg: config_mod.Config, n: int, cache: dict) -> torch.Tensor:
+    """The first `n` users' (test) images of a run's split, in [0, 1]; splits cached by data config."""
+    from veil.data import load_splits, to_float
+
+    key = (config_mod.to_yaml(config_mod.Config(data=cfg.data)), cfg.seed)
+    if key not in cache:
+        cache[key] = load_splits(cfg.data, cfg.seed).test
+    return to_float(cache[key].images[:n])
+
+
+def undefended_reconstructor(run_path: Path, run) -> torch.nn.Module | None:  # noqa: ANN001
+    """The reconstructor trained against the undefended obfuscator (saved after the warm-up), if any."""
+    from veil.io import load_module
+    from veil.models import build_reconstructor
+
+    path = run_path / "checkpoints" / "undefended" / "reconstructor.safetensors"
+    if run.undefended_obfuscator is None or not path.is_file():
+        return None
+    m = run.config.model
+    r = build_reconstructor(m.reconstructor, run.undefended_obfuscator.out_channels, run.channels, m.width, m.split)
+    load_module(r, path)
+    return r.eval()
+
+
+def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, figures: list[Figure]) -> None:
+    """Figures 4 and 5, one of each per group of runs that share their users' images."""
+    from veil.data import DataError
+    from veil.rundir import load_run
+
+    groups: dict[tuple, list[RunResults]] = {}
+    for run in runs:
+        groups.setdefault((config_mod.to_yaml(config_mod.Config(data=run.config.data)), run.config.seed), []).append(run)
+    cache: dict = {}
+    page.add("h2", "Figure 4 style: users' images and their reconstructions")
+    page.add("p", f"The first {n_images} users' (test) images of each run's split, above their reconstructions by each run's final training "
+             "reconstructor against its final obfuscator; the number under each image is its PSNR (Eq. 1, dB).")
+    fig5_blocks: list[tuple[str, object]] = []
+    for g, group in enumerate(groups.values()):
+        suffix = f"-{g + 1}" if len(groups) > 1 else ""
+        try:
+            originals = users_images(group[0].config, n_images, cache)
+        except (DataError, config_mod.ConfigError) as e:
+            page.add("p", f"Not drawn for {', '.join(r.name for r in group)}: their users' images cannot be loaded here ({e}). "
+                     "Run `veil report` where the run's data path resolves (data.path is relative to the working directory).")
+            continue
+        loaded = {r.name: load_run(r.path) for r in group}
+        rebuilt = {r.name: reconstruct(loaded[r.name].obfuscator, loaded[r.name].reconstructor, originals, label(r, runs)) for r in group}
+        rows = [Reconstructions("original", originals, None)] + list(rebuilt.values())  # type: ignore[arg-type]
+        name = f"report-figure4-reconstructions{suffix}.png"
+        fig = Figure(name, plot_image_rows([(x.label, x.images, x.psnr) for x in rows]),
+                     f"Figure 4 style: users' images (top) and reconstructions by each run's training reconstructor ({group[0].config.data.dataset}).")
+        figures.append(fig)
+        page.add("figure", fig)
+
+        # Figure 5: undefended against defended, on the same images. The undefended row comes from
+        # the run's own warm-up reconstructor when saved, else from a lambda = 0 run of the group.
+        defended = [r for r in group if r.lambda_privacy > 0]
+        undefended: Reconstructions | None = None
+        for r in defended:
+            net = loaded[r.name]
+            rec = undefended_reconstructor(r.path, net)
+            if rec is not None:
+                undefended = reconstruct(net.undefended_obfuscator, rec, originals, f"undefended ({r.name} after pretraining)")
+                break
+        if undefended is None:
+            for r in group:
+                if r.lambda_privacy == 0:
+                    net = loaded[r.name]
+                    undefended = reconstruct(net.obfuscator, net.reconstructor, originals, f"undefended (λ=0, {r.name})")
+                    break
+        if undefended is None or not defended:
+            fig5_blocks.append(("p", f"Not drawn for {', '.join(r.name for r in group)}: it needs a run with λ > 0 and either its saved "
+                                "undefended reconstructor (checkpoints/undefended/reconstructor.safetensors) or a λ = 0 run on the same data."))
+            continue
+        rows5 = [rows[0], undefended] + [Reconstructions(f"defended ({rebuilt[r.name].label})", rebuilt[r.name].images, rebuilt[r.name].psnr) for r in defended]
+        name = f"report-figure5-undefended-vs-defended{suffix}.png"
+        fig = Figure(name, plot_image_rows([(x.label, x.images, x.psnr) for x in rows5]),
+                     "Figure 5 style: reconstructions against the undefended obfuscator (second row) and the defended one (below); PSNR in dB.")
+        figures.append(fig)
+        fig5_blocks.append(("figure", fig))
+        mean = [sum(x.psnr) / len(x.psnr) for x in rows5[1:]]
+        fig5_blocks.append(("p", "Mean PSNR of the shown images: " + "; ".join(f"{x.label}: {m:.2f} dB" for x, m in zip(rows5[1:], mean)) + "."))
+    page.add("h2", "Figure 5 style: undefended against defended")
+    for block in fig5_blocks:
+        page.add(*block)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def overview_table(runs: list[RunResults]) -> Table:
+    rows = []
+    for r in runs:
+        s, acc = r.summary, accuracy_by_round(r.metrics)
+        top = strongest(r.attack["defended"], "psnr_mean") if r.attack else None
+        rows.append([
+            r.name, r.config.data.dataset, ATTACKER_NAMES.get(r.reconstructor, r.reconstructor), f"{r.lambda_privacy:g}", f"{r.config.model.width:g}",
+            str(max((k for k in acc), default=0)), pct(acc.get(0)), pct(s.get("final_test_accuracy", acc[max(acc)] if acc else None)),
+            db(s.get("undefended_test_psnr")), db(s.get("final_test_psnr")),
+            f"{db(top[1])} ({ATTACKER_NAMES.get(top[0], top[0])})" if top else "not attacked",
+            "finished" if s else f"partial ({len(r.metrics)} phase-epochs)",
+        ])
+    return Table(
+        ["run", "data", "training reconstructor", "λ", "width", "rounds", "pretrained accuracy", "final accuracy",
+         "training r PSNR before (dB)", "training r PSNR after (dB)", "strongest attacker PSNR (dB)", "state"],
+        rows,
+        "Accuracy on the users' (test) images; PSNR (Eq. 1) of the training reconstructor before adversarial training (warm-up) and after (final refit).",
+    )
+
+
+def table2(runs: list[RunResults], page: Page) -> None:
+    accs = [accuracy_by_round(r.metrics) for r in runs]
+    psnrs = [psnr_by_round(r.metrics) for r in runs]
+    rounds = shown_rounds(set().union(*accs, *psnrs))
+    names = [label(r, runs) for r in runs]
+    note = " Rounds beyond 20 are shown at 0, 1, every 10th and the last." if len(rounds) < len(set().union(*accs)) else ""
+    page.add("h2", "Table 2 style: test accuracy per adversarial round")
+    page.add("table", Table(
+        ["round"] + names,
+        [[("0 (pretrained)" if k == 0 else str(k))] + [pct(a.get(k)) for a in accs] for k in rounds],
+        "Test accuracy at the end of each round of Algorithm 1 (after phase (c)); round 0 is the pretrained baseline." + note,
+    ))
+    page.add("table", Table(
+        ["round"] + names,
+        [[("0 (warm-up)" if k == 0 else str(k))] + [db(p.get(k)) for p in psnrs] for k in rounds],
+        "The training reconstructor's test PSNR (dB) after it trained against the round's obfuscator (end of phase (b); round 0: the warm-up against the undefended obfuscator).",
+    ))
+
+
+def attack_section(run: RunResults, page: Page, figures: list[Figure]) -> None:
+    a = run.attack
+    assert a is not None
+    page.add("h3", f"{run.name}")
+    floor, defended, undefended = a["floor"], a["defended"], a["undefended"]
+    n = {row["n_candidates"] for row in list(defended.values()) + list(undefended.values())}
+    rows, flagged = [], []
+    for name in attacker_order(set(defended) | set(undefended)):
+        d, u = defended.get(name), undefended.get(name)
+        note = ""
+        if d is not None and d["psnr_mean"] < floor["psnr"]:
+            note = "below floor: under-trained attacker, not privacy"
+            flagged.append(name)
+        rows.append([
+            ATTACKER_NAMES.get(name, name),
+            db(d["psnr_mean"], d["psnr_std"]) if d else "n/a", f"{d['ssim_mean']:.3f}" if d else "n/a",
+            pct(d["reid_top1"], 1) if d else "n/a", pct(d["reid_top5"], 1) if d else "n/a",
+            db(u["psnr_mean"], u["psnr_std"]) if u else "n/a", f"{u['ssim_mean']:.3f}" if u else "n/a",
+            pct(u["reid_top1"], 1) if u else "n/a", pct(u["reid_top5"], 1) if u else "n/a", note,
+        ])
+    rows.append(["constant image (floor)", db(floor["psnr"]), f"{floor['ssim']:.3f}", "", "", db(floor["psnr"]), f"{floor['ssim']:.3f}", "", "", "the attacker-split mean image"])
+    for k in sorted(n):
+        rows.append([f"chance (N = {k})", "", "", pct(1 / k, 1), pct(min(1.0, 5 / k), 1), "", "", pct(1 / k, 1), pct(min(1.0, 5 / k), 1), ""])
+    page.add("table", Table(
+        ["attacker", "defended PSNR (dB)", "defended SSIM", "defended re-id top-1", "defended re-id top-5",
+         "undefended PSNR (dB)", "undefended SSIM", "undefended re-id top-1", "undefended re-id top-5", "note"],
+        rows,
+        f"Chosen Image Attack on {run.name} (λ={run.lambda_privacy:g}): attackers trained on the attacker split, measured on the users' images. "
+        "Floor: the best constant image; ceiling: the same attackers against the undefended obfuscator. PSNR mean ± standard deviation.",
+    ))
+    settings = {k: a[k] for k in ("settings", "seed") if k in a}
+    if settings:
+        page.add("pre", json.dumps(settings, indent=1, sort_keys=True))
+    for png in run.attack_pngs:
+        fig = Figure(f"report-attack-{slug(run.name)}-{png.name}", png.read_bytes(), f"{run.name}: {png.name} (written by veil attack)")
+        figures.append(fig)
+        page.add("figure", fig)
+
+
+def matrix_table(directory: Path, m: dict, page: Page) -> None:
+    """Table 3 as `veil attack --matrix` computed it (rows: attackers; columns: trained runs)."""
+    cols, floor = m["columns"], m.get("floor", {})
+    lam = m.get("lambda_privacy", {})
+    rows = [[ATTACKER_NAMES.get(r, r)] + [db(m["psnr"][r][c]) + (" (below floor)" if c in floor and m["psnr"][r][c] < floor[c] else "") for c in cols]
+            for r in m["rows"]]
+    if floor:
+        rows.append(["constant image (floor)"] + [db(floor.get(c)) for c in cols])
+    undefended = m.get("undefended") or {}
+    for r in m["rows"]:
+        if any((undefended.get(r) or {}).get(c) is not None for c in cols):
+            rows.append([f"{ATTACKER_NAMES.get(r, r)} against undefended"] + [db((undefended.get(r) or {}).get(c)) for c in cols])
+    page.add("table", Table(
+        ["attack \\ training"] + [f"{c}, λ={lam[c]:g}" if c in lam else c for c in cols], rows,
+        f"Mean PSNR (dB) on the users' images of each attack reconstructor (rows) against the defended obfuscator trained with each "
+        f"training reconstructor (columns), from {directory / 'matrix.json'}; floor and undefended ceiling below.",
+    ))
+
+
+def table3(runs: list[RunResults], page: Page, matrices: list[tuple[Path, dict]] | None = None) -> None:
+    """Rows: attack reconstructor; columns: the training reconstructor of each attacked run."""
+    if matrices:
+        page.add("h2", "Table 3 style: training reconstructor x attack reconstructor")
+        for directory, m in matrices:
+            matrix_table(directory, m, page)
+        return
+    attacked = [r for r in runs if r.attack]
+    if len(attacked) < 2 or len({r.reconstructor for r in attacked}) < 2:
+        return
+    names = attacker_order(set().union(*(r.attack["defended"] for r in attacked)))
+    page.add("h2", "Table 3 style: training reconstructor x attack reconstructor")
+    page.add("table", Table(
+        ["attack \\ training"] + [label(r, attacked) for r in attacked],
+        [[ATTACKER_NAMES.get(a, a)] + [db(r.attack["defended"][a]["psnr_mean"]) if a in r.attack["defended"] else "n/a" for r in attacked] for a in names],
+        "Mean PSNR (dB) on the users' images of each attack reconstructor (rows) against the obfuscator trained with each training reconstructor (columns).",
+    ))
+
+
+def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None:
+    from veil.sweep import frontier_rows, frontier_table, plot_frontier
+
+    rows = frontier_rows(sweep_dir)
+    page.add("h2", f"Utility-privacy frontier: {sweep_dir.name}")
+    if not any(r["psnr"] is not None for r in rows):
+        page.add("p", "No run of this sweep has been attacked yet; the frontier needs attack/attack.json in each run.")
+    else:
+        fig = Figure(f"report-frontier-{slug(sweep_dir.name)}.png", plot_frontier(rows),
+                     "Test accuracy against the strongest attacker's PSNR (left) and re-identification rate (right); one point per defence strength.")
+        figures.append(fig)
+        page.add("figure", fig)
+    t = frontier_table(rows)
+    page.add("table", Table(t[0], t[1:], "One row per sweep point. Strongest attacker: the highest mean PSNR (or top-1 rate) over the attackers."))
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from veil import __version__
+
+    out = {"veil": __version__, "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import matplotlib
+
+        out["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        pass
+    out["platform"] = platform.platform()
+    return out
+
+
+def config_section(run: RunResults, page: Page) -> None:
+    page.add("h3", run.name)
+    s = run.summary
+    vers = {k: s[k] for k in ("veil_version", "torch_version", "seed", "seconds") if k in s}
+    if vers:
+        page.add("p", "Trained with: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+    if run.attack:
+        vers = {k: run.attack[k] for k in ("veil_version", "torch_version", "seed", "device", "seconds", "date") if k in run.attack}
+        if vers:
+            page.add("p", "Attacked with: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+    page.add("p", f"Rerun: `veil train --config {run.path / 'config.yaml'} --out NEW_RUN`, then `veil attack NEW_RUN`.")
+    page.add("pre", run.config_text)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def report(run_dirs: list[str | Path], out: str | Path | None = None, n_images: int = 8, log=print) -> dict[str, Path]:  # noqa: ANN001
+    """Write report.html and report.md (and the figures beside them) for runs and sweeps."""
+    if not run_dirs:
+        raise ReportError("veil report needs at least one RUN_DIR")
+    run_paths, sweeps, matrices = expand_dirs([Path(d) for d in run_dirs])
+    out = Path(out) if out else Path(run_dirs[0])
+    runs = [read_run(p) for p in run_paths]
+    unique_names(runs)
+    with_metrics = [r for r in runs if r.metrics]
+
+    page = Page("Veil report: " + ", ".join(Path(d).name for d in run_dirs))
+    figures: list[Figure] = []
+    page.add("p", f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `veil report {' '.join(str(d) for d in run_dirs)}` "
+             f"(veil {versions()['veil']}, torch {torch.__version__}).")
+    page.add("h2", "Runs")
+    page.add("table", overview_table(runs))
+    for sweep_dir in sweeps:
+        frontier_section(sweep_dir, page, figures)
+    if with_metrics:
+        table2(with_metrics, page)
+        fig = Figure("report-figure3-accuracy.png", plot_accuracy_by_round(with_metrics),
+                     "Figure 3 style: test accuracy against adversarial round, one line per run (round 0 = pretrained baseline).")
+        figures.append(fig)
+        page.add("h2", "Figure 3 style: accuracy against round")
+        page.add("figure", fig)
+    finished = [r for r in runs if (r.path / "checkpoints" / "latest.json").is_file()]
+    if finished:
+        reconstruction_figures(finished, n_images, page, figures)
+    table3(runs, page, matrices)
+    page.add("h2", "Attack tables (veil attack)")
+    attacked = [r for r in runs if r.attack]
+    if not attacked:
+        page.add("p", "No run has been attacked yet: run `veil attack RUN_DIR` for privacy numbers with their floor and ceiling.")
+    for r in attacked:
+        attack_section(r, page, figures)
+    page.add("h2", "Configs and software versions")
+    page.add("p", "Report written with: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".")
+    for r in runs:
+        config_section(r, page)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in figures:
+        atomic_write_bytes(out / f.filename, f.png)
+    atomic_write_text(out / "report.html", render_html(page))
+    atomic_write_text(out / "report.md", render_markdown(page))
+    log(f"veil report: wrote {out / 'report.html'} and {out / 'report.md'} ({len(figures)} figures)")
+    return {"html": out / "report.html", "markdown": out / "report.md", **{f.filename: out / f.filename for f in figures}}

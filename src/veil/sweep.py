@@ -1,0 +1,326 @@
+"""`veil sweep`: one run per defence strength, each attacked, and the utility-privacy frontier.
+
+    veil sweep --config FILE --lambdas 0,0.1,0.3,1,3 --out DIR [KEY=VALUE ...]
+        DIR/sweep.json          the points (defence, strength, run directory) and the settings
+        DIR/lambda-<value>/     one `veil train` run directory each, attacked into its attack/
+        DIR/frontier.csv/.json  test accuracy against the strongest attacker's PSNR and re-identification
+        DIR/frontier.png        the same as a plot
+
+Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
+A point is (defence, strength); today the one defence is the paper's adversarial training with
+strength lambda (Eq. 2). Another defence is one entry in DEFENCES: a name, the label of its
+strength, and the config overrides a strength turns into.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from veil import config as config_mod
+from veil.config import ConfigError
+from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Defence:
+    strength_name: str  # label of the strength in directory names, tables and plots
+    overrides: Callable[[float], list[str]]  # strength -> KEY=VALUE overrides of the run's config
+
+
+def adversarial_overrides(strength: float) -> list[str]:
+    return [f"train.lambda_privacy={strength!r}"]  # Eq. 2: CE + lambda * PSNR
+
+
+DEFENCES: dict[str, Defence] = {
+    "adversarial": Defence("lambda", adversarial_overrides),
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    defence: str
+    strength: float
+    name: str  # the run directory inside the sweep directory
+
+
+def point_name(defence: str, strength: float) -> str:
+    return f"{DEFENCES[defence].strength_name}-{strength:g}"
+
+
+def parse_strengths(text: str) -> list[float]:
+    """'0,0.1,1' -> [0.0, 0.1, 1.0], in the given order, without repeats."""
+    values: list[float] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            v = float(item)
+        except ValueError:
+            raise ConfigError(f"--lambdas: '{item}' is not a number; expected a comma-separated list such as 0,0.1,1") from None
+        if v < 0:
+            raise ConfigError(f"--lambdas: strengths must be >= 0, got {v:g}")
+        if v not in values:
+            values.append(v)
+    if not values:
+        raise ConfigError("--lambdas: expected at least one value, e.g. 0,1")
+    return values
+
+
+def parse_attack_settings(items: list[str]) -> dict:
+    """['max_epochs=5', 'whitebox=false'] -> {'max_epochs': 5, 'whitebox': False}, typed as AttackConfig's fields."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from veil.attack import AttackConfig
+
+    hints = typing.get_type_hints(AttackConfig)
+    names = [f.name for f in dataclasses.fields(AttackConfig)]
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise ConfigError(f"--attack '{item}' must look like KEY=VALUE, e.g. --attack max_epochs=5")
+        if key not in names:
+            raise ConfigError(f"--attack: unknown setting '{key}'; valid: {', '.join(names)}")
+        raw = value if hints[key] is str else yaml.safe_load(value)
+        out[key] = config_mod._coerce(raw, hints[key], key, "--attack")
+    return out
+
+
+def get_defence(name: str) -> Defence:
+    if name not in DEFENCES:
+        raise ConfigError(f"unknown defence '{name}'; valid: {', '.join(DEFENCES)}")
+    return DEFENCES[name]
+
+
+# ----------------------------------------------------------------------------- sweep file
+
+
+def read_sweep(sweep_dir: Path) -> dict:
+    path = Path(sweep_dir) / SWEEP_FILE
+    try:
+        data = json.loads(path.read_text())
+        points = [Point(p["defence"], float(p["strength"]), p["name"]) for p in data["points"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable sweep file ({type(e).__name__}: {e})") from None
+    data["points"] = points
+    return data
+
+
+def sweep_runs(sweep_dir: Path) -> list[Path]:
+    """The run directories of a sweep that exist, in the sweep's order."""
+    return [Path(sweep_dir) / p.name for p in read_sweep(sweep_dir)["points"] if (Path(sweep_dir) / p.name / "config.yaml").is_file()]
+
+
+def check_same_config(run_dir: Path, cfg: config_mod.Config) -> None:
+    """A run directory resumed by the sweep must have been made from the same config."""
+    existing = config_mod.load(run_dir / "config.yaml")
+    allowed = {"device", "progress"}  # how a run executes, not what it trains
+    differ = []
+    for key in config_mod.valid_keys():
+        a, b = _get(existing, key), _get(cfg, key)
+        if key not in allowed and a != b:
+            differ.append(f"{key}: run has {a!r}, sweep asks {b!r}")
+    if differ:
+        raise ConfigError(f"{run_dir} was trained with another config ({'; '.join(differ)}); use another --out or remove that run")
+
+
+def _get(cfg: config_mod.Config, dotted: str) -> object:
+    obj: object = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def harness_attack(settings: dict, log) -> Callable[[Path], None]:  # noqa: ANN001
+    """`veil attack` with the given settings (AttackConfig field -> value), checked before any training."""
+    from veil.attack import attack, resolve_settings
+
+    resolved = resolve_settings(settings)
+    return lambda run_dir: attack(run_dir, resolved, log)
+
+
+def attacked_with(run_dir: Path, settings: dict | None) -> bool:
+    """The run has an attack.json; with harness settings given, made with the same ones."""
+    path = run_dir / "attack" / "attack.json"
+    if not path.is_file():
+        return False
+    if settings is None:
+        return True
+    import dataclasses
+
+    from veil.attack import NOT_RESULTS, resolve_settings
+
+    wanted = {k: v for k, v in dataclasses.asdict(resolve_settings(settings)).items() if k not in NOT_RESULTS}
+    try:
+        saved = json.loads(path.read_text()).get("settings", {})
+    except json.JSONDecodeError:
+        return False
+    return {k: v for k, v in saved.items() if k not in NOT_RESULTS} == wanted
+
+
+def sweep(
+    config_path: str | Path,
+    strengths: list[float],
+    out: str | Path,
+    overrides: list[str] | None = None,
+    defence: str = "adversarial",
+    attack_settings: dict | None = None,
+    attack: Callable[[Path], None] | None = None,
+    log=print,  # noqa: ANN001
+) -> list[dict]:
+    """Train and attack one run per strength into `out` (resumable); write and return the frontier.
+
+    `attack_settings` are `veil attack`'s settings (AttackConfig field -> value) for every point;
+    `attack` replaces the harness by any function that writes RUN_DIR/attack/attack.json.
+    """
+    from veil.train import train
+
+    out = Path(out)
+    d = get_defence(defence)
+    overrides = list(overrides or [])
+    asked = [Point(defence, s, point_name(defence, s)) for s in strengths]
+    settings = None if attack else dict(attack_settings or {})
+    attack = attack or harness_attack(settings, log)  # bad attack settings fail before any training
+    # Every config is built and every existing run checked before anything is written.
+    configs = {p.name: config_mod.load(config_path, overrides + d.overrides(p.strength)) for p in asked}
+    for p in asked:
+        if (out / p.name / "config.yaml").is_file():
+            check_same_config(out / p.name, configs[p.name])
+    points = asked
+    if (out / SWEEP_FILE).is_file():  # a resumed or extended sweep keeps its earlier points
+        earlier = read_sweep(out)["points"]
+        points = earlier + [p for p in asked if p.name not in {e.name for e in earlier}]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / SWEEP_FILE, {
+        "config": str(config_path), "overrides": overrides, "attack_settings": settings,
+        "points": [asdict(p) for p in points],
+    })
+
+    for p in asked:
+        cfg, run_dir = configs[p.name], out / p.name
+        if (run_dir / "summary.json").is_file():
+            log(f"veil sweep: {p.name} already trained")
+        else:
+            resume = (run_dir / "config.yaml").is_file()
+            log(f"veil sweep: {'resuming' if resume else 'training'} {p.name} ({d.strength_name} = {p.strength:g})")
+            if not train(cfg, run_dir, resume=resume, log=log):
+                log(f"veil sweep: stopped during {p.name}; run the same command again to continue")
+                return []
+        if attacked_with(run_dir, settings):
+            log(f"veil sweep: {p.name} already attacked")
+        else:
+            log(f"veil sweep: attacking {p.name}")
+            attack(run_dir)
+    rows = frontier_rows(out)
+    write_frontier(out, rows)
+    log(f"veil sweep: wrote {out / 'frontier.csv'}" + (f" and {out / 'frontier.png'}" if (out / "frontier.png").is_file() else ""))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+def frontier_rows(sweep_dir: Path) -> list[dict]:
+    """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification."""
+    from veil.report import read_attack, strongest
+
+    rows = []
+    for p in read_sweep(sweep_dir)["points"]:
+        run_dir = Path(sweep_dir) / p.name
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
+        row = {
+            "name": p.name, "defence": p.defence, "strength": p.strength,
+            "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
+            "psnr": None, "psnr_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
+            "floor_psnr": None, "undefended_psnr": None,
+        }
+        if attack and attack["defended"]:
+            row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
+            row["reid_attacker"], row["reid_top1"] = strongest(attack["defended"], "reid_top1")
+            row["n_candidates"] = attack["defended"][row["reid_attacker"]]["n_candidates"]
+            row["floor_psnr"] = attack["floor"]["psnr"]
+            top = strongest(attack["undefended"], "psnr_mean")
+            row["undefended_psnr"] = top[1] if top else None
+        rows.append(row)
+    return rows
+
+
+def frontier_table(rows: list[dict]) -> list[list[str]]:
+    """Header and rows as text, for frontier.csv readers and the report."""
+    from veil.report import ATTACKER_NAMES, db, pct
+
+    def who(name: str | None) -> str:
+        return f" ({ATTACKER_NAMES.get(name, name)})" if name else ""
+
+    out = [["defence", "strength", "test accuracy", "strongest attacker PSNR (dB)", "re-identification top-1", "chance",
+            "constant-image floor (dB)", "undefended attacker PSNR (dB)"]]
+    for r in rows:
+        out.append([
+            r["defence"], f"{DEFENCES[r['defence']].strength_name if r['defence'] in DEFENCES else 'strength'} = {r['strength']:g}",
+            pct(r["test_accuracy"]), db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
+            pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
+        ])
+    return out
+
+
+def plot_frontier(rows: list[dict]) -> bytes:
+    """Accuracy (%) against the strongest attacker's PSNR (dB) and re-identification rate (%)."""
+    from veil.report import line_style, new_figure, png_bytes
+
+    fig = new_figure(10.0, 4.2)
+    left, right = fig.subplots(1, 2, sharey=True)
+    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
+    for i, defence in enumerate(dict.fromkeys(r["defence"] for r in done)):
+        pts = sorted((r for r in done if r["defence"] == defence), key=lambda r: r["strength"])
+        sym = DEFENCES[defence].strength_name if defence in DEFENCES else "strength"
+        sym = "λ" if sym == "lambda" else sym
+        for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):
+            xs, ys = [scale * r[key] for r in pts], [100 * r["test_accuracy"] for r in pts]
+            ax.plot(xs, ys, label=defence, markersize=7, linewidth=1.6, **line_style(i))
+            for x, y, r in zip(xs, ys, pts):
+                ax.annotate(f"{sym}={r['strength']:g}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    floors = {r["floor_psnr"] for r in done}
+    for j, f in enumerate(sorted(floors)):
+        left.axvline(f, color="#555555", linestyle=":", linewidth=1.2, label="constant-image floor" if j == 0 else None)
+    ceilings = [r["undefended_psnr"] for r in done if r["undefended_psnr"] is not None]
+    if ceilings:
+        left.axvline(max(ceilings), color="#555555", linestyle="--", linewidth=1.2, label="undefended (best attacker)")
+    chances = {r["n_candidates"] for r in done}
+    for j, n in enumerate(sorted(chances)):
+        right.axvline(100 / n, color="#555555", linestyle=":", linewidth=1.2, label="chance (1/N)" if j == 0 else None)
+    base = [r["pretrain_test_accuracy"] for r in done if r["pretrain_test_accuracy"] is not None]
+    for ax in (left, right):
+        if base:
+            ax.axhline(100 * base[0], color="#888888", linestyle="-.", linewidth=1.0, label="pretrained baseline")
+        ax.grid(True, color="#cccccc", linewidth=0.6)
+        ax.legend(fontsize=8)
+    left.set_xlabel("strongest attacker's PSNR on users' images (dB)")
+    right.set_xlabel("strongest attacker's re-identification top-1 (%)")
+    left.set_ylabel("test accuracy (%)")
+    return png_bytes(fig)
+
+
+def write_frontier(sweep_dir: Path, rows: list[dict]) -> None:
+    sweep_dir = Path(sweep_dir)
+    atomic_write_json(sweep_dir / "frontier.json", rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "frontier.csv", buf.getvalue())
+    if any(r["psnr"] is not None and r["test_accuracy"] is not None for r in rows):
+        atomic_write_bytes(sweep_dir / "frontier.png", plot_frontier(rows))
