@@ -179,6 +179,10 @@ def test_figure5_falls_back_to_a_lambda_0_run(runs, tmp_path):
     copy = tmp_path / "simrec-l1"
     shutil.copytree(runs["simrec-l1"], copy)
     (copy / "checkpoints" / "undefended" / "reconstructor.safetensors").unlink()
+    info_path = copy / "checkpoints" / "undefended" / "info.json"  # as a run made before r was kept there
+    info = json.loads(info_path.read_text())
+    del info["files"]["reconstructor.safetensors"]
+    info_path.write_text(json.dumps(info))
     md = report([copy, runs["urec2-l0"]], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
     assert "undefended (λ=0, urec2-l0)" in md
     md = report([copy], tmp_path / "alone", n_images=4, **QUIET)["markdown"].read_text()

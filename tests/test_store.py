@@ -188,6 +188,15 @@ def test_verify_names_each_kind_of_damage(tiny, tmp_path):
     assert main(["verify", str(tmp_path / "truncated"), "--no-progress"]) == 2
 
 
+def replace_weights(path, state):
+    """Other weights in a checkpoint, recorded as such (a genuinely different run, not a damaged file)."""
+    digest = save_tensors(path, state)
+    info_path = path.parent / "info.json"
+    info = json.loads(info_path.read_text())
+    info["files"][path.name] = digest
+    info_path.write_text(json.dumps(info))
+
+
 def test_store_is_refused_by_a_run_with_another_obfuscator(tiny, tmp_path, capsys):
     out = make_store(tiny, tmp_path)
     other = tmp_path / "other-run"
@@ -196,7 +205,7 @@ def test_store_is_refused_by_a_run_with_another_obfuscator(tiny, tmp_path, capsy
     state = load_tensors(weights)
     key = next(k for k in state if k.endswith("weight"))
     state[key] = state[key] * 1.01
-    save_tensors(weights, state)
+    replace_weights(weights, state)
     with pytest.raises(StoreError, match="made by obfuscator .* but this run has obfuscator"):
         verify(out, fingerprint=fingerprint(load_run(other).obfuscator))
     with pytest.raises(StoreError, match="made by obfuscator"):
@@ -379,10 +388,10 @@ def test_features_the_dtype_cannot_hold_are_refused(tiny, tmp_path):
     last_bn = max((k for k in state if k.endswith("running_var")), key=lambda k: int(k.split(".")[0])).replace("running_var", "weight")
     for scale, message in ((1e6, "exceed float16's range"), (float("nan"), "not finite")):
         state[last_bn] = torch.full_like(state[last_bn], scale)
-        save_tensors(weights, state)
+        replace_weights(weights, state)
         with pytest.raises(StoreError, match=message):
             obfuscate(run, "run:test", tmp_path / f"s{scale}", device="cpu", progress=False, log=lambda *_: None)
     state[last_bn] = torch.full_like(state[last_bn], 1e6)
-    save_tensors(weights, state)
+    replace_weights(weights, state)
     obfuscate(run, "run:test", tmp_path / "s32", dtype="float32", device="cpu", progress=False, log=lambda *_: None)
     assert read_all(tmp_path / "s32")["features"].abs().max() > 65504

@@ -372,13 +372,13 @@ def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def tensorboard_writer(run_dir: Path):  # noqa: ANN201
+def tensorboard_writer_class():  # noqa: ANN201
     """Optional: TensorBoard event files in RUN/tensorboard; needs the tensorboard package."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TrainingError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter
 
 
 @torch.no_grad()
@@ -439,9 +439,10 @@ def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> None
 def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboard: bool = False) -> dict:  # noqa: ANN001
     device = rt.device
     splits: Splits = load_splits(cfg.data, cfg.seed)
+    writer_class = tensorboard_writer_class() if tensorboard else None  # fails before anything is written
     # Only now that the data loaded: bad input must not leave a run directory that blocks the next try.
     _open_run_dir(cfg, run_dir, resume, rt)
-    writer = tensorboard_writer(run_dir) if tensorboard and rt.is_main else None
+    writer = writer_class(log_dir=str(run_dir / "tensorboard")) if writer_class and rt.is_main else None
     defender, test = splits.defender.to(device), splits.test.to(device)
     if rt.distributed and len(defender) < cfg.train.batch_size:
         raise TrainingError(f"multi-process training needs at least one full batch: {len(defender)} defender images < train.batch_size {cfg.train.batch_size}")
