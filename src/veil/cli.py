@@ -94,7 +94,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict(args.run, images=args.images, store=args.store, classifier=args.classifier, device=args.device)
     shown = predictions if args.show < 0 else predictions[: args.show]
     width = max([len("item")] + [len(p.item) for p in shown])
-    print(f"{'item':<{width}}  {'class':<12} confidence")
+    if shown:
+        print(f"{'item':<{width}}  {'class':<12} confidence")
     for p in shown:
         print(f"{p.item:<{width}}  {p.name:<12} {p.confidence:>9.1%}")
     if 0 <= args.show < len(predictions):
