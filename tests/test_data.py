@@ -3,8 +3,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from tests.conftest import DEMO_NPZ, shared_data_dir
+
 from veil.config import DataConfig
 from veil.data import DataError, augment, batches, load_splits, read_npz, to_tensor_images
 

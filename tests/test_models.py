@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
 from veil.config import ModelConfig
+from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -70,3 +70,16 @@ def test_xavier_init_and_zero_bias():
 def test_unknown_reconstructor_lists_valid_names():
     with pytest.raises(ValueError, match="simrec, urec1, urec2, resrec"):
         build_reconstructor("unet9", 16, 3)
+
+
+def test_unet_attacker_is_bigger_and_reconstructs_full_size():
+    from veil.models.reconstructors import ATTACKERS, build_attacker
+
+    assert set(RECONSTRUCTORS) < set(ATTACKERS)
+    for split in (1, 2, 3):
+        f = Obfuscator(3, 0.125, split).eval()
+        a = build_attacker("unet", f.out_channels, 3, 0.125, split).eval()
+        out = a(f(torch.rand(2, 3, 32, 32)))
+        assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    big = n_params(build_attacker("unet", 128, 3, 1.0, 2))
+    assert big > 3 * n_params(build_reconstructor("urec1", 128, 3, 1.0, 2))

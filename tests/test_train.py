@@ -7,8 +7,20 @@ from veil import rundir
 from veil.data import load_splits
 from veil.models import build_networks
 from veil.train import (
-    FINAL, PHASE_A, PHASE_B, PHASE_C, PRETRAIN, WARMUP, Step, TrainingError, make_optimizers, plan, train,
-    train_obfuscator, train_obfuscator_classifier, train_reconstructor,
+    FINAL,
+    PHASE_A,
+    PHASE_B,
+    PHASE_C,
+    PRETRAIN,
+    WARMUP,
+    Step,
+    TrainingError,
+    make_optimizers,
+    plan,
+    train,
+    train_obfuscator,
+    train_obfuscator_classifier,
+    train_reconstructor,
 )
 
 

@@ -55,10 +55,13 @@ def print_summary(summary: dict) -> None:
         return "n/a" if v is None else f"{v:.2f} dB"
 
     print()
+    defence = summary.get("defence", "adversarial")
+    strength = {"adversarial": "lambda", "nopeek": "alpha", "noise": "sigma"}.get(defence)
     print("                         test accuracy   reconstruction PSNR (training reconstructor)")
-    print(f"before adversarial       {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'])}")
-    print(f"after adversarial        {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'])}")
-    print(f"(lambda {summary['lambda_privacy']}, reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
+    print(f"before {defence:<17} {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'])}")
+    print(f"after {defence:<18} {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'])}")
+    setting = f"{strength} {summary.get('strength')}, " if strength else ""
+    print(f"({defence}: {setting}reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
 
 
 def cmd_obfuscate(args: argparse.Namespace) -> int:

@@ -62,8 +62,14 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    defence: str = "adversarial"
+    """adversarial (Algorithm 1) | nopeek | noise | none; see veil/defences.py."""
     lambda_privacy: float = 1.0
     """Lambda of Eq. 2: weight of the reconstruction PSNR (dB) against cross-entropy."""
+    nopeek_alpha: float = 1.0
+    """defence nopeek: weight of the distance correlation between images and features."""
+    noise_sigma: float = 0.5
+    """defence noise: standard deviation of the Gaussian noise added to the feature maps."""
     pretrain_epochs: int = 200
     """Epochs of obfuscator+classifier training on cross-entropy alone (Algorithm 1, first step)."""
     warmup_epochs: int = -1
@@ -262,6 +268,10 @@ def validate(cfg: Config, where: str = "config") -> None:
 
     need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}'")
     need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    from veil.defences import DEFENCES
+
+    need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
+    need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0, "train.nopeek_alpha and train.noise_sigma must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")
     for k in ("pretrain_epochs", "t_main", "t_sub"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")

@@ -170,12 +170,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     if step_dir is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (training has not finished a phase-epoch)")
     info = json.loads((step_dir / "info.json").read_text())
-    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size)
+    noise = cfg.train.defence == "noise"
+    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, noise=noise)
     for name in NETWORKS:
         load_module(nets[name], step_dir / f"{name}.safetensors")
     undefended = None
     if (checkpoints(run_dir) / "undefended" / "obfuscator.safetensors").is_file():
-        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size)["obfuscator"]
+        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, noise=noise)["obfuscator"]
         load_module(undefended, checkpoints(run_dir) / "undefended" / "obfuscator.safetensors")
         undefended.to(device).eval()
     for net in nets.values():

@@ -10,6 +10,9 @@ The plan of a run is a flat list of phase-epochs ("steps"):
       obfuscator x t_sub                  (c) f on Eq. 2, g and r frozen
     reconstructor_final x warmup_epochs   r on Eq. 3 against the final f
 
+Other defences (defences.py) replace each round by t_sub epochs of one phase named after the
+defence (`nopeek`, `noise`); `none` has no rounds.
+
 The warm-up is the paper's first pass of Algorithm 1 (pretraining is followed by reconstructor
 training); it gives round 1's privacy term a trained attacker and gives the "before" PSNR.
 The final refit lets r answer phase (c) of the last round: without it the "after" PSNR would
@@ -59,10 +62,12 @@ def plan(t: TrainConfig) -> list[Step]:
     warmup = t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs
     steps = [Step(PRETRAIN, 0, e + 1) for e in range(t.pretrain_epochs)]
     steps += [Step(WARMUP, 0, e + 1) for e in range(warmup)]
-    for k in range(1, t.t_main + 1):
-        for phase in (PHASE_A, PHASE_B, PHASE_C):
+    rounds = 0 if t.defence == "none" else t.t_main
+    phases = (PHASE_A, PHASE_B, PHASE_C) if t.defence == "adversarial" else (t.defence,)
+    for k in range(1, rounds + 1):
+        for phase in phases:
             steps += [Step(phase, k, e + 1) for e in range(t.t_sub)]
-    if t.t_main:
+    if rounds:
         steps += [Step(FINAL, t.t_main, e + 1) for e in range(warmup)]
     return steps
 
@@ -289,12 +294,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
     splits: Splits = load_splits(cfg.data, cfg.seed)
     defender, test = splits.defender.to(device), splits.test.to(device)
     torch.manual_seed(cfg.seed)
-    nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size)
+    nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, noise=cfg.train.defence == "noise")
     for net in nets.values():
         net.to(device)
     opts = make_optimizers(nets, cfg.train)
     steps = plan(cfg.train)
-    info = {"channels": splits.channels, "num_classes": splits.num_classes, "class_names": splits.defender.classes, "dataset": splits.name}
+    info = {"noise": cfg.train.defence == "noise", "channels": splits.channels, "num_classes": splits.num_classes, "class_names": splits.defender.classes, "dataset": splits.name}
 
     done = 0
     if resume:
@@ -334,6 +339,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print) -> 
                             return onecycle_factor(offset + i, total)
 
                     record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, 0.0, lr_factor, bar)
+                elif step.phase in ("nopeek", "noise"):
+                    from veil.defences import defence_epoch, set_noise
+
+                    set_noise(nets["obfuscator"], cfg.train.noise_sigma)
+                    data_iter = batches(defender, cfg.train.batch_size, generator, splits.natural if cfg.data.augment else None)
+                    record = defence_epoch(nets, opts[PHASE_A], data_iter, cfg, lambda v, i, s=step: _check_finite(v, s.phase, s, i), bar)
                 elif step.phase == PHASE_A:
                     record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, cfg.train.lambda_privacy, None, bar)
                 elif step.phase in (WARMUP, PHASE_B, FINAL):
@@ -382,6 +393,8 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
         "final_test_accuracy": final.get("test_accuracy"),
         "final_test_psnr": refit.get("test_psnr", final.get("test_psnr")),
         "last_obfuscator_phase_test_psnr": last(PHASE_C).get("test_psnr"),
+        "defence": cfg.train.defence,
+        "strength": {"adversarial": cfg.train.lambda_privacy, "nopeek": cfg.train.nopeek_alpha, "noise": cfg.train.noise_sigma, "none": 0.0}[cfg.train.defence],
         "lambda_privacy": cfg.train.lambda_privacy,
         "reconstructor": cfg.model.reconstructor,
         "steps": len(metrics),

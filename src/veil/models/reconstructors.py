@@ -96,3 +96,48 @@ def build_reconstructor(name: str, in_channels: int, out_channels: int, width: f
     if name not in RECONSTRUCTORS:
         raise ValueError(f"unknown reconstructor '{name}'; valid: {', '.join(RECONSTRUCTORS)}")
     return RECONSTRUCTORS[name](in_channels, out_channels, width, split)
+
+
+# ----------------------------------------------------------------------------- attack-only decoders
+
+
+class UNetDecoder(nn.Module):
+    """A stronger attacker than Table 1's: a U-Net over the feature map (skip connections inside the
+    decoder), then upsampling stages with two convolutions each. At width 1 it has several times
+    URec#1's parameters, so the strongest attacker is not one a defence was trained against."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: float = 1.0, split: int = 2):
+        super().__init__()
+        c1, c2 = scaled(256, width), scaled(512, width)
+        self.enc1 = nn.Sequential(*conv_bn_relu(in_channels, c1), *conv_bn_relu(c1, c1))  # H x W
+        self.enc2 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c1, c2), *conv_bn_relu(c2, c2))  # H/2
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec1 = nn.Sequential(*conv_bn_relu(c2 + c1, c1), *conv_bn_relu(c1, c1))  # skip from enc1
+        stages: list[nn.Module] = []
+        c = c1 + in_channels  # second skip: the raw feature map itself
+        for i in range(split):  # one 2x upsampling per pooling of the obfuscator
+            c_out = scaled(128 if i == 0 else 64, width)
+            stages += [nn.Upsample(scale_factor=2, mode="nearest"), *conv_bn_relu(c, c_out), *conv_bn_relu(c_out, c_out)]
+            c = c_out
+        self.stages = nn.Sequential(*stages, nn.Conv2d(c, out_channels, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        d1 = self.dec1(torch.cat([self.up(e2), e1], 1))
+        return self.stages(torch.cat([d1, x], 1))
+
+
+def unet(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    """The attack-only U-Net decoder (see UNetDecoder)."""
+    return UNetDecoder(in_channels, out_channels, width, split)
+
+
+# Attackers for `veil attack`: Table 1's four plus decoders used only to attack.
+ATTACKERS = {**RECONSTRUCTORS, "unet": unet}
+
+
+def build_attacker(name: str, in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    if name not in ATTACKERS:
+        raise ValueError(f"unknown attacker '{name}'; valid: {', '.join(ATTACKERS)}")
+    return ATTACKERS[name](in_channels, out_channels, width, split)
