@@ -118,7 +118,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict(args.run, images=args.images, store=args.store, classifier=args.classifier, device=args.device)
     shown = predictions if args.show < 0 else predictions[: args.show]
     width = max([len("item")] + [len(p.item) for p in shown])
-    print(f"{'item':<{width}}  {'class':<12} confidence")
+    if shown:
+        print(f"{'item':<{width}}  {'class':<12} confidence")
     for p in shown:
         print(f"{p.item:<{width}}  {p.name:<12} {p.confidence:>9.1%}")
     if 0 <= args.show < len(predictions):
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_obfuscate)
 
-    from veil.classify import HeadConfig
+    from veil.classify import HEADS, HeadConfig
     from veil.config import field_docs
 
     p = sub.add_parser("train-classifier", help="train a classifier from a feature store alone")
@@ -213,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs = field_docs(HeadConfig)
     for name, f in HeadConfig.__dataclass_fields__.items():
         if name != "progress":
-            p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f"{docs.get(name, '')} (default {f.default})")
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, choices=list(HEADS) if name == "head" else None,
+                           help=f"{docs.get(name, '')} (default {f.default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_classifier)
 
