@@ -216,7 +216,8 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
 def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: dict) -> int:
     """Load the newest checkpoint into `nets` and `optimizers`; return how many steps it covers (0: none yet)."""
     # Temporary files a kill left behind (never read: real files appear only by rename).
-    stale = [*checkpoints(run_dir).glob(".*.tmp"), *Path(run_dir).glob(".metrics.jsonl.*.tmp"), *Path(run_dir).glob(".summary.json.*.tmp")]
+    run_dir, root = Path(run_dir), checkpoints(run_dir)
+    stale = [*root.glob(".*.tmp"), *(root / "undefended").glob(".*.tmp"), *run_dir.glob(".metrics.jsonl.*.tmp"), *run_dir.glob(".summary.json.*.tmp")]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
