@@ -104,6 +104,10 @@ DAMAGE = {
     "one byte changed": (lambda d: _flip_byte(d / "optim-obfuscator.safetensors"), r"optim-obfuscator.safetensors: sha256 is .* refusing to load it"),
     "file missing": (lambda d: (d / "classifier.safetensors").unlink(), r"classifier.safetensors: file is missing"),
     "info.json damaged": (lambda d: (d / "info.json").write_text('{"step": 7, "fil'), r"info.json: damaged"),
+    "info.json without step": (
+        lambda d: (d / "info.json").write_text(json.dumps({k: v for k, v in json.loads((d / "info.json").read_text()).items() if k != "step"})),
+        r"info.json: damaged \(step missing or not a whole number\)",
+    ),
     "latest.json damaged": (lambda d: (d.parent / "latest.json").write_text("{"), r"latest.json: damaged"),
     "latest.json points nowhere": (lambda d: shutil.rmtree(d), r"latest.json points at .*step-00007, which does not exist"),
 }

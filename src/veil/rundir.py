@@ -36,6 +36,7 @@ from veil.io import (
 )
 
 NETWORKS = ("obfuscator", "classifier", "reconstructor")
+STEP_INFO = ("step", "channels", "num_classes")  # what a step folder's info.json must hold
 
 
 def checkpoints(run_dir: Path) -> Path:
@@ -173,7 +174,7 @@ def save_undefended(run_dir: Path, obfuscator: torch.nn.Module | None = None, cl
     atomic_write_json(d / "info.json", {"files": files})
 
 
-def read_info(folder: Path) -> dict:
+def read_info(folder: Path, required: tuple[str, ...] = ()) -> dict:
     """A checkpoint folder's info.json, after checking every file it lists against its sha256."""
     path = Path(folder) / "info.json"
     if not path.is_file():
@@ -183,6 +184,9 @@ def read_info(folder: Path) -> dict:
         files = info.get("files", {})
         if not isinstance(info, dict) or not isinstance(files, dict):
             raise ValueError("not a JSON object with a 'files' mapping")
+        missing = [k for k in required if not isinstance(info.get(k), int)]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing or not a whole number")
     except (ValueError, AttributeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: damaged ({e})") from None
     for name, digest in files.items():
@@ -215,7 +219,8 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
 def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: dict) -> int:
     """Load the newest checkpoint into `nets` and `optimizers`; return how many steps it covers (0: none yet)."""
     # Temporary files a kill left behind (never read: real files appear only by rename).
-    stale = [*checkpoints(run_dir).glob(".*.tmp"), *Path(run_dir).glob(".metrics.jsonl.*.tmp"), *Path(run_dir).glob(".summary.json.*.tmp")]
+    run_dir, root = Path(run_dir), checkpoints(run_dir)
+    stale = [*root.glob(".*.tmp"), *(root / "undefended").glob(".*.tmp"), *run_dir.glob(".metrics.jsonl.*.tmp"), *run_dir.glob(".summary.json.*.tmp")]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
@@ -224,7 +229,7 @@ def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[st
     step_dir = latest_step_dir(run_dir)
     done = 0
     if step_dir is not None:
-        saved = read_info(step_dir)
+        saved = read_info(step_dir, STEP_INFO)
         check_compatible(saved, info, step_dir)
         for name, net in nets.items():
             load_module(net, step_dir / f"{name}.safetensors")
@@ -266,7 +271,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     step_dir = latest_step_dir(run_dir)
     if step_dir is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (training has not finished a phase-epoch)")
-    info = read_info(step_dir)
+    info = read_info(step_dir, STEP_INFO)
     if "config" in info:
         changed = config_mod.changed_keys(info["config"], config_mod.to_dict(cfg))
         if changed:
