@@ -55,8 +55,7 @@ class Phase:
     veil: Callable[[], object]  # one pass through Veil's phase function
     bare: Callable[[], object]  # the same work as a plain loop
     images: int  # images per pass
-    flop_step: Callable[[], object]  # one bare batch, for the FLOP counter
-    flop_images: int  # images in that batch
+    flop_per_image: float  # model FLOPs per image (forward, and backward where it trains)
 
 
 def _sync(device: torch.device) -> None:
@@ -180,24 +179,24 @@ def build_phases(cfg: Config, rt: Runtime, n_batches: int) -> dict[str, Phase]:
     phases = {
         "pretrain": Phase(
             veil(lambda: train_obfuscator_classifier(nets, opts[PRETRAIN], data, nat, cfg, g_(1), Step(PRETRAIN, 0, 1), 0.0, lr_factor, None, rt)),
-            bare(pretrain_batch, (f, g)), n, once(pretrain_batch, (f, g)), b,
+            bare(pretrain_batch, (f, g)), n, count_flops(once(pretrain_batch, (f, g))) / b,
         ),
         "obfuscator_classifier": Phase(
             veil(lambda: train_obfuscator_classifier(nets, opts[PHASE_A], data, nat, cfg, g_(2), Step(PHASE_A, 1, 1), lam, None, None, rt)),
-            bare(phase_a_batch, (f, g)), n, once(phase_a_batch, (f, g)), b,
+            bare(phase_a_batch, (f, g)), n, count_flops(once(phase_a_batch, (f, g))) / b,
         ),
         "reconstructor": Phase(
             veil(lambda: train_reconstructor(nets, opts[PHASE_B], data, nat, cfg, g_(3), Step(PHASE_B, 1, 1), None, rt)),
-            bare(reconstructor_batch, (r,)), n, once(reconstructor_batch, (r,)), b,
+            bare(reconstructor_batch, (r,)), n, count_flops(once(reconstructor_batch, (r,))) / b,
         ),
         "obfuscator": Phase(
             veil(lambda: train_obfuscator(nets, opts[PHASE_C], data, nat, cfg, g_(4), Step(PHASE_C, 1, 1), None, rt)),
-            bare(obfuscator_batch, (f,)), n, once(obfuscator_batch, (f,)), b,
+            bare(obfuscator_batch, (f,)), n, count_flops(once(obfuscator_batch, (f,))) / b,
         ),
-        "evaluate": Phase(veil(lambda: evaluate(nets, data, eb, True, rt)), bare_eval(evaluate_batch), n, once(evaluate_batch, ()), eb),
-        "obfuscate": Phase(veil(lambda: obfuscate(f, data.images, eb, rt)), bare_eval(obfuscate_batch), n, once(obfuscate_batch, ()), eb),
+        "evaluate": Phase(veil(lambda: evaluate(nets, data, eb, True, rt)), bare_eval(evaluate_batch), n, count_flops(once(evaluate_batch, ())) / len(x_eval)),
+        "obfuscate": Phase(veil(lambda: obfuscate(f, data.images, eb, rt)), bare_eval(obfuscate_batch), n, count_flops(once(obfuscate_batch, ())) / len(x_eval)),
     }
-    wrap_networks(nets, rt)  # compile after the FLOP counter has seen the plain networks
+    wrap_networks(nets, rt)  # compile only now: the FLOP counter above ran on the plain networks
     return phases
 
 
@@ -238,7 +237,6 @@ def bench(cfg: Config, n_batches: int = 8, repeats: int = 5, warmup: int = 1, ph
     rt = resolve(cfg, device)
     rt.world_size, rt.rank = 1, 0  # one process: bench measures the single-device path
     built = build_phases(cfg, rt, n_batches)
-    flops = {name: count_flops(built[name].flop_step) / built[name].flop_images for name in phases}
     results = {}
     bar = tqdm(total=len(phases) * (warmup + repeats), desc="veil bench", leave=False, disable=not progress, dynamic_ncols=True)
     for name in phases:
@@ -261,8 +259,8 @@ def bench(cfg: Config, n_batches: int = 8, repeats: int = 5, warmup: int = 1, ph
             "images_per_s": veil_ips,
             "bare_images_per_s": bare_ips,
             "ratio": veil_ips / bare_ips,
-            "flop_per_image": flops[name],
-            "flop_per_s": flops[name] * veil_ips,
+            "flop_per_image": phase.flop_per_image,
+            "flop_per_s": phase.flop_per_image * veil_ips,
             "peak_memory_mb": _peak_memory_mb(device),
         }
     bar.close()

@@ -21,8 +21,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun
 
+        argv = _without_option(args.argv, "--nproc")  # each process runs the command without it
         try:
-            torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "veil", *args.argv])
+            torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "veil", *argv])
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
             print(f"veil train: training process {rank} failed with exit code {failure.exitcode}; its messages are above", file=sys.stderr)
@@ -59,6 +60,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(cfg, args.batches, args.repeats, args.warmup, phases, progress=cfg.progress and not args.json)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == name:
+            skip = True
+        elif not item.startswith(name + "="):
+            out.append(item)
+    return out
 
 
 def _get(cfg, dotted: str):  # noqa: ANN001, ANN202
