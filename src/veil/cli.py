@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         run_dir = Path(args.out)
     summary = train(cfg, run_dir, resume=bool(args.resume), tensorboard=args.tensorboard)
-    print_summary(summary)
+    if summary:  # only process 0 of a multi-process run returns one
+        print_summary(summary)
     return 0
 
 
