@@ -187,6 +187,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from veil.attack import AttackConfig, attack, attack_matrix, format_table, resolve_settings
+    from veil.config import ConfigError
+
+    if bool(args.run_dir) == bool(args.matrix):
+        raise ConfigError("veil attack needs one RUN_DIR, or --matrix RUN_A RUN_B ... (not both)")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AttackConfig) if getattr(args, f.name) is not None}
+    settings = resolve_settings(given)
+    if args.matrix:
+        matrix = attack_matrix(args.matrix, settings, args.out)
+        print()
+        print(Path(args.out, "matrix.md").read_text())
+        return 0 if matrix else 1
+    result = attack(args.run_dir, settings)
+    print()
+    print(format_table(result))
+    print(f"\nwritten to {Path(args.run_dir) / 'attack'}/ (attack.json, attack.csv, attack.md, one PNG per attacker)")
+    return 0
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of a settings dataclass, its docstring as help; unset flags stay None."""
+    import dataclasses
+    import typing
+
+    from veil.config import field_docs
+
+    docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), cls()
+    for f in dataclasses.fields(cls):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=hints[f.name], default=None, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from veil import __version__
 
@@ -276,10 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
     p.set_defaults(func=cmd_sweep)
+
+    from veil.attack import AttackConfig
+
+    p = sub.add_parser("attack", help="Chosen Image Attack on a run: fresh attackers, white-box inversion, floor and ceiling")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory to attack; results go to RUN_DIR/attack/")
+    p.add_argument("--matrix", nargs="+", metavar="RUN_DIR", help="attack several runs and write the attack x training reconstructor matrix (Table 3)")
+    p.add_argument("--out", default="attack-matrix", help="folder for matrix.json/.csv/.md with --matrix (default: attack-matrix)")
+    add_dataclass_flags(p, AttackConfig)
+    p.set_defaults(func=cmd_attack)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from veil.attack import AttackError
     from veil.config import ConfigError
     from veil.data import DataError
     from veil.io import CheckpointError
@@ -295,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError, ReportError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError, ReportError, AttackError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder: the message names the file
