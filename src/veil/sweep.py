@@ -35,11 +35,21 @@ class Defence:
 
 
 def adversarial_overrides(strength: float) -> list[str]:
-    return [f"train.lambda_privacy={strength!r}"]  # Eq. 2: CE + lambda * PSNR
+    return ["train.defence=adversarial", f"train.lambda_privacy={strength!r}"]  # Eq. 2: CE + lambda * PSNR
+
+
+def nopeek_overrides(strength: float) -> list[str]:
+    return ["train.defence=nopeek", f"train.nopeek_alpha={strength!r}"]  # CE + alpha * dCor
+
+
+def noise_overrides(strength: float) -> list[str]:
+    return ["train.defence=noise", f"train.noise_sigma={strength!r}"]  # Gaussian noise on the features
 
 
 DEFENCES: dict[str, Defence] = {
     "adversarial": Defence("lambda", adversarial_overrides),
+    "nopeek": Defence("alpha", nopeek_overrides),
+    "noise": Defence("sigma", noise_overrides),
 }
 
 
