@@ -282,3 +282,17 @@ def test_full_disk_during_checkpoint_keeps_previous_one(finished, tmp_path, caps
     monkeypatch.undo()
     assert main(["train", "--resume", str(run)]) == 0
     assert folder_bytes(run / "checkpoints" / "step-00007") == folder_bytes(finished["run"] / "checkpoints" / "step-00007")
+
+
+def test_optimiser_state_of_the_earlier_two_entry_format_still_loads(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = rundir.optimizer_to_tensors(opt)
+    old = json.loads(meta["optimizer"])
+    save_tensors(tmp_path / "old.safetensors", tensors, {"param_groups": json.dumps(old["param_groups"]), "scalars": json.dumps(old["scalars"])})
+    fresh = torch.optim.Adam(net.parameters(), lr=1.0)
+    rundir.optimizer_from_file(fresh, tmp_path / "old.safetensors")
+    assert fresh.param_groups[0]["lr"] == 0.01
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
