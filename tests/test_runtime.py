@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from veil import config as config_mod
-from veil.data import batches, load_splits, to_float
+from veil.data import apply_augmentation, batches, draw_augmentation, load_splits, to_float
 from veil.metrics import psnr
 from veil.models import build_networks
 from veil.runtime import Runtime, prepare_networks, resolve, resolve_channels_last, resolve_precision
@@ -192,3 +192,15 @@ def test_pretraining_schedules():
     onecycle = [pretrain_lr_factor("onecycle", e, 4, 10)(i) for e in range(1, 5) for i in range(10)]
     assert max(onecycle) == 1.0 and onecycle[0] < 0.2 and onecycle[-1] < 0.01
     assert onecycle.index(1.0) == 5  # 15% warm-up of 40 steps
+
+
+def test_batch_augmentation_equals_a_slow_per_image_loop():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    dy, dx, mirror = draw_augmentation(64, True, g)
+    fast = apply_augmentation(x, dy, dx, mirror)
+    padded = F.pad(x, (4, 4, 4, 4))
+    for i in range(64):
+        crop = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
+        assert torch.equal(fast[i], crop.flip(2) if mirror[i] else crop), i
+    assert mirror.any() and not mirror.all() and len(set(dy.tolist())) > 3

@@ -408,17 +408,16 @@ def apply_augmentation(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
     """Crop (after 4-pixel zero padding) and mirror a whole uint8 batch with one gather, no Python per image."""
     n, c, h, w = images.shape
     pad = 4
-    padded = F.pad(images, (pad, pad, pad, pad))
+    padded = F.pad(images, (pad, pad, pad, pad)).flatten(2)  # n x c x (h+8)(w+8)
     device = images.device
-    dy, dx = dy.to(device), dx.to(device)
-    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]  # n x 1 x h x 1
-    cols = dx[:, None] + torch.arange(w, device=device)  # n x w
+    rows = dy.to(device)[:, None] + torch.arange(h, device=device)  # n x h
+    cols = dx.to(device)[:, None] + torch.arange(w, device=device)  # n x w
     if mirror is not None:
         cols = torch.where(mirror.to(device)[:, None], cols.flip(1), cols)
-    cols = cols[:, None, None, :]  # n x 1 x 1 x w
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    chan = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    # One flat source index per output pixel, shared by the channels (expand: no copy). A gather
+    # over this is ~6x cheaper on CPU than indexing with four broadcast index tensors.
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).flatten(1)  # n x h*w
+    return padded.gather(2, index[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
 
 
 def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
