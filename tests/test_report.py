@@ -188,6 +188,30 @@ def test_figure5_without_a_lambda_0_run(runs, tmp_path):
     assert "report-figure5" not in md
 
 
+def test_table3_from_an_attack_matrix_folder(runs, tmp_path):
+    """A folder written by `veil attack --matrix ... --out DIR` brings its runs and its Table 3."""
+    cols = ["simrec (simrec-l1)", "urec2 (urec2-l0)"]
+    matrix = {
+        "rows": ["simrec", "urec2"], "columns": cols,
+        "psnr": {"simrec": {cols[0]: 12.5, cols[1]: 20.5}, "urec2": {cols[0]: 10.25, cols[1]: 21.75}},
+        "floor": {cols[0]: 11.0, cols[1]: 11.0},
+        "undefended": {"simrec": {cols[0]: 21.0, cols[1]: 21.0}, "urec2": {cols[0]: 22.0, cols[1]: 22.0}},
+        "runs": [str(runs["simrec-l1"]), str(runs["urec2-l0"])], "lambda_privacy": {cols[0]: 1.0, cols[1]: 0.0},
+    }
+    (tmp_path / "matrix").mkdir()
+    (tmp_path / "matrix" / "matrix.json").write_text(json.dumps(matrix))
+    md = report([tmp_path / "matrix"], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
+    assert "| simrec-l1 |" in md and "| urec2-l0 |" in md
+    t3 = md.split("Table 3 style")[1].split("## ")[0]
+    assert "| attack \\ training | simrec (simrec-l1), λ=1 | urec2 (urec2-l0), λ=0 |" in t3
+    assert "| URec#2 | 10.25 (below floor) | 21.75 |" in t3
+    assert "| SimRec against undefended | 21.00 | 21.00 |" in t3
+    del matrix["psnr"]["urec2"]
+    (tmp_path / "matrix" / "matrix.json").write_text(json.dumps(matrix))
+    with pytest.raises(ReportError, match="matrix.json: not a Table 3 matrix"):
+        report([tmp_path / "matrix"], tmp_path / "out", **QUIET)
+
+
 def test_report_cli_errors_are_one_line(tmp_path, capsys):
     from veil.cli import main
 
