@@ -62,6 +62,44 @@ def print_summary(summary: dict) -> None:
     print(f"(lambda {summary['lambda_privacy']}, reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from veil.attack import AttackConfig, attack, attack_matrix, format_table, resolve_settings
+    from veil.config import ConfigError
+
+    if bool(args.run_dir) == bool(args.matrix):
+        raise ConfigError("veil attack needs one RUN_DIR, or --matrix RUN_A RUN_B ... (not both)")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AttackConfig) if getattr(args, f.name) is not None}
+    settings = resolve_settings(given)
+    if args.matrix:
+        matrix = attack_matrix(args.matrix, settings, args.out)
+        print()
+        print(Path(args.out, "matrix.md").read_text())
+        return 0 if matrix else 1
+    result = attack(args.run_dir, settings)
+    print()
+    print(format_table(result))
+    print(f"\nwritten to {Path(args.run_dir) / 'attack'}/ (attack.json, attack.csv, attack.md, one PNG per attacker)")
+    return 0
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of a settings dataclass, its docstring as help; unset flags stay None."""
+    import dataclasses
+    import typing
+
+    from veil.config import field_docs
+
+    docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), cls()
+    for f in dataclasses.fields(cls):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=hints[f.name], default=None, help=help_text)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from veil.report import report
 
@@ -99,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
 
+    from veil.attack import AttackConfig
+
+    p = sub.add_parser("attack", help="Chosen Image Attack on a run: fresh attackers, white-box inversion, floor and ceiling")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory to attack; results go to RUN_DIR/attack/")
+    p.add_argument("--matrix", nargs="+", metavar="RUN_DIR", help="attack several runs and write the attack x training reconstructor matrix (Table 3)")
+    p.add_argument("--out", default="attack-matrix", help="folder for matrix.json/.csv/.md with --matrix (default: attack-matrix)")
+    add_dataclass_flags(p, AttackConfig)
+    p.set_defaults(func=cmd_attack)
+
     p = sub.add_parser("report", help="tables and figures of runs or sweeps as one HTML page and Markdown")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (veil train), sweep directories (veil sweep) or matrix folders (veil attack --matrix --out)")
     p.add_argument("--out", metavar="DIR", help="where to write report.html, report.md and figures (default: the first RUN_DIR)")
@@ -118,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from veil.attack import AttackError
     from veil.config import ConfigError
     from veil.data import DataError
     from veil.io import CheckpointError
@@ -131,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, ReportError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, AttackError, ReportError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

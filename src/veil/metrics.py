@@ -53,3 +53,46 @@ def ssim(original: torch.Tensor, reconstruction: torch.Tensor, window: int = 11,
     cov = blur(x * y) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1).float()
+
+
+# ----------------------------------------------------------------------------- re-identification
+
+
+def draw_candidates(rows: torch.Tensor, n_pool: int, n_candidates: int, generator: torch.Generator) -> torch.Tensor:
+    """For each true index in `rows`, a candidate set of pool indices: column 0 is the true index,
+    the other n_candidates - 1 are distinct others drawn uniformly at random. Returns len(rows) x N."""
+    if not 2 <= n_candidates <= n_pool:
+        raise ValueError(f"n_candidates must be in 2..{n_pool} (the pool size), got {n_candidates}")
+    out = torch.empty(len(rows), n_candidates, dtype=torch.long)
+    for j, i in enumerate(rows.tolist()):
+        others = torch.randperm(n_pool - 1, generator=generator)[: n_candidates - 1]
+        others += (others >= i).long()  # skip the true index itself
+        out[j, 0], out[j, 1:] = i, others
+    return out
+
+
+def reid_ranks(reconstructions: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """1-based rank of the true image (column 0 of `candidates`) among its candidates, ordered by
+    pixel MSE to the reconstruction. A tie counts against the attacker: a candidate exactly as close
+    as the true image ranks ahead of it. reconstructions: M x C x H x W, pool: P x C x H x W, candidates: M x N."""
+    if len(reconstructions) != len(candidates):
+        raise ValueError(f"reid_ranks: {len(reconstructions)} reconstructions but {len(candidates)} candidate sets")
+    ranks = []
+    for start in range(0, len(candidates), chunk):
+        rec = reconstructions[start : start + chunk].to(pool.device).double().flatten(1)  # m x D
+        cand = pool[candidates[start : start + chunk].to(pool.device)].double().flatten(2)  # m x N x D
+        dist = (cand - rec[:, None]).pow(2).mean(2)  # m x N
+        ranks.append(1 + (dist[:, 1:] <= dist[:, :1]).sum(1).cpu())
+    return torch.cat(ranks)
+
+
+def top_k_rate(ranks: torch.Tensor, k: int) -> float:
+    """Fraction of reconstructions whose true image ranks in the top k."""
+    return (ranks <= k).float().mean().item()
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between vertical and horizontal neighbours, per image (N values)."""
+    dy = (images[..., 1:, :] - images[..., :-1, :]).pow(2).flatten(1).mean(1)
+    dx = (images[..., :, 1:] - images[..., :, :-1]).pow(2).flatten(1).mean(1)
+    return dy + dx

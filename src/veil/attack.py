@@ -1,0 +1,599 @@
+"""The Chosen Image Attack harness: freeze f, fit fresh attackers, white-box inversion, tables.
+
+    veil attack RUN_DIR                      -> RUN_DIR/attack/{attack.json, attack.csv, attack.md, <attacker>.png}
+    veil attack --matrix RUN_A RUN_B ...     -> the attack x training reconstructor PSNR matrix (Table 3)
+
+Threat model (paper Section 3): the attacker has unlimited use of the frozen obfuscator f and images
+of its own (the attacker-train split), disjoint from the users' images (the test split). It trains
+each reconstructor of Table 1 from scratch on (f(I), I) pairs of its own images (Eq. 3), stopping
+when the PSNR on a held-out part of its own images stops improving, then turns the users' stored
+feature maps back into images. A white-box attacker instead optimises an image so that f(image)
+matches the stored feature map.
+
+Every number comes with its floor and ceiling: the best constant image (the attacker-split mean
+image), and the same attackers against the run's undefended obfuscator (after pretraining, before
+adversarial training). A defended PSNR below the floor means the attacker was not trained well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from veil.config import ConfigError
+from veil.data import augment, to_float
+from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate, total_variation
+from veil.models import RECONSTRUCTORS, build_reconstructor, init_xavier
+
+WHITEBOX = "whitebox"
+FLOOR = "floor"
+OBFUSCATORS = ("defended", "undefended")
+
+
+class AttackError(RuntimeError):
+    """An attack that cannot go on (a non-finite loss, a run without the networks it needs)."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class AttackConfig:
+    attackers: str = "simrec,urec1,urec2,resrec"
+    """Attack reconstructors of Table 1 to train from scratch, comma-separated."""
+    whitebox: bool = True
+    """Also run the white-box attacker (optimise an image so that f(image) matches the stored features)."""
+    undefended: bool = True
+    """Also attack the run's undefended obfuscator (after pretraining): the ceiling beside each number."""
+    width: float = 0.0
+    """Channel multiplier of the attack reconstructors (0 = the run's model.width)."""
+    max_epochs: int = 15
+    """Most epochs an attacker trains for (over the attacker-train images minus the held-out part)."""
+    patience: int = 3
+    """Stop after this many epochs without a held-out PSNR gain of min_delta; the best weights are kept."""
+    min_delta: float = 0.01
+    """Held-out PSNR gain (dB) that counts as an improvement for early stopping."""
+    validation_fraction: float = 0.1
+    """Fraction of the attacker-train images held out for early stopping."""
+    lr: float = 2e-3
+    """Adam learning rate of the attackers at the start."""
+    lr_decay: float = 0.5
+    """Multiply the learning rate by this after each epoch without improvement (1 = constant)."""
+    batch_size: int = 64
+    """Images per attacker optimisation step."""
+    eval_batch_size: int = 500
+    """Images per forward pass when obfuscating, reconstructing and inverting."""
+    augment: bool = False
+    """Random crop/flip on attacker batches (off: features are computed once, which is ~2x faster)."""
+    n_candidates: int = 100
+    """Re-identification: candidates per reconstruction (the true user image and N-1 others at random)."""
+    whitebox_images: int = 200
+    """Users' images the white-box attacker inverts (the first ones of the test split; 0 = all)."""
+    whitebox_steps: int = 200
+    """Adam steps of the white-box inversion per image batch."""
+    whitebox_lr: float = 0.05
+    """Peak learning rate of the white-box inversion (on pixel values in [0, 1]), cosine-annealed to 0."""
+    tv_weight: float = 0.1
+    """Weight of the total-variation prior in the white-box objective (relative feature error + tv_weight * TV)."""
+    n_show: int = 8
+    """Users' images shown in each attacker's PNG (the first ones of the test split)."""
+    seed: int = 0
+    """Seed of the held-out split, attacker initialisation, batch order and candidate sets."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+# Settings that change no number: a saved attack.json made with other values may be reused.
+NOT_RESULTS = ("device", "progress")
+
+
+def attacker_names(s: AttackConfig) -> list[str]:
+    return [name.strip() for name in s.attackers.split(",") if name.strip()]
+
+
+def validate_attack(s: AttackConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"attack settings: {msg}")
+
+    names = attacker_names(s)
+    unknown = [n for n in names if n not in RECONSTRUCTORS]
+    need(not unknown, f"unknown attacker(s) {', '.join(unknown)} in '{s.attackers}'; valid: {', '.join(RECONSTRUCTORS)}")
+    need(len(set(names)) == len(names), f"attackers lists a name twice: '{s.attackers}'")
+    need(bool(names) or s.whitebox, "no attacker to run: give --attackers or leave --whitebox on")
+    need(s.width >= 0, f"width must be >= 0 (0 = the run's width), got {s.width}")
+    need(s.max_epochs >= 1, f"max_epochs must be >= 1, got {s.max_epochs}")
+    need(s.patience >= 1, f"patience must be >= 1, got {s.patience}")
+    need(s.min_delta >= 0, f"min_delta must be >= 0, got {s.min_delta}")
+    need(0 < s.validation_fraction < 1, f"validation_fraction must be in (0, 1), got {s.validation_fraction}")
+    need(s.lr > 0 and s.whitebox_lr > 0, f"lr and whitebox_lr must be > 0, got {s.lr} and {s.whitebox_lr}")
+    need(0 < s.lr_decay <= 1, f"lr_decay must be in (0, 1], got {s.lr_decay}")
+    need(s.batch_size >= 2 and s.eval_batch_size >= 1, f"batch_size must be >= 2 and eval_batch_size >= 1, got {s.batch_size} and {s.eval_batch_size}")
+    need(s.n_candidates >= 2, f"n_candidates must be >= 2, got {s.n_candidates}")
+    need(s.whitebox_images >= 0 and s.whitebox_steps >= 1, f"whitebox_images must be >= 0 and whitebox_steps >= 1, got {s.whitebox_images} and {s.whitebox_steps}")
+    need(s.tv_weight >= 0, f"tv_weight must be >= 0, got {s.tv_weight}")
+    need(s.n_show >= 1, f"n_show must be >= 1, got {s.n_show}")
+    need(s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got '{s.device}'")
+
+
+def resolve_settings(overrides: dict) -> AttackConfig:
+    """Defaults with `overrides` (field name -> value) applied, validated."""
+    names = {f.name for f in dataclasses.fields(AttackConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"attack settings: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    s = dataclasses.replace(AttackConfig(), **overrides)
+    validate_attack(s)
+    return s
+
+
+def seed_for(seed: int, *names: str) -> int:
+    """A stable seed per (seed, attacker): the same attacker starts alike against both obfuscators."""
+    return seed * 1_000_003 + zlib.crc32("/".join(names).encode()) % 1_000_003
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class AttackData:
+    train: torch.Tensor  # uint8 N x C x H x W: attacker-train minus the held-out part
+    val: torch.Tensor  # uint8: the held-out part of attacker-train (early stopping)
+    users: torch.Tensor  # uint8: the users' images (test split), never used for training
+    mean_image: torch.Tensor  # float 1 x C x H x W in [0, 1]: the attacker-split mean image
+    natural: bool  # horizontal flips make sense
+
+
+def attack_data(attacker: torch.Tensor, users: torch.Tensor, natural: bool, s: AttackConfig) -> AttackData:
+    """Split the attacker's own images into train and held-out parts, seeded by the attack seed."""
+    n = len(attacker)
+    n_val = max(1, int(round(n * s.validation_fraction)))
+    if n - n_val < s.batch_size:
+        raise ConfigError(
+            f"attack settings: {n} attacker images leave {n - n_val} for training after holding out {n_val}, "
+            f"fewer than batch_size={s.batch_size}; lower batch_size or validation_fraction"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed)).to(attacker.device)
+    mean_image = to_float(attacker).mean(0, keepdim=True)
+    return AttackData(attacker[order[n_val:]], attacker[order[:n_val]], users, mean_image, natural)
+
+
+@torch.no_grad()
+def obfuscate(obfuscator: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """uint8 images -> feature maps, in eval mode (BatchNorm uses its stored statistics)."""
+    return torch.cat([obfuscator(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int) -> torch.Tensor:
+    reconstructor.eval()
+    return torch.cat([reconstructor(features[i : i + batch_size]) for i in range(0, len(features), batch_size)])
+
+
+def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- learned attackers
+
+
+def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None) -> tuple[nn.Module, list[dict]]:
+    """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen),
+    with early stopping on the held-out part (the learning rate shrinks on each plateau epoch). Returns it with its best weights, in eval mode, and
+    its curve (one record per epoch)."""
+    device = data.train.device
+    obfuscator.eval().requires_grad_(False)
+    train_features = None if s.augment else obfuscate(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    val_features = obfuscate(obfuscator, data.val, s.eval_batch_size)
+    val_images = to_float(data.val)
+    torch.manual_seed(seed)
+    reconstructor = init_xavier(build_reconstructor(name, val_features.shape[1], data.train.shape[1], width, split)).to(device)
+    opt = torch.optim.Adam(reconstructor.parameters(), lr=s.lr)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n = len(data.train)
+    stop = n - n % s.batch_size  # drop a last partial batch: BatchNorm cannot take a single image
+    best, best_state, waited, curve = -math.inf, None, 0, []
+    for epoch in range(1, s.max_epochs + 1):
+        start_time = time.perf_counter()
+        reconstructor.train()
+        order = torch.randperm(n, generator=generator, device=device)
+        total = torch.zeros((), device=device)
+        for start in range(0, stop, s.batch_size):
+            idx = order[start : start + s.batch_size]
+            images = data.train[idx]
+            if s.augment:
+                images = augment(images, data.natural, generator)
+                with torch.no_grad():
+                    features = obfuscator(to_float(images))
+            else:
+                features = train_features[idx]
+            p = psnr(to_float(images), reconstructor(features)).mean()
+            opt.zero_grad(set_to_none=True)
+            (-p).backward()  # Eq. 3: maximise PSNR
+            opt.step()
+            if not torch.isfinite(p):
+                raise AttackError(f"attacker {name}: non-finite PSNR in epoch {epoch}; lower --lr")
+            total += p.detach() * len(idx)
+            if bar is not None:
+                bar.update(1)
+        val = psnr(val_images, reconstruct(reconstructor, val_features, s.eval_batch_size)).mean().item()
+        curve.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_psnr": total.item() / stop, "val_psnr": val, "seconds": round(time.perf_counter() - start_time, 3)})
+        if val > best + s.min_delta:
+            best, waited = val, 0
+            best_state = {k: v.detach().clone() for k, v in reconstructor.state_dict().items()}
+        else:
+            waited += 1
+            for group in opt.param_groups:  # a plateau: take smaller steps before giving up
+                group["lr"] *= s.lr_decay
+        if bar is not None:
+            bar.set_postfix(epoch=epoch, val_psnr=f"{val:.2f}", best=f"{best:.2f}")
+        if waited >= s.patience:
+            break
+    reconstructor.load_state_dict(best_state)
+    return reconstructor.eval(), curve
+
+
+# ----------------------------------------------------------------------------- white-box attacker
+
+
+def invert(obfuscator: nn.Module, features: torch.Tensor, start: torch.Tensor, s: AttackConfig, bar=None) -> tuple[torch.Tensor, list[dict]]:
+    """White-box attack: from `start` (the mean image), optimise images x in [0, 1] so that f(x)
+    matches `features`, minimising |f(x) - features|^2 / |features|^2 + tv_weight * TV(x) per image.
+    Returns the images (N x C x H x W) and the mean objective every few steps."""
+    obfuscator.eval().requires_grad_(False)
+    out, curve = [], []
+    for b in range(0, len(features), s.eval_batch_size):
+        target = features[b : b + s.eval_batch_size]
+        scale = target.pow(2).flatten(1).mean(1).clamp_min(1e-12)  # relative error: any feature scale alike
+        x = start.expand(len(target), *start.shape[1:]).clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=s.whitebox_lr)
+        for step in range(s.whitebox_steps):
+            for group in opt.param_groups:
+                group["lr"] = s.whitebox_lr * 0.5 * (1 + math.cos(math.pi * step / s.whitebox_steps))
+            feature_error = (obfuscator(x) - target).pow(2).flatten(1).mean(1) / scale
+            loss = (feature_error + s.tv_weight * total_variation(x)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(0, 1)
+            if not torch.isfinite(loss):
+                raise AttackError(f"white-box inversion: non-finite objective at step {step}; lower --whitebox-lr")
+            if step % 10 == 0 or step == s.whitebox_steps - 1:
+                curve.append({"batch": b // s.eval_batch_size, "step": step, "objective": loss.item(), "feature_error": feature_error.mean().item()})
+            if bar is not None:
+                bar.update(1)
+        out.append(x.detach())
+    return torch.cat(out), curve
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score(users: torch.Tensor, rows: torch.Tensor, reconstructions: torch.Tensor, candidates: torch.Tensor) -> dict:
+    """PSNR (Eq. 1), SSIM and re-identification of reconstructions of users[rows].
+    users: float P x C x H x W; rows: M indices; reconstructions: M x C x H x W; candidates: M x N."""
+    originals = users[rows.to(users.device)]
+    p = psnr(originals, reconstructions)
+    ranks = reid_ranks(reconstructions, users, candidates)
+    return {
+        "psnr_mean": p.mean().item(),
+        "psnr_std": p.std().item() if len(p) > 1 else 0.0,
+        "ssim_mean": ssim(originals, reconstructions).mean().item(),
+        "reid_top1": top_k_rate(ranks, 1),
+        "reid_top5": top_k_rate(ranks, 5),
+        "n_candidates": candidates.shape[1],
+        "n_images": len(rows),
+    }
+
+
+def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, candidates: torch.Tensor, label: str, log=print) -> tuple[dict, dict]:
+    """Every attacker against one frozen obfuscator. Returns {attacker: scores (with its curve)} and
+    {attacker: reconstructions of the first n_show users' images} for the figures."""
+    users = to_float(data.users)
+    all_rows = torch.arange(len(users))
+    user_features = obfuscate(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
+    results, shown = {}, {}
+    steps = (len(data.train) // s.batch_size) * s.max_epochs
+    for name in attacker_names(s):
+        start = time.perf_counter()
+        with _progress(steps, f"{label} {name}", s.progress) as bar:
+            reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar)
+        rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size)
+        results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve), "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+        shown[name] = rebuilt[: s.n_show].cpu()
+        log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(curve)} epochs, best {results[name]['best_epoch']}, {results[name]['seconds']:.0f} s)")
+    if s.whitebox:
+        start = time.perf_counter()
+        m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
+        n_batches = math.ceil(m / s.eval_batch_size)
+        with _progress(n_batches * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
+            rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, s, bar)
+        results[WHITEBOX] = {**score(users, all_rows[:m], rebuilt, candidates[:m]), "steps": s.whitebox_steps, "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+        shown[WHITEBOX] = rebuilt[: s.n_show].cpu()
+        log(f"  {label:10s} {WHITEBOX:8s} {_line(results[WHITEBOX])}  ({m} images, {s.whitebox_steps} steps, {results[WHITEBOX]['seconds']:.0f} s)")
+    return results, shown
+
+
+def _best_epoch(curve: list[dict]) -> int:
+    return max(curve, key=lambda r: r["val_psnr"])["epoch"]
+
+
+def _line(r: dict) -> str:
+    return f"PSNR {r['psnr_mean']:6.2f} +- {r['psnr_std']:.2f} dB  SSIM {r['ssim_mean']:.3f}  top-1 {r['reid_top1']:6.1%}  top-5 {r['reid_top5']:6.1%}"
+
+
+def floor_scores(data: AttackData, candidates: torch.Tensor) -> dict:
+    """The best constant image (the attacker-split mean image) as every user's reconstruction."""
+    users = to_float(data.users)
+    constant = data.mean_image.expand_as(users)
+    r = score(users, torch.arange(len(users)), constant, candidates)
+    return {"psnr": r["psnr_mean"], "ssim": r["ssim_mean"], **r}
+
+
+def under_trained(result: dict) -> list[str]:
+    """'defended/simrec'-style names of attackers whose PSNR is below the constant-image floor."""
+    floor = result[FLOOR]["psnr"]
+    return [f"{which}/{name}" for which in OBFUSCATORS for name, r in result.get(which, {}).items() if r["psnr_mean"] < floor]
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+def attack(run_dir: str | Path, s: AttackConfig, log=print) -> dict:
+    """Attack a run's final (and undefended) obfuscator; write RUN_DIR/attack/ and return the result."""
+    from veil import __version__
+    from veil.data import load_splits
+    from veil.rundir import load_run
+    from veil.train import resolve_device
+
+    validate_attack(s)
+    run_dir = Path(run_dir)
+    began = time.perf_counter()
+    device = resolve_device(s.device)
+    run = load_run(run_dir, device)
+    if s.undefended and run.undefended_obfuscator is None:
+        raise AttackError(f"{run_dir}: no checkpoints/undefended/obfuscator.safetensors (pretraining not finished?); pass --no-undefended to skip the ceiling")
+    cfg = run.config
+    splits = load_splits(cfg.data, cfg.seed)  # the same three splits the run used
+    data = attack_data(splits.attacker.images.to(device), splits.test.images.to(device), splits.natural, s)
+    n_candidates = min(s.n_candidates, len(data.users))
+    candidates = draw_candidates(torch.arange(len(data.users)), len(data.users), n_candidates, torch.Generator().manual_seed(s.seed))
+    width = s.width or cfg.model.width
+    log(
+        f"veil attack: {run_dir} ({splits.name}, training reconstructor {cfg.model.reconstructor}, lambda {cfg.train.lambda_privacy}): "
+        f"attackers train on {len(data.train)} of their own images ({len(data.val)} held out), users' images {len(data.users)}, "
+        f"re-identification among {n_candidates}, device {device}"
+    )
+    result: dict = {
+        "run": str(run_dir),
+        "dataset": splits.name,
+        "training_reconstructor": cfg.model.reconstructor,
+        "lambda_privacy": cfg.train.lambda_privacy,
+        "n_attacker_train": len(data.train),
+        "n_attacker_val": len(data.val),
+        "n_users": len(data.users),
+        "chance": {"top1": 1 / n_candidates, "top5": min(5, n_candidates) / n_candidates},
+        FLOOR: floor_scores(data, candidates),
+    }
+    log(f"  {'floor':10s} {'mean':8s} {_line(result[FLOOR])}")
+    figures: dict[str, dict] = {}
+    for which, obfuscator in (("defended", run.obfuscator), ("undefended", run.undefended_obfuscator)):
+        if which == "undefended" and not s.undefended:
+            result[which] = {}
+            continue
+        result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, cfg.model.split, candidates, which, log)
+    result["under_trained"] = under_trained(result)
+    result.update(
+        settings=dataclasses.asdict(s), seed=s.seed, attacker_width=width, device=str(device), seconds=round(time.perf_counter() - began, 1),
+        date=time.strftime("%Y-%m-%d"), veil_version=__version__, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+    )
+    out = run_dir / "attack"
+    write_outputs(out, result, to_float(data.users[: s.n_show]).cpu(), figures)
+    return result
+
+
+# ----------------------------------------------------------------------------- Table 3
+
+
+def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Path, log=print) -> dict:
+    """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings) and
+    write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3)."""
+    import json
+
+    validate_attack(s)
+    results = []
+    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_RESULTS}
+    for run_dir in run_dirs:
+        saved = Path(run_dir) / "attack" / "attack.json"
+        previous = json.loads(saved.read_text()) if saved.is_file() else None
+        if previous and {k: v for k, v in previous.get("settings", {}).items() if k not in NOT_RESULTS} == wanted:
+            log(f"veil attack: reusing {saved} (same settings)")
+            results.append(previous)
+        else:
+            results.append(attack(run_dir, s, log))
+    columns = [f"{r['training_reconstructor']} ({Path(r['run']).name})" for r in results]
+    rows = attacker_names(s) + ([WHITEBOX] if s.whitebox else [])
+    matrix = {
+        "rows": rows,
+        "columns": columns,
+        "psnr": {row: {col: r["defended"][row]["psnr_mean"] for col, r in zip(columns, results)} for row in rows},
+        "floor": {col: r[FLOOR]["psnr"] for col, r in zip(columns, results)},
+        "undefended": {row: {col: r["undefended"][row]["psnr_mean"] if row in r.get("undefended", {}) else None for col, r in zip(columns, results)} for row in rows},
+        "runs": [r["run"] for r in results],
+        "lambda_privacy": {col: r["lambda_privacy"] for col, r in zip(columns, results)},
+        "settings": dataclasses.asdict(s),
+        "seed": s.seed,
+    }
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "matrix.json", matrix)
+    atomic_write_text(out_dir / "matrix.csv", matrix_csv(matrix))
+    atomic_write_text(out_dir / "matrix.md", matrix_markdown(matrix))
+    return matrix
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
+    atomic_write_json(out / "attack.json", result)
+    atomic_write_text(out / "attack.csv", to_csv(result))
+    atomic_write_text(out / "attack.md", to_markdown(result))
+    names = list(dict.fromkeys(name for rows in figures.values() for name in rows))
+    for name in names:
+        rows = {which: figures[which][name] for which in OBFUSCATORS if name in figures.get(which, {})}
+        plot_attacker(out / f"{name}.png", originals, rows, name)
+
+
+CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor")
+
+
+def to_csv(result: dict) -> str:
+    floor = result[FLOOR]
+    lines = [",".join(CSV_FIELDS)]
+
+    def row(which: str, name: str, r: dict) -> str:
+        values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
+        return ",".join(values)
+
+    lines.append(row(FLOOR, "mean_image", floor))
+    for which in OBFUSCATORS:
+        for name, r in result.get(which, {}).items():
+            lines.append(row(which, name, r))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(r: dict | None, floor: float) -> list[str]:
+    if not r:
+        return ["n/a"] * 4
+    flag = " (!)" if r["psnr_mean"] < floor else ""
+    return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}", f"{r['reid_top5']:.1%}"]
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side table: floor, then each attacker, defended | undefended."""
+    floor = result[FLOOR]
+    header = ["attacker", "defended PSNR (dB)", "SSIM", "top-1", "top-5", "undefended PSNR (dB)", "SSIM", "top-1", "top-5"]
+    floor_cells = _cell(floor, -math.inf)
+    rows = [["floor: mean image", *floor_cells, *floor_cells]]
+    names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
+    for name in names:
+        label = name
+        if name == WHITEBOX:
+            r = result.get("defended", {}).get(name) or result.get("undefended", {}).get(name)
+            label = f"whitebox ({r['n_images']} images)"
+        rows.append([label, *_cell(result.get("defended", {}).get(name), floor["psnr"]), *_cell(result.get("undefended", {}).get(name), floor["psnr"])])
+    return header, rows
+
+
+def _notes(result: dict) -> list[str]:
+    chance = result["chance"]
+    notes = [
+        f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
+        f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
+    ]
+    if result["under_trained"]:
+        notes.append(
+            "(!) PSNR below the constant-image floor: " + ", ".join(result["under_trained"]) + ". That attacker was under-trained; "
+            "its number is not evidence of privacy."
+        )
+    return notes
+
+
+def to_markdown(result: dict) -> str:
+    header, rows = table_rows(result)
+    s = result["settings"]
+    lines = [
+        f"# Chosen Image Attack: {result['run']}",
+        "",
+        f"{result['dataset']}, training reconstructor {result['training_reconstructor']}, lambda {result['lambda_privacy']}. "
+        f"Attackers trained from scratch on {result['n_attacker_train']} attacker images ({result['n_attacker_val']} more held out "
+        f"for early stopping: at most {s['max_epochs']} epochs, patience {s['patience']}, augmentation {'on' if s['augment'] else 'off'}), "
+        f"width {result['attacker_width']}; scored on {result['n_users']} users' images (PSNR mean ± std over images).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + _notes(result)
+    lines += [
+        "",
+        f"Seed {result['seed']}, {result['device']} ({result['torch_threads']} threads), torch {result['torch_version']}, veil {result['veil_version']}, "
+        f"{result['date']}, {result['seconds']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_table(result: dict) -> str:
+    """The side-by-side table for the terminal."""
+    header, rows = table_rows(result)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), *[fmt(r) for r in rows], "", *_notes(result)])
+
+
+def matrix_csv(matrix: dict) -> str:
+    lines = ["attack," + ",".join(f'"{c}"' for c in matrix["columns"])]
+    for row in matrix["rows"]:
+        lines.append(row + "," + ",".join(f"{matrix['psnr'][row][c]:.6g}" for c in matrix["columns"]))
+    lines.append("floor," + ",".join(f"{matrix['floor'][c]:.6g}" for c in matrix["columns"]))
+    return "\n".join(lines) + "\n"
+
+
+def matrix_markdown(matrix: dict) -> str:
+    cols = matrix["columns"]
+    lines = [
+        "# Attack x training reconstructor: users' PSNR (dB) against the defended obfuscator",
+        "",
+        "| attack \\ training | " + " | ".join(f"{c}, lambda {matrix['lambda_privacy'][c]}" for c in cols) + " |",
+        "| --- | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for row in matrix["rows"]:
+        cells = [f"{matrix['psnr'][row][c]:.2f}" + (" (!)" if matrix["psnr"][row][c] < matrix["floor"][c] else "") for c in cols]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| floor: mean image | " + " | ".join(f"{matrix['floor'][c]:.2f}" for c in cols) + " |")
+    lines += ["", "(!) below the constant-image floor: an under-trained attacker, not privacy.", "Runs: " + ", ".join(matrix["runs"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_attacker(path: Path, originals: torch.Tensor, rows: dict[str, torch.Tensor], name: str) -> None:
+    """Originals above each obfuscator's reconstructions, with each reconstruction's PSNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(originals)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.3 * n, 1.5 * (1 + len(rows))), squeeze=False)
+    grid = [("original", originals, None)] + [(which, images, psnr(originals[: len(images)], images)) for which, images in rows.items()]
+    for i, (label, images, scores) in enumerate(grid):
+        for j in range(n):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j >= len(images):
+                continue
+            img = images[j].permute(1, 2, 0).clamp(0, 1).numpy()
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+            if scores is not None:
+                ax.set_title(f"{scores[j]:.1f} dB", fontsize=7)
+            if j == 0:
+                ax.text(-0.1, 0.5, label, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{name}: users' images (top) and reconstructions", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,264 @@
+"""The attack harness must be able to succeed (a recoverable obfuscator) and to fail (a constant one),
+and its metrics must match hand-computed values."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.conftest import DEMO_NPZ
+from torch import nn
+
+from veil.attack import (
+    AttackConfig,
+    attack,
+    attack_data,
+    attack_matrix,
+    attack_obfuscator,
+    fit_attacker,
+    floor_scores,
+    format_table,
+    invert,
+    obfuscate,
+    reconstruct,
+    resolve_settings,
+    to_markdown,
+)
+from veil.cli import main
+from veil.config import ConfigError
+from veil.data import read_npz, to_float, to_tensor_images
+from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
+from veil.train import train
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_reid_ranks_hand_computed():
+    pool = torch.tensor([0.0, 0.1, 0.5, 1.0]).view(4, 1, 1, 1)
+    reconstructions = torch.tensor([0.45, 0.45, 0.05]).view(3, 1, 1, 1)
+    candidates = torch.tensor([[0, 1, 2, 3], [2, 0, 1, 3], [0, 1, 3, 2]])
+    # Row 0: true image 0.0 is 0.45 away; 0.1 (0.35) and 0.5 (0.05) are closer -> rank 3.
+    # Row 1: true image 0.5 is the closest -> rank 1.
+    # Row 2: 0.05 is as far from 0.0 as from 0.1: a tie counts against the attacker -> rank 2.
+    ranks = reid_ranks(reconstructions, pool, candidates)
+    assert ranks.tolist() == [3, 1, 2]
+    assert top_k_rate(ranks, 1) == pytest.approx(1 / 3)
+    assert top_k_rate(ranks, 2) == pytest.approx(2 / 3)
+    assert top_k_rate(ranks, 5) == 1.0
+
+
+def test_reid_ranks_match_a_slow_loop():
+    torch.manual_seed(0)
+    pool = torch.rand(30, 3, 4, 4)
+    rec = (pool[:12] + 0.3 * torch.randn(12, 3, 4, 4)).clamp(0, 1)
+    cand = draw_candidates(torch.arange(12), 30, 7, torch.Generator().manual_seed(1))
+    slow = []
+    for i in range(12):
+        d = [((rec[i] - pool[j]) ** 2).mean().item() for j in cand[i].tolist()]
+        slow.append(1 + sum(x <= d[0] for x in d[1:]))
+    assert reid_ranks(rec, pool, cand, chunk=5).tolist() == slow
+
+
+def test_draw_candidates():
+    g = torch.Generator().manual_seed(0)
+    cand = draw_candidates(torch.arange(50), 50, 10, g)
+    assert cand.shape == (50, 10)
+    assert cand[:, 0].tolist() == list(range(50))
+    for i, row in enumerate(cand.tolist()):
+        assert len(set(row)) == 10 and i not in row[1:] and all(0 <= j < 50 for j in row)
+    assert torch.equal(cand, draw_candidates(torch.arange(50), 50, 10, torch.Generator().manual_seed(0)))
+    assert len(torch.unique(cand[:, 1:])) == 50  # every image serves as a distractor somewhere
+    with pytest.raises(ValueError, match="n_candidates"):
+        draw_candidates(torch.arange(5), 5, 6, g)
+
+
+def test_total_variation_hand_computed():
+    stripes = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 1, 2, 2)  # only horizontal neighbours differ, by 1
+    bands = torch.tensor([[0.0, 0.0], [0.5, 0.5]]).view(1, 1, 2, 2)  # only vertical neighbours differ, by 0.5
+    assert total_variation(torch.cat([stripes, bands])).tolist() == pytest.approx([1.0, 0.25])
+
+
+# ----------------------------------------------------------------------------- obfuscators that must succeed / fail
+
+
+class Unshuffle(nn.Module):
+    """Identity-like: a lossless rearrangement of each 2x2 patch into channels, 3x32x32 -> 12x16x16,
+    the feature-map size of a one-block obfuscator (model.split = 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(x, 2)
+
+
+class Constant(nn.Module):
+    """Outputs the same feature map whatever the image: nothing to recover."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(x), 8, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def demo_images() -> torch.Tensor:
+    images, _, _ = read_npz(DEMO_NPZ)
+    return to_tensor_images(images, 32, "demo")  # 2000 x 3 x 32 x 32 uint8
+
+
+def small_settings(**kw) -> AttackConfig:
+    base = dict(attackers="simrec", max_epochs=12, patience=4, lr=5e-3, batch_size=32, n_candidates=20, whitebox_steps=60, progress=False)
+    return AttackConfig(**{**base, **kw})
+
+
+def test_attacker_succeeds_against_identity_like_obfuscator(demo_images):
+    s = small_settings()
+    data = attack_data(demo_images[:1000], demo_images[1800:], True, s)
+    cand = draw_candidates(torch.arange(200), 200, s.n_candidates, torch.Generator().manual_seed(0))
+    results, _ = attack_obfuscator(Unshuffle(), data, s, 0.25, 1, cand, "identity", log=lambda *_: None)
+    floor = floor_scores(data, cand)
+    for name in ("simrec", "whitebox"):
+        r = results[name]
+        assert r["psnr_mean"] > 25.0, (name, r["psnr_mean"])
+        assert r["reid_top1"] >= 0.95, (name, r["reid_top1"])
+        assert r["ssim_mean"] > floor["ssim"] + 0.5
+    assert floor["psnr"] < 15.0
+
+
+def test_attacker_reaches_floor_and_no_better_against_constant_obfuscator(demo_images):
+    s = small_settings(max_epochs=4)
+    data = attack_data(demo_images[:600], demo_images[1000:], True, s)
+    cand = draw_candidates(torch.arange(1000), 1000, s.n_candidates, torch.Generator().manual_seed(0))
+    results, _ = attack_obfuscator(Constant(), data, s, 0.25, 2, cand, "constant", log=lambda *_: None)
+    floor = floor_scores(data, cand)
+    chance = 1 / s.n_candidates
+    for name in ("simrec", "whitebox"):
+        r = results[name]
+        assert r["psnr_mean"] < floor["psnr"] + 0.3, (name, r["psnr_mean"], floor["psnr"])
+        assert r["psnr_mean"] > floor["psnr"] - 1.5, (name, r["psnr_mean"], floor["psnr"])
+        # Every reconstruction is (nearly) the same image: re-identification at chance.
+        assert abs(r["reid_top1"] - chance) < 0.05, (name, r["reid_top1"])
+        assert abs(r["reid_top5"] - 5 * chance) < 0.1, (name, r["reid_top5"])
+    assert abs(floor["reid_top1"] - chance) < 0.05
+
+
+def test_whitebox_from_mean_image_is_the_floor_when_features_carry_nothing(demo_images):
+    # Without a TV prior the objective has no gradient at all: the mean image comes back unchanged.
+    s = small_settings(tv_weight=0.0, whitebox_steps=5)
+    data = attack_data(demo_images[:200], demo_images[200:260], True, s)
+    images, _ = invert(Constant(), obfuscate(Constant(), data.users, 64), data.mean_image, s)
+    assert torch.allclose(images, data.mean_image.expand_as(images).clamp(0, 1))
+
+
+def test_early_stopping_keeps_the_best_weights(demo_images):
+    s = small_settings(max_epochs=6, patience=1, lr=2e-2)
+    data = attack_data(demo_images[:300], demo_images[300:400], True, s)
+    reconstructor, curve = fit_attacker("resrec", Unshuffle(), data, s, 0.125, 1, seed=0)
+    assert 1 <= len(curve) <= 6
+    if len(curve) < 6:  # stopped early: the last epoch did not improve on the best
+        assert curve[-1]["val_psnr"] <= max(c["val_psnr"] for c in curve) + s.min_delta
+    val = psnr(to_float(data.val), reconstruct(reconstructor, obfuscate(Unshuffle(), data.val, 500), 500)).mean().item()
+    assert val == pytest.approx(max(c["val_psnr"] for c in curve), abs=1e-4)
+
+
+def test_attack_data_is_disjoint_and_seeded(demo_images):
+    s = small_settings()
+    data = attack_data(demo_images[:300], demo_images[300:400], True, s)
+    assert len(data.train) + len(data.val) == 300 and len(data.val) == 30
+    key = lambda t: {bytes(x.numpy().tobytes()) for x in t}  # noqa: E731
+    assert not key(data.train) & key(data.val)
+    assert torch.equal(data.val, attack_data(demo_images[:300], demo_images[300:400], True, s).val)
+    assert torch.allclose(data.mean_image, to_float(demo_images[:300]).mean(0, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- settings and outputs
+
+
+def test_settings_validation():
+    with pytest.raises(ConfigError, match="valid: simrec, urec1, urec2, resrec"):
+        resolve_settings({"attackers": "simrec,unet"})
+    with pytest.raises(ConfigError, match="n_candidates"):
+        resolve_settings({"n_candidates": 1})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        resolve_settings({"epochs": 3})
+    assert resolve_settings({"attackers": "simrec, resrec"}).attackers == "simrec, resrec"
+
+
+def fake_result(defended_psnr: float) -> dict:
+    entry = dict(psnr_mean=defended_psnr, psnr_std=1.0, ssim_mean=0.1, reid_top1=0.01, reid_top5=0.05, n_candidates=100, n_images=400)
+    floor = dict(entry, psnr_mean=12.0, psnr=12.0, ssim=0.05)
+    result = {
+        "run": "runs/x", "dataset": "demo", "training_reconstructor": "simrec", "lambda_privacy": 1.0, "n_attacker_train": 288,
+        "n_attacker_val": 32, "n_users": 400, "chance": {"top1": 0.01, "top5": 0.05}, "floor": floor,
+        "defended": {"simrec": entry}, "undefended": {"simrec": dict(entry, psnr_mean=20.0)}, "settings": AttackConfig().__dict__,
+        "seed": 0, "attacker_width": 0.25, "device": "cpu", "torch_threads": 2, "torch_version": "x", "veil_version": "x", "date": "x", "seconds": 1.0,
+    }
+    from veil.attack import under_trained
+
+    result["under_trained"] = under_trained(result)
+    return result
+
+
+def test_defended_psnr_below_floor_is_flagged_as_under_trained():
+    low, high = fake_result(11.0), fake_result(13.0)
+    assert low["under_trained"] == ["defended/simrec"] and high["under_trained"] == []
+    assert "under-trained" in format_table(low) and "under-trained" in to_markdown(low)
+    assert "under-trained" not in format_table(high) and "under-trained" not in to_markdown(high)
+
+
+@pytest.fixture
+def tiny_run(tiny_config, tmp_path):
+    """A whole tiny Algorithm 1 run (width 1/16, 240 images) to attack."""
+    train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    return tmp_path / "run"
+
+
+TINY_FLAGS = ["--attackers", "simrec,resrec", "--max-epochs", "2", "--batch-size", "16", "--n-candidates", "10",
+              "--whitebox-images", "12", "--whitebox-steps", "4", "--n-show", "4", "--no-progress"]
+
+
+def test_veil_attack_writes_every_output(tiny_run, capsys):
+    assert main(["attack", str(tiny_run), *TINY_FLAGS]) == 0
+    out = capsys.readouterr().out
+    assert "floor: mean image" in out and "undefended PSNR" in out
+    folder = tiny_run / "attack"
+    result = json.loads((folder / "attack.json").read_text())
+    keys = {"psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates"}
+    assert set(result["floor"]) >= {"psnr", "ssim"}
+    for which in ("defended", "undefended"):
+        assert set(result[which]) == {"simrec", "resrec", "whitebox"}
+        for name, r in result[which].items():
+            assert keys <= set(r), name
+            assert r["n_candidates"] == 10 and math.isfinite(r["psnr_mean"]) and 0 <= r["reid_top1"] <= r["reid_top5"] <= 1
+            assert r["curve"], name
+        assert result[which]["whitebox"]["n_images"] == 12 and result[which]["simrec"]["n_images"] == result["n_users"]
+    assert result["settings"]["max_epochs"] == 2 and result["seed"] == 0 and result["settings"]["attackers"] == "simrec,resrec"
+    csv = (folder / "attack.csv").read_text().splitlines()
+    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6
+    assert "| floor: mean image |" in (folder / "attack.md").read_text()
+    for name in ("simrec", "resrec", "whitebox"):
+        assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("attack"))
+    s = resolve_settings({"attackers": "simrec,resrec", "max_epochs": 2, "batch_size": 16, "n_candidates": 10, "whitebox_images": 12,
+                          "whitebox_steps": 4, "n_show": 4, "progress": False})
+    attack(tiny_run, s, log=lambda *_: None)
+    lines = []
+    matrix = attack_matrix([tiny_run, other], s, tmp_path / "table3", log=lines.append)
+    assert any("reusing" in line for line in lines) and (other / "attack" / "attack.json").is_file()
+    assert matrix["rows"] == ["simrec", "resrec", "whitebox"] and len(matrix["columns"]) == 2
+    # The same run attacked twice with the same seed gives the same numbers.
+    a, b = matrix["columns"]
+    assert matrix["psnr"]["simrec"][a] == pytest.approx(matrix["psnr"]["simrec"][b], abs=1e-4)
+    assert (tmp_path / "table3" / "matrix.md").read_text().count("|") > 10
+    assert (tmp_path / "table3" / "matrix.csv").read_text().splitlines()[0].startswith("attack,")
+
+
+def test_veil_attack_errors_are_one_line(tmp_path, capsys):
+    assert main(["attack"]) == 2
+    assert "needs one RUN_DIR" in capsys.readouterr().err
+    assert main(["attack", str(tmp_path), "--attackers", "simrec,nope"]) == 2
+    assert "valid: simrec, urec1, urec2, resrec" in capsys.readouterr().err
+    assert main(["attack", str(tmp_path)]) == 2
+    assert "not a Veil run directory" in capsys.readouterr().err
