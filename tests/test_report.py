@@ -170,12 +170,16 @@ def test_report_of_two_runs_holds_every_section(runs, tmp_path):
     assert "| URec#2 | 13.25 | 21.75 |" in t3
     assert "| white-box | 9.50 | n/a |" in t3
 
-    # Figure 5 uses the run's own warm-up reconstructor; configs and versions are shown.
-    assert "undefended (simrec-l1 after pretraining)" in md
+    # Figure 5's undefended row is the lambda = 0 run; configs and versions are shown.
+    assert "undefended (λ=0, urec2-l0)" in md
     assert "lambda_privacy: 1.0" in md and "torch" in md and "veil train --config" in md
 
 
-def test_figure5_falls_back_to_a_lambda_0_run(runs, tmp_path):
+def test_figure5_without_a_lambda_0_run(runs, tmp_path):
+    # Alone, a defended run shows its own reconstructor after the warm-up against the pretrained obfuscator.
+    md = report([runs["simrec-l1"]], tmp_path / "alone", n_images=4, **QUIET)["markdown"].read_text()
+    assert "undefended (simrec-l1 after pretraining and warm-up)" in md and "report-figure5-undefended-vs-defended.png" in md
+    # Without that reconstructor (a run trained before it was saved) the page says why Figure 5 is missing.
     copy = tmp_path / "simrec-l1"
     shutil.copytree(runs["simrec-l1"], copy)
     (copy / "checkpoints" / "undefended" / "reconstructor.safetensors").unlink()
@@ -183,11 +187,33 @@ def test_figure5_falls_back_to_a_lambda_0_run(runs, tmp_path):
     info = json.loads(info_path.read_text())
     del info["files"]["reconstructor.safetensors"]
     info_path.write_text(json.dumps(info))
-    md = report([copy, runs["urec2-l0"]], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
-    assert "undefended (λ=0, urec2-l0)" in md
-    md = report([copy], tmp_path / "alone", n_images=4, **QUIET)["markdown"].read_text()
-    assert "Figure 5 style" in md and "undefended reconstructor" in md  # says why it is not drawn
+    md = report([copy], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
+    assert "Figure 5 style" in md and "undefended reconstructor" in md
     assert "report-figure5" not in md
+
+
+def test_table3_from_an_attack_matrix_folder(runs, tmp_path):
+    """A folder written by `veil attack --matrix ... --out DIR` brings its runs and its Table 3."""
+    cols = ["simrec (simrec-l1)", "urec2 (urec2-l0)"]
+    matrix = {
+        "rows": ["simrec", "urec2"], "columns": cols,
+        "psnr": {"simrec": {cols[0]: 12.5, cols[1]: 20.5}, "urec2": {cols[0]: 10.25, cols[1]: 21.75}},
+        "floor": {cols[0]: 11.0, cols[1]: 11.0},
+        "undefended": {"simrec": {cols[0]: 21.0, cols[1]: 21.0}, "urec2": {cols[0]: 22.0, cols[1]: 22.0}},
+        "runs": [str(runs["simrec-l1"]), str(runs["urec2-l0"])], "lambda_privacy": {cols[0]: 1.0, cols[1]: 0.0},
+    }
+    (tmp_path / "matrix").mkdir()
+    (tmp_path / "matrix" / "matrix.json").write_text(json.dumps(matrix))
+    md = report([tmp_path / "matrix"], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
+    assert "| simrec-l1 |" in md and "| urec2-l0 |" in md
+    t3 = md.split("Table 3 style")[1].split("## ")[0]
+    assert "| attack \\ training | simrec (simrec-l1), λ=1 | urec2 (urec2-l0), λ=0 |" in t3
+    assert "| URec#2 | 10.25 (below floor) | 21.75 |" in t3
+    assert "| SimRec against undefended | 21.00 | 21.00 |" in t3
+    del matrix["psnr"]["urec2"]
+    (tmp_path / "matrix" / "matrix.json").write_text(json.dumps(matrix))
+    with pytest.raises(ReportError, match="matrix.json: not a Table 3 matrix"):
+        report([tmp_path / "matrix"], tmp_path / "out", **QUIET)
 
 
 def test_report_cli_errors_are_one_line(tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
+import sys
 
 import pytest
 
@@ -77,7 +77,7 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert (out / "frontier.png").stat().st_size > 1000
 
     # Finished and attacked: a rerun trains and attacks nothing.
-    monkeypatch.setattr(importlib.import_module("veil.train"), "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    monkeypatch.setattr(sys.modules["veil.train"], "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert sweep(config, [0.0, 1.0], out, ["t_main=2"], attack=lambda d: pytest.fail("attacked twice"), **QUIET) == rows
     # Another config in the same directory is refused, naming the key.
     with pytest.raises(ConfigError, match="model.width: run has 0.0625, sweep asks 0.125"):

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     p = sub.add_parser("report", help="tables and figures of runs or sweeps as one HTML page and Markdown")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (veil train) or sweep directories (veil sweep)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (veil train), sweep directories (veil sweep) or matrix folders (veil attack --matrix --out)")
     p.add_argument("--out", metavar="DIR", help="where to write report.html, report.md and figures (default: the first RUN_DIR)")
     p.add_argument("--images", type=int, default=8, metavar="N", help="users' images shown in Figures 4 and 5 (default 8)")
     p.set_defaults(func=cmd_report)

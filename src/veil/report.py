@@ -462,22 +462,22 @@ def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, fi
         figures.append(fig)
         page.add("figure", fig)
 
-        # Figure 5: undefended against defended, on the same images. The undefended row comes from
-        # the run's own warm-up reconstructor when saved, else from a lambda = 0 run of the group.
+        # Figure 5: undefended against defended, on the same images. The undefended row is the
+        # paper's variant, a lambda = 0 run (same training reconstructor first: same schedule, so the
+        # same training effort); else the run's own reconstructor after the warm-up against the
+        # pretrained obfuscator (fewer epochs than the defended row's final refit).
         defended = [r for r in group if r.lambda_privacy > 0]
+        same = defended[0].reconstructor if defended else None
+        plain = sorted((r for r in group if r.lambda_privacy == 0), key=lambda r: r.reconstructor != same)
         undefended: Reconstructions | None = None
-        for r in defended:
+        if plain:
+            undefended = Reconstructions(f"undefended (λ=0, {plain[0].name})", rebuilt[plain[0].name].images, rebuilt[plain[0].name].psnr)
+        for r in defended if undefended is None else []:
             net = loaded[r.name]
             rec = undefended_reconstructor(r.path, net)
             if rec is not None:
-                undefended = reconstruct(net.undefended_obfuscator, rec, originals, f"undefended ({r.name} after pretraining)")
+                undefended = reconstruct(net.undefended_obfuscator, rec, originals, f"undefended ({r.name} after pretraining and warm-up)")
                 break
-        if undefended is None:
-            for r in group:
-                if r.lambda_privacy == 0:
-                    net = loaded[r.name]
-                    undefended = reconstruct(net.obfuscator, net.reconstructor, originals, f"undefended (λ=0, {r.name})")
-                    break
         if undefended is None or not defended:
             fig5_blocks.append(("p", f"Not drawn for {', '.join(r.name for r in group)}: it needs a run with λ > 0 and either its saved "
                                 "undefended reconstructor (checkpoints/undefended/reconstructor.safetensors) or a λ = 0 run on the same data."))
@@ -485,7 +485,8 @@ def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, fi
         rows5 = [rows[0], undefended] + [Reconstructions(f"defended ({rebuilt[r.name].label})", rebuilt[r.name].images, rebuilt[r.name].psnr) for r in defended]
         name = f"report-figure5-undefended-vs-defended{suffix}.png"
         fig = Figure(name, plot_image_rows([(x.label, x.images, x.psnr) for x in rows5]),
-                     "Figure 5 style: reconstructions against the undefended obfuscator (second row) and the defended one (below); PSNR in dB.")
+                     "Figure 5 style: reconstructions against the undefended obfuscator (second row: a λ = 0 run when given, else the run's "
+                     "reconstructor after its warm-up against the pretrained obfuscator) and the defended one (below); PSNR in dB.")
         figures.append(fig)
         fig5_blocks.append(("figure", fig))
         mean = [sum(x.psnr) / len(x.psnr) for x in rows5[1:]]
