@@ -395,3 +395,13 @@ def test_features_the_dtype_cannot_hold_are_refused(tiny, tmp_path):
     replace_weights(weights, state)
     obfuscate(run, "run:test", tmp_path / "s32", dtype="float32", device="cpu", progress=False, log=lambda *_: None)
     assert read_all(tmp_path / "s32")["features"].abs().max() > 65504
+
+
+def test_fingerprint_covers_the_noise_defence_sigma():
+    from veil.defences import set_noise
+    from veil.models import Obfuscator
+
+    f = Obfuscator(3, 0.0625, 2, noise=True)
+    before = fingerprint(f)
+    set_noise(f, 0.5)  # a 0-d buffer: the stored features' noise level is part of the obfuscator
+    assert fingerprint(f) != before
