@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from test_report import QUIET, attacker_entry, make_tiny_npz, tiny_cfg, write_attack
+from test_report import QUIET, make_tiny_npz, tiny_cfg
 from veil import config as config_mod
 from veil import rundir
 from veil.config import ConfigError
 from veil.report import report
-from veil.sweep import DEFENCES, frontier_rows, parse_strengths, point_name, read_sweep, sweep
+from veil.sweep import DEFENCES, frontier_rows, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
 from veil.train import plan
 
 
@@ -25,10 +25,9 @@ def test_parse_strengths():
     assert DEFENCES["adversarial"].overrides(0.3) == ["train.lambda_privacy=0.3"]
 
 
-def summary_attack(run_dir) -> None:
-    """Stands in for the harness: the run's own training reconstructor as the one 'attacker'."""
-    s = json.loads((run_dir / "summary.json").read_text())
-    write_attack(run_dir, {"simrec": attacker_entry(s["final_test_psnr"])}, {"simrec": attacker_entry(s["undefended_test_psnr"])})
+# `veil attack` turned down to seconds: one attacker, one epoch, a short white-box inversion.
+TINY_ATTACK = {"attackers": "simrec", "max_epochs": 1, "batch_size": 16, "n_candidates": 10, "whitebox_images": 8,
+               "whitebox_steps": 3, "n_show": 4, "progress": False, "device": "cpu"}
 
 
 def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
@@ -36,11 +35,6 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     config = tmp_path / "tiny.yaml"
     config.write_text(config_mod.to_yaml(tiny_cfg(npz)))
     out = tmp_path / "sweep"
-    attacked: list[str] = []
-
-    def attack(run_dir):
-        attacked.append(run_dir.name)
-        summary_attack(run_dir)
 
     # Kill the sweep three checkpoints into the second run (lambda = 1).
     steps = len(plan(tiny_cfg(npz).train))
@@ -53,15 +47,17 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
 
     monkeypatch.setattr(rundir, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        sweep(config, [0.0, 1.0], out, ["t_main=2"], attack=attack, **QUIET)
-    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
-    assert attacked == ["lambda-0"] and not (out / "lambda-1" / "summary.json").exists()
-
     logs: list[str] = []
-    rows = sweep(config, [0.0, 1.0], out, ["t_main=2"], attack=attack, log=logs.append)
-    assert "veil sweep: lambda-0 already trained" in logs and "veil sweep: resuming lambda-1 (lambda = 1)" in logs
-    assert attacked == ["lambda-0", "lambda-1"]  # lambda 0 was not attacked twice
+    with pytest.raises(KeyboardInterrupt):
+        sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, log=logs.append)
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    assert "veil sweep: attacking lambda-0" in logs and (out / "lambda-0" / "attack" / "attack.json").is_file()
+    assert not (out / "lambda-1" / "summary.json").exists()
+
+    logs = []
+    rows = sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, log=logs.append)
+    assert "veil sweep: lambda-0 already trained" in logs and "veil sweep: lambda-0 already attacked" in logs
+    assert "veil sweep: resuming lambda-1 (lambda = 1)" in logs and "veil sweep: attacking lambda-1" in logs
     assert len(rundir.read_metrics(out / "lambda-1")) == steps
     for name, lam in (("lambda-0", 0.0), ("lambda-1", 1.0)):
         assert config_mod.load(out / name / "config.yaml").train.lambda_privacy == lam
@@ -70,23 +66,45 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert [r["name"] for r in rows] == ["lambda-0", "lambda-1"]
     for r in rows:
         s = json.loads((out / r["name"] / "summary.json").read_text())
-        assert r["test_accuracy"] == s["final_test_accuracy"] and r["psnr"] == s["final_test_psnr"]
-        assert r["psnr_attacker"] == "simrec" and r["floor_psnr"] == 11.0 and r["n_candidates"] == 100
+        a = json.loads((out / r["name"] / "attack" / "attack.json").read_text())
+        assert set(a["defended"]) == {"simrec", "whitebox"} and a["settings"]["max_epochs"] == 1
+        assert r["test_accuracy"] == s["final_test_accuracy"]
+        assert r["psnr"] == max(x["psnr_mean"] for x in a["defended"].values())
+        assert r["reid_top1"] == max(x["reid_top1"] for x in a["defended"].values())
+        assert r["floor_psnr"] == a["floor"]["psnr"] and r["n_candidates"] == 10
     assert json.loads((out / "frontier.json").read_text()) == rows
     assert (out / "frontier.csv").read_text().splitlines()[0].startswith("name,defence,strength,test_accuracy")
     assert (out / "frontier.png").stat().st_size > 1000
 
-    # Finished and attacked: a rerun trains and attacks nothing.
+    # Finished and attacked with these settings: a rerun trains and attacks nothing.
     monkeypatch.setattr(sys.modules["veil.train"], "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
-    assert sweep(config, [0.0, 1.0], out, ["t_main=2"], attack=lambda d: pytest.fail("attacked twice"), **QUIET) == rows
-    # Another config in the same directory is refused, naming the key.
+    assert sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, **QUIET) == rows
+    # Other attack settings: attacked again, not retrained.
+    logs = []
+    sweep(config, [1.0], out, ["t_main=2"], attack_settings={**TINY_ATTACK, "n_candidates": 8}, log=logs.append)
+    assert "veil sweep: attacking lambda-1" in logs and json.loads((out / "lambda-1" / "attack" / "attack.json").read_text())["settings"]["n_candidates"] == 8
+    # Another config in the same directory is refused, naming the key, before anything is written.
     with pytest.raises(ConfigError, match="model.width: run has 0.0625, sweep asks 0.125"):
-        sweep(config, [0.0], out, ["t_main=2", "width=0.125"], attack=attack, **QUIET)
+        sweep(config, [0.0], out, ["t_main=2", "width=0.125"], attack_settings=TINY_ATTACK, **QUIET)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        sweep(config, [0.0], tmp_path / "other", attack_settings={"epochs": 1}, **QUIET)
+    assert not (tmp_path / "other").exists()
     assert [p.name for p in read_sweep(out)["points"]] == ["lambda-0", "lambda-1"]
 
-    # `veil report DIR` of the sweep: the frontier heads the page, then both runs.
+    # `veil report DIR` of the sweep: the frontier heads the page, then both runs and their attack tables.
     md = report([out], tmp_path / "report", **QUIET)["markdown"].read_text()
     assert "Utility-privacy frontier: sweep" in md and "report-frontier-sweep.png" in md
     assert "| adversarial | lambda = 0 |" in md and "| adversarial | lambda = 1 |" in md
-    assert "| lambda-0 |" in md and "| lambda-1 |" in md
-    assert frontier_rows(out) == rows
+    assert "| lambda-0 |" in md and "| lambda-1 |" in md and "chance (N = 10)" in md and "chance (N = 8)" in md
+    assert frontier_rows(out)[0] == rows[0]
+
+
+def test_parse_attack_settings():
+    assert parse_attack_settings(["max_epochs=5", "whitebox=false", "attackers=simrec,resrec", "lr=1e-3"]) == {
+        "max_epochs": 5, "whitebox": False, "attackers": "simrec,resrec", "lr": 0.001}
+    with pytest.raises(ConfigError, match="unknown setting 'epochs'"):
+        parse_attack_settings(["epochs=5"])
+    with pytest.raises(ConfigError, match="'max_epochs' must be int"):
+        parse_attack_settings(["max_epochs=many"])
+    with pytest.raises(ConfigError, match="must look like KEY=VALUE"):
+        parse_attack_settings(["max_epochs"])

@@ -213,6 +213,7 @@ def sweep(
     if (out / SWEEP_FILE).is_file():  # a resumed or extended sweep keeps its earlier points
         earlier = read_sweep(out)["points"]
         points = earlier + [p for p in asked if p.name not in {e.name for e in earlier}]
+    points = sorted(points, key=lambda p: (p.defence, p.strength))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SWEEP_FILE, {
         "config": str(config_path), "overrides": overrides, "attack_settings": settings,
