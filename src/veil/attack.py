@@ -36,6 +36,7 @@ from veil.models import init_xavier
 from veil.models.reconstructors import ATTACKERS, build_attacker
 
 WHITEBOX = "whitebox"
+TUNE_IMAGES = 32  # held-out attacker images on which the white-box attacker chooses its TV weight
 FLOOR = "floor"
 OBFUSCATORS = ("defended", "undefended")
 
@@ -83,8 +84,9 @@ class AttackConfig:
     """Adam steps of the white-box inversion per image batch."""
     whitebox_lr: float = 0.05
     """Peak learning rate of the white-box inversion (on pixel values in [0, 1]), cosine-annealed to 0."""
-    tv_weight: float = 0.1
-    """Weight of the total-variation prior in the white-box objective (relative feature error + tv_weight * TV)."""
+    tv_weights: str = "0.1,1,10"
+    """Total-variation prior weights to try, comma-separated; the white-box attacker keeps the one whose
+    inversions of its own held-out images score the best PSNR (one value: no choice)."""
     n_show: int = 8
     """Users' images shown in each attacker's PNG (the first ones of the test split)."""
     seed: int = 0
@@ -101,6 +103,10 @@ NOT_RESULTS = ("device", "progress")
 
 def attacker_names(s: AttackConfig) -> list[str]:
     return [name.strip() for name in s.attackers.split(",") if name.strip()]
+
+
+def tv_weights(s: AttackConfig) -> list[float]:
+    return [float(w) for w in s.tv_weights.split(",") if w.strip()]
 
 
 def validate_attack(s: AttackConfig) -> None:
@@ -123,7 +129,11 @@ def validate_attack(s: AttackConfig) -> None:
     need(s.batch_size >= 2 and s.eval_batch_size >= 1, f"batch_size must be >= 2 and eval_batch_size >= 1, got {s.batch_size} and {s.eval_batch_size}")
     need(s.n_candidates >= 2, f"n_candidates must be >= 2, got {s.n_candidates}")
     need(s.whitebox_images >= 0 and s.whitebox_steps >= 1, f"whitebox_images must be >= 0 and whitebox_steps >= 1, got {s.whitebox_images} and {s.whitebox_steps}")
-    need(s.tv_weight >= 0, f"tv_weight must be >= 0, got {s.tv_weight}")
+    try:
+        weights = tv_weights(s)
+    except ValueError:
+        weights = []
+    need(bool(weights) and all(w >= 0 for w in weights), f"tv_weights must be comma-separated numbers >= 0, got '{s.tv_weights}'")
     need(s.n_show >= 1, f"n_show must be >= 1, got {s.n_show}")
     need(s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got '{s.device}'")
 
@@ -250,7 +260,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
 # ----------------------------------------------------------------------------- white-box attacker
 
 
-def invert(obfuscator: nn.Module, features: torch.Tensor, start: torch.Tensor, s: AttackConfig, bar=None) -> tuple[torch.Tensor, list[dict]]:
+def invert(obfuscator: nn.Module, features: torch.Tensor, start: torch.Tensor, tv_weight: float, s: AttackConfig, bar=None) -> tuple[torch.Tensor, list[dict]]:
     """White-box attack: from `start` (the mean image), optimise images x in [0, 1] so that f(x)
     matches `features`, minimising |f(x) - features|^2 / |features|^2 + tv_weight * TV(x) per image.
     Returns the images (N x C x H x W) and the mean objective every few steps."""
@@ -265,7 +275,7 @@ def invert(obfuscator: nn.Module, features: torch.Tensor, start: torch.Tensor, s
             for group in opt.param_groups:
                 group["lr"] = s.whitebox_lr * 0.5 * (1 + math.cos(math.pi * step / s.whitebox_steps))
             feature_error = (obfuscator(x) - target).pow(2).flatten(1).mean(1) / scale
-            loss = (feature_error + s.tv_weight * total_variation(x)).mean()
+            loss = (feature_error + tv_weight * total_variation(x)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -279,6 +289,21 @@ def invert(obfuscator: nn.Module, features: torch.Tensor, start: torch.Tensor, s
                 bar.update(1)
         out.append(x.detach())
     return torch.cat(out), curve
+
+
+def choose_tv_weight(obfuscator: nn.Module, data: AttackData, s: AttackConfig, bar=None) -> tuple[float, dict[str, float]]:
+    """The white-box attacker picks its prior weight on its own held-out images (never the users')."""
+    weights = tv_weights(s)
+    if len(weights) == 1:
+        return weights[0], {}
+    images = data.val[:TUNE_IMAGES]
+    features = obfuscate(obfuscator, images, s.eval_batch_size)
+    scores = {}
+    for w in weights:
+        inverted, _ = invert(obfuscator, features, data.mean_image, w, s, bar)
+        scores[f"{w:g}"] = psnr(to_float(images), inverted).mean().item()
+    best = max(weights, key=lambda w: scores[f"{w:g}"])
+    return best, scores
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -321,11 +346,16 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
         start = time.perf_counter()
         m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
         n_batches = math.ceil(m / s.eval_batch_size)
-        with _progress(n_batches * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
-            rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, s, bar)
-        results[WHITEBOX] = {**score(users, all_rows[:m], rebuilt, candidates[:m]), "steps": s.whitebox_steps, "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+        n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
+        with _progress((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
+            tv_weight, tuning = choose_tv_weight(obfuscator, data, s, bar)
+            rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s, bar)
+        results[WHITEBOX] = {
+            **score(users, all_rows[:m], rebuilt, candidates[:m]), "steps": s.whitebox_steps, "tv_weight": tv_weight,
+            "tv_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve,
+        }
         shown[WHITEBOX] = rebuilt[: s.n_show].cpu()
-        log(f"  {label:10s} {WHITEBOX:8s} {_line(results[WHITEBOX])}  ({m} images, {s.whitebox_steps} steps, {results[WHITEBOX]['seconds']:.0f} s)")
+        log(f"  {label:10s} {WHITEBOX:8s} {_line(results[WHITEBOX])}  ({m} images, {s.whitebox_steps} steps, TV weight {tv_weight:g}, {results[WHITEBOX]['seconds']:.0f} s)")
     return results, shown
 
 
