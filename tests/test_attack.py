@@ -175,8 +175,9 @@ def test_attack_data_is_disjoint_and_seeded(demo_images):
 
 
 def test_settings_validation():
-    with pytest.raises(ConfigError, match="valid: simrec, urec1, urec2, resrec"):
-        resolve_settings({"attackers": "simrec,unet"})
+    with pytest.raises(ConfigError, match="valid: simrec, urec1, urec2, resrec, unet"):
+        resolve_settings({"attackers": "simrec,unet9"})
+    assert resolve_settings({"attackers": "simrec,unet"}).attackers == "simrec,unet"  # the stronger decoder
     with pytest.raises(ConfigError, match="n_candidates"):
         resolve_settings({"n_candidates": 1})
     with pytest.raises(ConfigError, match="unknown setting"):
