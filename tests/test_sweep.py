@@ -22,7 +22,8 @@ def test_parse_strengths():
         with pytest.raises(ConfigError, match=msg):
             parse_strengths(bad)
     assert point_name("adversarial", 0.1) == "lambda-0.1" and point_name("adversarial", 3.0) == "lambda-3"
-    assert DEFENCES["adversarial"].overrides(0.3) == ["train.lambda_privacy=0.3"]
+    assert DEFENCES["adversarial"].overrides(0.3) == ["train.defence=adversarial", "train.lambda_privacy=0.3"]
+    assert DEFENCES["noise"].overrides(0.5) == ["train.defence=noise", "train.noise_sigma=0.5"]
 
 
 # `veil attack` turned down to seconds: one attacker, one epoch, a short white-box inversion.
