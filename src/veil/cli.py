@@ -58,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load(args.config, args.overrides) if args.config else config_mod.apply_overrides(config_mod.Config(), args.overrides)
     phases = tuple(args.phases.split(",")) if args.phases else PHASES
-    result = bench(cfg, args.batches, args.repeats, args.warmup, phases, progress=cfg.progress and not args.json)
+    result = bench(cfg, args.batches, args.repeats, args.warmup, phases, progress=cfg.progress and not args.json, threads=args.threads)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed passes per phase; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per phase first (default 1)")
     p.add_argument("--phases", help="comma-separated subset of: pretrain, obfuscator_classifier, reconstructor, obfuscator, evaluate, obfuscate")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for both loops (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. width=0.25 batch_size=256 device=cpu")
     p.set_defaults(func=cmd_bench)
