@@ -348,14 +348,14 @@ def line_style(i: int) -> dict:
 
 def plot_accuracy_by_round(runs: list[RunResults]) -> bytes:
     """Figure 3 style: test accuracy against adversarial round, one line per run."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot()
     for i, run in enumerate(runs):
         acc = accuracy_by_round(run.metrics)
         xs = sorted(acc)
         ax.plot(xs, [100 * acc[x] for x in xs], label=label(run, runs), markersize=5, linewidth=1.6, **line_style(i))
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adversarial round (0 = pretrained baseline)")
     ax.set_ylabel("test accuracy (%)")
@@ -379,9 +379,9 @@ def plot_image_rows(rows: list[tuple[str, torch.Tensor, list[float] | None]]) ->
                 continue
             img = images[c].detach().float().clamp(0, 1).cpu()
             if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             else:
-                ax.imshow(img.permute(1, 2, 0).numpy())
+                ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
             if psnrs is not None:
                 ax.set_xlabel(f"{psnrs[c]:.1f} dB", fontsize=8, labelpad=2)
         axes[r][0].set_ylabel(textwrap.fill(row_label, 22), fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
