@@ -202,9 +202,9 @@ def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
 
 
 def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None) -> tuple[nn.Module, list[dict]]:
-    """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen),
-    with early stopping on the held-out part (the learning rate shrinks on each plateau epoch). Returns it with its best weights, in eval mode, and
-    its curve (one record per epoch)."""
+    """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen), with
+    early stopping on the held-out part; the learning rate shrinks after each epoch without gain.
+    Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
     device = data.train.device
     obfuscator.eval().requires_grad_(False)
     train_features = None if s.augment else obfuscate(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
@@ -242,9 +242,11 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
                 bar.update(1)
         val = psnr(val_images, reconstruct(reconstructor, val_features, s.eval_batch_size)).mean().item()
         curve.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_psnr": total.item() / stop, "val_psnr": val, "seconds": round(time.perf_counter() - start_time, 3)})
-        if val > best + s.min_delta:
-            best, waited = val, 0
-            best_state = {k: v.detach().clone() for k, v in reconstructor.state_dict().items()}
+        improved = val > best + s.min_delta
+        if val > best:  # keep the best weights, even when the gain is too small to reset the patience
+            best, best_state = val, {k: v.detach().clone() for k, v in reconstructor.state_dict().items()}
+        if improved:
+            waited = 0
         else:
             waited += 1
             for group in opt.param_groups:  # a plateau: take smaller steps before giving up
@@ -401,6 +403,8 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print) -> dict:
     cfg = run.config
     splits = load_splits(cfg.data, cfg.seed)  # the same three splits the run used
     data = attack_data(splits.attacker.images.to(device), splits.test.images.to(device), splits.natural, s)
+    if len(data.users) < 2:
+        raise AttackError(f"{run_dir}: re-identification needs at least 2 users' (test) images, the run has {len(data.users)}")
     n_candidates = min(s.n_candidates, len(data.users))
     candidates = draw_candidates(torch.arange(len(data.users)), len(data.users), n_candidates, torch.Generator().manual_seed(s.seed))
     width = s.width or cfg.model.width
@@ -455,6 +459,8 @@ def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Pa
             log(f"veil attack: reusing {saved} (same settings)")
             results.append(previous)
         else:
+            if previous:
+                log(f"veil attack: {saved} was made with other settings; attacking {run_dir} again")
             results.append(attack(run_dir, s, log))
     columns = [f"{r['training_reconstructor']} ({Path(r['run']).name})" for r in results]
     rows = attacker_names(s) + ([WHITEBOX] if s.whitebox else [])
@@ -608,7 +614,7 @@ def plot_attacker(path: Path, originals: torch.Tensor, rows: dict[str, torch.Ten
     import matplotlib.pyplot as plt
 
     n = len(originals)
-    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.3 * n, 1.5 * (1 + len(rows))), squeeze=False)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.3 * n, 1.55 * (1 + len(rows))), squeeze=False)
     grid = [("original", originals, None)] + [(which, images, psnr(originals[: len(images)], images)) for which, images in rows.items()]
     for i, (label, images, scores) in enumerate(grid):
         for j in range(n):
@@ -618,11 +624,11 @@ def plot_attacker(path: Path, originals: torch.Tensor, rows: dict[str, torch.Ten
                 continue
             img = images[j].permute(1, 2, 0).clamp(0, 1).numpy()
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
-            if scores is not None:
-                ax.set_title(f"{scores[j]:.1f} dB", fontsize=7)
+            if scores is not None:  # under the image it belongs to
+                ax.text(0.5, -0.04, f"{scores[j]:.1f} dB", transform=ax.transAxes, ha="center", va="top", fontsize=7)
             if j == 0:
                 ax.text(-0.1, 0.5, label, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"{name}: users' images (top) and reconstructions", fontsize=9)
+    fig.suptitle(f"{name}: users' images (top) and their reconstructions, with PSNR", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
