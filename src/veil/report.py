@@ -269,7 +269,7 @@ body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; 
 h1 { font-size: 1.6rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #999; } h3 { margin-top: 1.4rem; }
 table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; font-size: 0.9rem; }
 th, td { border: 1px solid #888; padding: 0.25rem 0.55rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child { text-align: left; white-space: nowrap; }
 th { background: #e8e8e8; }
 p.caption { font-size: 0.85rem; color: #333; margin: 0.8rem 0 0.2rem; }
 figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; border: 1px solid #ccc; }

@@ -317,6 +317,7 @@ def plot_frontier(rows: list[dict]) -> bytes:
     for ax in (left, right):
         if base:
             ax.axhline(100 * base[0], color="#888888", linestyle="-.", linewidth=1.0, label="pretrained baseline")
+        ax.margins(x=0.12, y=0.08)  # room for the point labels
         ax.grid(True, color="#cccccc", linewidth=0.6)
         ax.legend(fontsize=8)
     left.set_xlabel("strongest attacker's PSNR on users' images (dB)")
