@@ -270,6 +270,7 @@ def bench(
             "bare_images_per_s": bare_ips,
             "ratio": veil_ips / bare_ips,
             "cpu_ratio": statistics.median(cpu["bare"]) / statistics.median(cpu["veil"]) if device.type == "cpu" else None,
+            "bare_images_per_cpu_s": phase.images / statistics.median(cpu["bare"]) if device.type == "cpu" else None,
             "flop_per_image": phase.flop_per_image,
             "flop_per_s": phase.flop_per_image * veil_ips,
             "peak_memory_mb": _peak_memory_mb(device),
