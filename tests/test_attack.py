@@ -17,6 +17,7 @@ from veil.attack import (
     attack_data,
     attack_matrix,
     attack_obfuscator,
+    ceiling_key,
     fit_attacker,
     floor_scores,
     format_table,
@@ -205,6 +206,27 @@ def test_defended_psnr_below_floor_is_flagged_as_under_trained():
     assert low["under_trained"] == ["defended/simrec"] and high["under_trained"] == []
     assert "under-trained" in format_table(low) and "under-trained" in to_markdown(low)
     assert "under-trained" not in format_table(high) and "under-trained" not in to_markdown(high)
+
+
+def test_ceiling_key_is_the_obfuscators_function_data_and_settings():
+    from veil.defences import set_noise
+    from veil.models import Obfuscator
+
+    torch.manual_seed(0)
+    plain = Obfuscator(3, 0.0625, 2)
+    noisy = Obfuscator(3, 0.0625, 2, noise=True)
+    noisy.load_state_dict(plain.state_dict(), strict=False)  # same weights, plus a sigma = 0 noise layer
+    s = AttackConfig()
+    key = ceiling_key(plain, "data", s, 0.0625, 2)
+    assert ceiling_key(noisy, "data", s, 0.0625, 2) == key  # a zero-noise layer changes nothing
+    set_noise(noisy, 0.5)
+    assert ceiling_key(noisy, "data", s, 0.0625, 2) != key
+    assert ceiling_key(plain, "other data", s, 0.0625, 2) != key
+    assert ceiling_key(plain, "data", AttackConfig(max_epochs=s.max_epochs + 1), 0.0625, 2) != key
+    assert ceiling_key(plain, "data", AttackConfig(device="cpu", progress=False), 0.0625, 2) == key  # how, not what
+    with torch.no_grad():
+        plain[0].weight[0, 0, 0, 0] += 1e-3
+    assert ceiling_key(plain, "data", s, 0.0625, 2) != key
 
 
 @pytest.fixture

@@ -74,6 +74,10 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
         assert r["reid_top1"] == max(x["reid_top1"] for x in a["defended"].values())
         assert r["floor_psnr"] == a["floor"]["psnr"] and r["n_candidates"] == 10
     assert json.loads((out / "frontier.json").read_text()) == rows
+    # Both points share their pretraining, so the undefended obfuscator was attacked once (for lambda-0).
+    a0, a1 = (json.loads((out / n / "attack" / "attack.json").read_text()) for n in ("lambda-0", "lambda-1"))
+    assert "undefended_from" not in a0 and a1["undefended_from"] == str(out / "lambda-0")
+    assert a1["undefended"] == a0["undefended"] and len(json.loads((out / "ceilings.json").read_text())) == 1
     assert (out / "frontier.csv").read_text().splitlines()[0].startswith("name,defence,strength,test_accuracy")
     assert (out / "frontier.png").stat().st_size > 1000
 
@@ -98,6 +102,15 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert "| adversarial | lambda = 0 |" in md and "| adversarial | lambda = 1 |" in md
     assert "| lambda-0 |" in md and "| lambda-1 |" in md and "chance (N = 10)" in md and "chance (N = 8)" in md
     assert frontier_rows(out)[0] == rows[0]
+
+    # A second sweep with another defence: `veil report A B` overlays both frontiers on one plot.
+    monkeypatch.undo()  # training allowed again
+    other = tmp_path / "noise-sweep"
+    sweep(config, [0.5], other, ["t_main=2"], defence="noise", attack_settings=TINY_ATTACK, **QUIET)
+    md = report([out, other], tmp_path / "both", **QUIET)["markdown"].read_text()
+    assert "Utility-privacy frontiers side by side: sweep, noise-sweep" in md and "report-frontier-overlay.png" in md
+    assert "| noise-sweep | noise | sigma = 0.5 |" in md and "| sweep | adversarial | lambda = 1 |" in md
+    assert (tmp_path / "both" / "report-frontier-overlay.png").stat().st_size > 1000
 
 
 def test_parse_attack_settings():

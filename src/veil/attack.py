@@ -386,10 +386,40 @@ def under_trained(result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- a run
 
 
-def attack(run_dir: str | Path, s: AttackConfig, log=print) -> dict:
-    """Attack a run's final (and undefended) obfuscator; write RUN_DIR/attack/ and return the result."""
+def ceiling_key(obfuscator: nn.Module, data_fingerprint: str, s: AttackConfig, width: float, split: int) -> str:
+    """sha256 of what the undefended attack depends on: the obfuscator's function (its weights and
+    BatchNorm statistics; a zero-sigma noise layer adds nothing), the data, and the settings."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name, value in sorted(obfuscator.state_dict().items()):
+        if name.endswith("sigma") and float(value) == 0.0:
+            continue
+        h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_RESULTS}
+    h.update(json.dumps({"data": data_fingerprint, "settings": wanted, "width": width, "split": split}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def read_ceilings(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise AttackError(f"{path}: not a readable ceilings file ({e}); remove it to attack the undefended obfuscators again") from None
+
+
+def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path | None = None) -> dict:
+    """Attack a run's final (and undefended) obfuscator; write RUN_DIR/attack/ and return the result.
+
+    `ceilings` names a JSON file shared by runs that start from the same pretrained split (a sweep):
+    the undefended attack is looked up there by `ceiling_key` and computed only when missing.
+    """
     from veil import __version__
-    from veil.data import load_splits
+    from veil.data import fingerprint, load_splits
     from veil.rundir import load_run
     from veil.train import resolve_device
 
@@ -430,7 +460,18 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print) -> dict:
         if which == "undefended" and not s.undefended:
             result[which] = {}
             continue
+        if which == "undefended" and ceilings is not None:
+            key = ceiling_key(obfuscator, fingerprint(splits), s, width, cfg.model.split)
+            known = read_ceilings(Path(ceilings))
+            if key in known:
+                result[which], result["undefended_from"] = known[key]["result"], known[key]["run"]
+                log(f"  undefended: the same obfuscator, data and settings as {known[key]['run']}; its results reused")
+                continue
         result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, cfg.model.split, candidates, which, log)
+        if which == "undefended" and ceilings is not None:
+            known = read_ceilings(Path(ceilings))  # re-read: the file is only ever added to
+            known[key] = {"run": str(run_dir), "result": result[which]}
+            atomic_write_json(Path(ceilings), known)
     result["under_trained"] = under_trained(result)
     result.update(
         settings=dataclasses.asdict(s), seed=s.seed, attacker_width=width, device=str(device), seconds=round(time.perf_counter() - began, 1),
@@ -542,6 +583,8 @@ def _notes(result: dict) -> list[str]:
         f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
         f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
     ]
+    if result.get("undefended_from"):
+        notes.append(f"Undefended columns: reused from the attack of {result['undefended_from']} (the same undefended obfuscator, data and settings).")
     if result["under_trained"]:
         notes.append(
             "(!) PSNR below the constant-image floor: " + ", ".join(result["under_trained"]) + ". That attacker was under-trained; "

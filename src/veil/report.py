@@ -631,6 +631,22 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
     page.add("table", Table(t[0], t[1:], "One row per sweep point. Strongest attacker: the highest mean PSNR (or top-1 rate) over the attackers."))
 
 
+def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> None:
+    """Several sweep directories: every defence's frontier on one plot, one line per (defence, sweep)."""
+    from veil.sweep import frontier_rows, frontier_table, plot_frontier
+
+    rows = [dict(r, line=f"{r['defence']} ({d.name})") for d in sweeps for r in frontier_rows(d)]
+    page.add("h2", "Utility-privacy frontiers side by side: " + ", ".join(d.name for d in sweeps))
+    if any(r["psnr"] is not None for r in rows):
+        fig = Figure("report-frontier-overlay.png", plot_frontier(rows),
+                     "Test accuracy against the strongest attacker's PSNR (left) and re-identification rate (right); one line per defence and sweep.")
+        figures.append(fig)
+        page.add("figure", fig)
+    t = frontier_table(rows)
+    page.add("table", Table(["sweep"] + t[0], [[r["line"].rsplit(" (", 1)[1][:-1]] + row for r, row in zip(rows, t[1:])],
+                            "Every sweep's points; a higher accuracy at a lower attacker PSNR is the better trade-off."))
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
 
@@ -684,6 +700,8 @@ def report(run_dirs: list[str | Path], out: str | Path | None = None, n_images: 
              f"(veil {versions()['veil']}, torch {torch.__version__}).")
     page.add("h2", "Runs")
     page.add("table", overview_table(runs))
+    if len(sweeps) > 1:
+        overlay_section(sweeps, page, figures)
     for sweep_dir in sweeps:
         frontier_section(sweep_dir, page, figures)
     if with_metrics:

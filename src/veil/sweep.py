@@ -5,11 +5,14 @@
         DIR/lambda-<value>/     one `veil train` run directory each, attacked into its attack/
         DIR/frontier.csv/.json  test accuracy against the strongest attacker's PSNR and re-identification
         DIR/frontier.png        the same as a plot
+        DIR/ceilings.json       the undefended attack (the ceiling), made once per pretrained split
 
 Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
-A point is (defence, strength); today the one defence is the paper's adversarial training with
-strength lambda (Eq. 2). Another defence is one entry in DEFENCES: a name, the label of its
-strength, and the config overrides a strength turns into.
+A point is (defence, strength): the paper's adversarial training (lambda, Eq. 2), NoPeek (alpha)
+or feature noise (sigma); one sweep directory may hold several defences, and its frontier shows
+one line per defence. Another defence is one entry in DEFENCES: a name, the label of its strength,
+and the config overrides a strength turns into. Points that start from the same pretraining share
+their undefended obfuscator, which is attacked once (CEILINGS_FILE).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from veil.config import ConfigError
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SWEEP_FILE = "sweep.json"
+CEILINGS_FILE = "ceilings.json"  # the undefended attacks, one per distinct undefended obfuscator
 
 
 @dataclass(frozen=True)
@@ -154,12 +158,13 @@ def _get(cfg: config_mod.Config, dotted: str) -> object:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def harness_attack(settings: dict, log) -> Callable[[Path], None]:  # noqa: ANN001
-    """`veil attack` with the given settings (AttackConfig field -> value), checked before any training."""
+def harness_attack(settings: dict, log, ceilings: Path | None = None) -> Callable[[Path], None]:  # noqa: ANN001
+    """`veil attack` with the given settings (AttackConfig field -> value), checked before any training.
+    With `ceilings`, runs that share their undefended obfuscator share its attack (see veil.attack.attack)."""
     from veil.attack import attack, resolve_settings
 
     resolved = resolve_settings(settings)
-    return lambda run_dir: attack(run_dir, resolved, log)
+    return lambda run_dir: attack(run_dir, resolved, log, ceilings=ceilings)
 
 
 def attacked_with(run_dir: Path, settings: dict | None) -> bool:
@@ -203,7 +208,7 @@ def sweep(
     overrides = list(overrides or [])
     asked = [Point(defence, s, point_name(defence, s)) for s in strengths]
     settings = None if attack else dict(attack_settings or {})
-    attack = attack or harness_attack(settings, log)  # bad attack settings fail before any training
+    attack = attack or harness_attack(settings, log, out / CEILINGS_FILE)  # bad attack settings fail before any training
     # Every config is built and every existing run checked before anything is written.
     configs = {p.name: config_mod.load(config_path, overrides + d.overrides(p.strength)) for p in asked}
     for p in asked:
@@ -295,13 +300,13 @@ def plot_frontier(rows: list[dict]) -> bytes:
     fig = new_figure(10.0, 4.2)
     left, right = fig.subplots(1, 2, sharey=True)
     done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
-    for i, defence in enumerate(dict.fromkeys(r["defence"] for r in done)):
-        pts = sorted((r for r in done if r["defence"] == defence), key=lambda r: r["strength"])
-        sym = DEFENCES[defence].strength_name if defence in DEFENCES else "strength"
+    for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in done)):  # one line per defence (and sweep)
+        pts = sorted((r for r in done if r.get("line", r["defence"]) == line), key=lambda r: r["strength"])
+        sym = DEFENCES[pts[0]["defence"]].strength_name if pts[0]["defence"] in DEFENCES else "strength"
         sym = "λ" if sym == "lambda" else sym
         for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):
             xs, ys = [scale * r[key] for r in pts], [100 * r["test_accuracy"] for r in pts]
-            ax.plot(xs, ys, label=defence, markersize=7, linewidth=1.6, **line_style(i))
+            ax.plot(xs, ys, label=line, markersize=7, linewidth=1.6, **line_style(i))
             for x, y, r in zip(xs, ys, pts):
                 ax.annotate(f"{sym}={r['strength']:g}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
     floors = {r["floor_psnr"] for r in done}
