@@ -12,7 +12,7 @@ from veil import config as config_mod
 from veil import rundir
 from veil.config import ConfigError
 from veil.report import report
-from veil.sweep import DEFENCES, frontier_rows, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
+from veil.sweep import DEFENCES, frontier_rows, mark_dominated, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
 from veil.train import plan
 
 
@@ -24,6 +24,17 @@ def test_parse_strengths():
     assert point_name("adversarial", 0.1) == "lambda-0.1" and point_name("adversarial", 3.0) == "lambda-3"
     assert DEFENCES["adversarial"].overrides(0.3) == ["train.defence=adversarial", "train.lambda_privacy=0.3"]
     assert DEFENCES["noise"].overrides(0.5) == ["train.defence=noise", "train.noise_sigma=0.5"]
+
+
+def test_mark_dominated_finds_the_points_off_the_frontier():
+    def row(name, acc, psnr):
+        return {"name": name, "test_accuracy": acc, "psnr": psnr}
+
+    rows = [row("a", 0.70, 20.0), row("b", 0.65, 18.0), row("c", 0.64, 19.0), row("d", 0.70, 21.0), row("e", 0.60, None)]
+    mark_dominated(rows)
+    assert [r["dominated_by"] for r in rows] == [[], [], ["b"], ["a"], []]  # c: b is more accurate and lower; d: a ties accuracy, lower PSNR
+    mark_dominated(rows, lambda r: r["name"].upper())
+    assert rows[2]["dominated_by"] == ["B"]
 
 
 # `veil attack` turned down to seconds: one attacker, one epoch, a short white-box inversion.

@@ -633,9 +633,10 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
 
 def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> None:
     """Several sweep directories: every defence's frontier on one plot, one line per (defence, sweep)."""
-    from veil.sweep import frontier_rows, frontier_table, plot_frontier
+    from veil.sweep import frontier_rows, frontier_table, mark_dominated, plot_frontier
 
-    rows = [dict(r, line=f"{r['defence']} ({d.name})") for d in sweeps for r in frontier_rows(d)]
+    rows = [dict(r, line=f"{r['defence']} ({d.name})", sweep=d.name) for d in sweeps for r in frontier_rows(d)]
+    mark_dominated(rows, lambda r: f"{r['sweep']}/{r['name']}")
     page.add("h2", "Utility-privacy frontiers side by side: " + ", ".join(d.name for d in sweeps))
     if any(r["psnr"] is not None for r in rows):
         fig = Figure("report-frontier-overlay.png", plot_frontier(rows),
@@ -643,7 +644,7 @@ def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> No
         figures.append(fig)
         page.add("figure", fig)
     t = frontier_table(rows)
-    page.add("table", Table(["sweep"] + t[0], [[r["line"].rsplit(" (", 1)[1][:-1]] + row for r, row in zip(rows, t[1:])],
+    page.add("table", Table(["sweep"] + t[0], [[r["sweep"]] + row for r, row in zip(rows, t[1:])],
                             "Every sweep's points; a higher accuracy at a lower attacker PSNR is the better trade-off."))
 
 

@@ -272,7 +272,20 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             top = strongest(attack["undefended"], "psnr_mean")
             row["undefended_psnr"] = top[1] if top else None
         rows.append(row)
+    mark_dominated(rows)
     return rows
+
+
+def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
+    """Set each row's `dominated_by`: the attacked points at least as accurate and at most as
+    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier."""
+    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
+    for r in rows:
+        r["dominated_by"] = [
+            label(o) for o in done
+            if r in done and o is not r and o["test_accuracy"] >= r["test_accuracy"] and o["psnr"] <= r["psnr"]
+            and (o["test_accuracy"] > r["test_accuracy"] or o["psnr"] < r["psnr"])
+        ]
 
 
 def frontier_table(rows: list[dict]) -> list[list[str]]:
@@ -283,12 +296,13 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
         return f" ({ATTACKER_NAMES.get(name, name)})" if name else ""
 
     out = [["defence", "strength", "test accuracy", "strongest attacker PSNR (dB)", "re-identification top-1", "chance",
-            "constant-image floor (dB)", "undefended attacker PSNR (dB)"]]
+            "constant-image floor (dB)", "undefended attacker PSNR (dB)", "dominated by"]]
     for r in rows:
         out.append([
             r["defence"], f"{DEFENCES[r['defence']].strength_name if r['defence'] in DEFENCES else 'strength'} = {r['strength']:g}",
             pct(r["test_accuracy"]), db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
             pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
+            ", ".join(r.get("dominated_by") or []) or ("none" if r["psnr"] is not None else "n/a"),
         ])
     return out
 
