@@ -279,11 +279,13 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
 def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
     """Set each row's `dominated_by`: the attacked points at least as accurate and at most as
     reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier."""
-    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
+    def measured(r: dict) -> bool:
+        return r["psnr"] is not None and r["test_accuracy"] is not None
+
     for r in rows:
         r["dominated_by"] = [
-            label(o) for o in done
-            if r in done and o is not r and o["test_accuracy"] >= r["test_accuracy"] and o["psnr"] <= r["psnr"]
+            label(o) for o in rows
+            if measured(r) and measured(o) and o is not r and o["test_accuracy"] >= r["test_accuracy"] and o["psnr"] <= r["psnr"]
             and (o["test_accuracy"] > r["test_accuracy"] or o["psnr"] < r["psnr"])
         ]
 
