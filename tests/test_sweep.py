@@ -122,6 +122,9 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert "Utility-privacy frontiers side by side: sweep, noise-sweep" in md and "report-frontier-overlay.png" in md
     assert "| noise-sweep | noise | sigma = 0.5 |" in md and "| sweep | adversarial | lambda = 1 |" in md
     assert (tmp_path / "both" / "report-frontier-overlay.png").stat().st_size > 1000
+    assert "| SimRec | noise σ=0.5 |" in md and "| SimRec | λ=1 |" in md  # the runs table names each run's defence
+    table2 = md[md.index("## Table 2 style"):].split("\n\n")[2]
+    assert "| 2 |" in table2 and "n/a" not in table2.split("| 2 |")[1].split("\n")[0]  # the noise run's epochs count as rounds
 
 
 def test_parse_attack_settings():

@@ -33,7 +33,7 @@ from veil.io import CheckpointError, atomic_write_bytes, atomic_write_text
 ATTACKERS = ("simrec", "urec1", "urec2", "resrec", "whitebox")  # display order; others follow
 ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", "whitebox": "white-box"}
 ATTACK_FIELDS = ("psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates")
-ROUND_PHASES = ("obfuscator_classifier", "reconstructor", "obfuscator")  # phases (a), (b), (c) of a round
+ROUND_PHASES = ("obfuscator_classifier", "reconstructor", "obfuscator", "nopeek", "noise")  # (a), (b), (c), or another defence's epoch
 
 # Okabe-Ito colours stay distinct under the common colour-vision deficiencies; markers and line
 # styles carry the same distinction in grayscale.
@@ -69,6 +69,13 @@ class RunResults:
     @property
     def reconstructor(self) -> str:
         return self.config.model.reconstructor
+
+    @property
+    def defence(self) -> str:
+        """'λ=0.1' for the paper's adversarial training, else the defence and its strength."""
+        t = self.config.train
+        return {"adversarial": f"λ={t.lambda_privacy:g}", "nopeek": f"NoPeek α={t.nopeek_alpha:g}",
+                "noise": f"noise σ={t.noise_sigma:g}", "none": "none"}.get(t.defence, t.defence)
 
 
 def read_attack(path: Path) -> dict:
@@ -169,12 +176,12 @@ def unique_names(runs: list[RunResults]) -> None:
 
 
 def label(run: RunResults, runs: list[RunResults]) -> str:
-    """Short legend label: the training reconstructor, with lambda when runs differ in it."""
+    """Short legend label: the training reconstructor, with the defence (lambda) when runs differ in it."""
     base = ATTACKER_NAMES.get(run.reconstructor, run.reconstructor)
-    if len({r.lambda_privacy for r in runs}) > 1:
-        base += f", λ={run.lambda_privacy:g}"
-    keys = [(r.reconstructor, r.lambda_privacy) for r in runs]
-    if keys.count((run.reconstructor, run.lambda_privacy)) > 1:
+    if len({r.defence for r in runs}) > 1:
+        base += f", {run.defence}"
+    keys = [(r.reconstructor, r.defence) for r in runs]
+    if keys.count((run.reconstructor, run.defence)) > 1:
         base += f" ({run.name})"
     return base
 
@@ -505,14 +512,14 @@ def overview_table(runs: list[RunResults]) -> Table:
         s, acc = r.summary, accuracy_by_round(r.metrics)
         top = strongest(r.attack["defended"], "psnr_mean") if r.attack else None
         rows.append([
-            r.name, r.config.data.dataset, ATTACKER_NAMES.get(r.reconstructor, r.reconstructor), f"{r.lambda_privacy:g}", f"{r.config.model.width:g}",
+            r.name, r.config.data.dataset, ATTACKER_NAMES.get(r.reconstructor, r.reconstructor), r.defence, f"{r.config.model.width:g}",
             str(max((k for k in acc), default=0)), pct(acc.get(0)), pct(s.get("final_test_accuracy", acc[max(acc)] if acc else None)),
             db(s.get("undefended_test_psnr")), db(s.get("final_test_psnr")),
             f"{db(top[1])} ({ATTACKER_NAMES.get(top[0], top[0])})" if top else "not attacked",
             "finished" if s else f"partial ({len(r.metrics)} phase-epochs)",
         ])
     return Table(
-        ["run", "data", "training reconstructor", "λ", "width", "rounds", "pretrained accuracy", "final accuracy",
+        ["run", "data", "training reconstructor", "defence", "width", "rounds", "pretrained accuracy", "final accuracy",
          "training r PSNR before (dB)", "training r PSNR after (dB)", "strongest attacker PSNR (dB)", "state"],
         rows,
         "Accuracy on the users' (test) images; PSNR (Eq. 1) of the training reconstructor before adversarial training (warm-up) and after (final refit).",
@@ -529,7 +536,7 @@ def table2(runs: list[RunResults], page: Page) -> None:
     page.add("table", Table(
         ["round"] + names,
         [[("0 (pretrained)" if k == 0 else str(k))] + [pct(a.get(k)) for a in accs] for k in rounds],
-        "Test accuracy at the end of each round of Algorithm 1 (after phase (c)); round 0 is the pretrained baseline." + note,
+        "Test accuracy at the end of each round of Algorithm 1 (after phase (c)); round 0 is the pretrained baseline. NoPeek and noise runs: the end of each of their epochs, which stand in for the rounds." + note,
     ))
     page.add("table", Table(
         ["round"] + names,
@@ -565,7 +572,7 @@ def attack_section(run: RunResults, page: Page, figures: list[Figure]) -> None:
         ["attacker", "defended PSNR (dB)", "defended SSIM", "defended re-id top-1", "defended re-id top-5",
          "undefended PSNR (dB)", "undefended SSIM", "undefended re-id top-1", "undefended re-id top-5", "note"],
         rows,
-        f"Chosen Image Attack on {run.name} (λ={run.lambda_privacy:g}): attackers trained on the attacker split, measured on the users' images. "
+        f"Chosen Image Attack on {run.name} ({run.defence}): attackers trained on the attacker split, measured on the users' images. "
         "Floor: the best constant image; ceiling: the same attackers against the undefended obfuscator. PSNR mean ± standard deviation.",
     ))
     settings = {k: a[k] for k in ("settings", "seed") if k in a}
