@@ -308,9 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train and attack one run per lambda; plot the utility-privacy frontier (resumable)")
     p.add_argument("--config", required=True, help="YAML config file shared by every run")
-    p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3 (lambda of Eq. 2)")
+    p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3: lambda of Eq. 2, NoPeek's alpha or the noise sigma, as --defence says")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
-    p.add_argument("--defence", default="adversarial", help="defence whose strength is swept (default: adversarial, the paper's)")
+    from veil.sweep import DEFENCES
+
+    p.add_argument("--defence", default="adversarial", choices=list(DEFENCES),
+                   help="defence whose strength is swept: adversarial (the paper's, default), nopeek or noise; several may share one --out")
     p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
