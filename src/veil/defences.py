@@ -8,13 +8,13 @@
     none         the pretrained split: the ceiling
 
 Every defence starts from the same pretrained obfuscator+classifier (the `undefended` checkpoint)
-and then trains for t_main rounds of t_sub epochs, so all are compared at the same budget.
+and then trains for t_main rounds of t_sub epochs, so all are compared at the same budget. The
+nopeek and noise epochs are train.train_obfuscator_classifier with their penalty (or none).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 DEFENCES = ("adversarial", "nopeek", "noise", "none")
@@ -59,33 +59,3 @@ def set_noise(obfuscator: nn.Module, sigma: float) -> None:
     for m in obfuscator.modules():
         if isinstance(m, GaussianNoise):
             m.sigma.fill_(sigma)
-
-
-def defence_epoch(nets: dict[str, nn.Module], opt: torch.optim.Optimizer, batches, cfg, rt, step, bar=None) -> dict:  # noqa: ANN001
-    """One epoch of nopeek or noise training: f and g on cross-entropy (+ alpha * dCor for nopeek).
-    In a multi-process run dCor is computed on each process's part of the batch."""
-    from veil.train import _epoch_means, _row, freeze
-
-    freeze(nets["obfuscator"], False), freeze(nets["classifier"], False), freeze(nets["reconstructor"], True)
-    f, g = rt.replica(nets, "obfuscator"), rt.replica(nets, "classifier")
-    t = cfg.train
-    rows, n = [], 0
-    for images, labels in batches:
-        with rt.autocast():
-            features = f(images)  # noise, if any, is the obfuscator's last layer
-            logits = g(features)
-            ce = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
-            dcor = distance_correlation(images, features) if t.defence == "nopeek" else torch.zeros((), device=images.device)
-            loss = ce + t.nopeek_alpha * dcor
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rows.append(_row(len(labels), loss, ce, dcor, correct=(logits.argmax(1) == labels).sum()))
-        n += len(labels)
-        if bar is not None:
-            bar.update(1)
-    loss, ce, dcor, accuracy = _epoch_means(rows, n, rt, step)
-    out = {"loss": loss, "ce": ce, "train_accuracy": accuracy}
-    if t.defence == "nopeek":
-        out["train_dcor"] = dcor
-    return out

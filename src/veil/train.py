@@ -40,6 +40,7 @@ from veil import data as data_mod
 from veil import distributed, rundir, runtime
 from veil.config import Config, TrainConfig
 from veil.data import ImageSet, Splits, batches, load_splits, shard, to_float
+from veil.defences import distance_correlation, set_noise
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks
@@ -208,12 +209,16 @@ def train_obfuscator_classifier(
     nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
     generator: torch.Generator, step: Step, lambda_privacy: float, lr_factor=None, bar=None, rt: Runtime | None = None,
 ) -> dict:
-    """Pretraining (lambda = 0) and phase (a): f and g minimise CE + lambda * PSNR(I, r(f(I))) (Eq. 2)."""
+    """Pretraining (lambda = 0) and phase (a): f and g minimise CE + lambda * PSNR(I, r(f(I))) (Eq. 2).
+    The nopeek and noise defences' epochs too: CE + alpha * dCor(I, f(I)) for nopeek (computed on each
+    process's part of the batch), CE alone for noise (the noise is the obfuscator's last layer)."""
     rt = rt or Runtime(data.images.device)
     freeze(nets["obfuscator"], False), freeze(nets["classifier"], False), freeze(nets["reconstructor"], True)
     f, g, r = rt.replica(nets, "obfuscator"), rt.replica(nets, "classifier"), nets["reconstructor"]
-    use_r = lambda_privacy > 0
     t = cfg.train
+    nopeek = step.phase == "nopeek"
+    weight = t.nopeek_alpha if nopeek else lambda_privacy
+    use_r = not nopeek and weight > 0
     rows, n = [], 0
     for i, (images, labels) in enumerate(_batches(data, natural, cfg, generator, rt)):
         if lr_factor is not None:
@@ -222,8 +227,11 @@ def train_obfuscator_classifier(
             features = f(images)  # N x 128w x 8 x 8
             logits = g(features)
             ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-            p = psnr(images, r(features)).mean() if use_r else torch.zeros((), device=images.device)
-            loss = ce + lambda_privacy * p  # Eq. 2
+            if nopeek:
+                p = distance_correlation(images, features)
+            else:
+                p = psnr(images, r(features)).mean() if use_r else torch.zeros((), device=images.device)
+            loss = ce + weight * p  # Eq. 2, or NoPeek's
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -235,6 +243,8 @@ def train_obfuscator_classifier(
     out = {"loss": loss, "ce": ce, "train_accuracy": accuracy}
     if use_r:
         out["train_psnr"] = p
+    if nopeek:
+        out["train_dcor"] = p
     return out
 
 
@@ -492,11 +502,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
                     lr_factor = pretrain_lr_factor(cfg.train.pretrain_schedule, step.epoch, n_pretrain, steps_per_epoch)
                     record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, 0.0, lr_factor, bar, rt)
                 elif step.phase in ("nopeek", "noise"):
-                    from veil.defences import defence_epoch, set_noise
-
                     set_noise(nets["obfuscator"], cfg.train.noise_sigma)
-                    data_iter = _batches(defender, splits.natural, cfg, generator, rt)
-                    record = defence_epoch(nets, opts[PHASE_A], data_iter, cfg, rt, step, bar)
+                    record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, 0.0, None, bar, rt)
                 elif step.phase == PHASE_A:
                     record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, cfg.train.lambda_privacy, None, bar, rt)
                 elif step.phase in (WARMUP, PHASE_B, FINAL):
