@@ -35,6 +35,7 @@ def batchnorm(out: str) -> None:
     dist.all_reduce(grads)  # the sum of every process's parameter gradient (DDP would average it)
     if rank == 0:
         save_tensors(out, {**{k: torch.cat(v) for k, v in gathered.items()}, "grad_wb": grads, "running_mean": bn.running_mean, "running_var": bn.running_var})
+    dist.barrier()  # as veil.distributed.leave: no process tears down while another still works
     dist.destroy_process_group()
 
 

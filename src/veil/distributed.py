@@ -41,8 +41,16 @@ def join(device: torch.device) -> bool:
     return True
 
 
-def leave(started: bool) -> None:
-    if started and dist.is_initialized():
+def leave(started: bool, finished: bool) -> None:
+    """Leave the process group that join() started.
+
+    After a finish every process reached (the end, or a stop they agreed on), each first waits for
+    the others: a gloo process that tears its connections down while a peer still works (process 0
+    writing the summary) can abort at exit. After an error in one process the others may be blocked
+    in a collective that never completes, so nothing waits: torchrun ends them.
+    """
+    if started and finished and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -426,10 +426,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, log=print, ten
     """
     rt = runtime.resolve(cfg, resolve_device(cfg.device))
     started = distributed.join(rt.device)
+    finished = False
     try:
-        return _train(cfg, Path(run_dir), resume, log if rt.is_main else (lambda *_: None), rt, tensorboard)
+        summary = _train(cfg, Path(run_dir), resume, log if rt.is_main else (lambda *_: None), rt, tensorboard)
+        finished = True
+        return summary
+    except Stopped:
+        finished = True  # every process stops after the same step (any_process)
+        raise
     finally:
-        distributed.leave(started)
+        distributed.leave(started, finished)
 
 
 def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> None:
