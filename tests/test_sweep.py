@@ -11,6 +11,7 @@ from test_report import QUIET, make_tiny_npz, tiny_cfg
 from veil import config as config_mod
 from veil import rundir
 from veil.config import ConfigError
+from veil.data import load_splits
 from veil.report import report
 from veil.sweep import DEFENCES, frontier_rows, mark_dominated, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
 from veil.train import plan
@@ -35,6 +36,11 @@ def test_mark_dominated_finds_the_points_off_the_frontier():
     assert [r["dominated_by"] for r in rows] == [[], [], ["b"], ["a"], []]  # c: b is more accurate and lower; d: a ties accuracy, lower PSNR
     mark_dominated(rows, lambda r: r["name"].upper())
     assert rows[2]["dominated_by"] == ["B"]
+    assert all(r["store_dominated_by"] == [] for r in rows)  # no store accuracies: nothing to compare
+    for r, acc in zip(rows, (0.60, 0.66, 0.70, 0.70, None)):  # a store classifier can reorder the points
+        r["store_accuracy"] = acc
+    mark_dominated(rows)
+    assert [r["store_dominated_by"] for r in rows] == [["b", "c"], [], [], ["c"], []]
 
 
 # `veil attack` turned down to seconds: one attacker, one epoch, a short white-box inversion.
@@ -136,3 +142,33 @@ def test_parse_attack_settings():
         parse_attack_settings(["max_epochs=many"])
     with pytest.raises(ConfigError, match="must look like KEY=VALUE"):
         parse_attack_settings(["max_epochs"])
+
+
+def test_sweep_trains_a_classifier_on_each_points_stored_features(tmp_path, monkeypatch):
+    npz = make_tiny_npz(tmp_path / "tiny.npz")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_mod.to_yaml(tiny_cfg(npz)))
+    out = tmp_path / "sweep"
+    logs: list[str] = []
+    rows = sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, store_epochs=2, log=logs.append)
+    run = out / "lambda-0"
+    summary = json.loads((run / "store-classifier" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["head"] == "vgg16"
+    assert summary["train_items"] == len(load_splits(config_mod.load(run / "config.yaml").data, 0).defender)
+    assert rows[0]["store_accuracy"] == summary["final_test_accuracy"] and 0 <= rows[0]["store_accuracy"] <= 1
+    assert not (run / "store-classifier-stores").exists()  # the stores were temporary
+    assert any("a classifier trained on its stored features reaches" in line for line in logs)
+    md = report([out], tmp_path / "report", **QUIET)["markdown"].read_text()
+    assert "store classifier accuracy" in md and "dominated by (store accuracy)" in md
+
+    # Done with these epochs: not redone; other epochs: redone.
+    import veil.sweep as sweep_mod
+
+    real = sweep_mod.store_classifier
+    monkeypatch.setattr(sweep_mod, "store_classifier", lambda *a, **k: pytest.fail("the store classifier was retrained"))
+    assert sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, store_epochs=2, **QUIET)[0]["store_accuracy"] == rows[0]["store_accuracy"]
+    monkeypatch.setattr(sweep_mod, "store_classifier", real)
+    sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, store_epochs=1, **QUIET)
+    assert json.loads((run / "store-classifier" / "summary.json").read_text())["epochs"] == 1
+    with pytest.raises(ConfigError, match="--store-classifier must be >= 0"):
+        sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, store_epochs=-1, **QUIET)

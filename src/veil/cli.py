@@ -178,12 +178,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from veil.sweep import parse_attack_settings, parse_strengths, sweep
 
     settings = parse_attack_settings(args.attack)
-    rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings)
+    rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings,
+                 store_epochs=args.store_classifier)
     if rows:
+        stored = any(r["store_accuracy"] is not None for r in rows)
         print()
-        print(f"{'point':<16}{'test accuracy':>15}{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
+        print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
         for r in rows:
-            print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}{db(r['psnr']) + ' dB':>26}{pct(r['reid_top1'], 1):>14}")
+            print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "")
+                  + f"{db(r['psnr']) + ' dB':>26}{pct(r['reid_top1'], 1):>14}")
     return 0
 
 
@@ -316,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defence whose strength is swept: adversarial (the paper's, default), nopeek or noise; several may share one --out")
     p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
+    p.add_argument("--store-classifier", type=int, default=0, metavar="EPOCHS",
+                   help="also store each point's defender and test images as features and train a classifier from scratch "
+                        "on them for EPOCHS epochs (veil obfuscate + veil train-classifier): the accuracy a feature store's "
+                        "user gets, beside the in-run one (default 0: not done; 30 is train-classifier's default)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
     p.set_defaults(func=cmd_sweep)
 

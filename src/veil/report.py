@@ -631,7 +631,8 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
         page.add("p", "No run of this sweep has been attacked yet; the frontier needs attack/attack.json in each run.")
     else:
         fig = Figure(f"report-frontier-{slug(sweep_dir.name)}.png", plot_frontier(rows),
-                     "Test accuracy against the strongest attacker's PSNR (left) and re-identification rate (right); one point per defence strength.")
+                     "Test accuracy against the strongest attacker's PSNR (left) and re-identification rate (right); one point per defence strength "
+                     "(dotted, hollow: a classifier trained on the stored features, where the sweep trained one).")
         figures.append(fig)
         page.add("figure", fig)
     t = frontier_table(rows)

@@ -6,6 +6,9 @@
         DIR/frontier.csv/.json  test accuracy against the strongest attacker's PSNR and re-identification
         DIR/frontier.png        the same as a plot
         DIR/ceilings.json       the undefended attack (the ceiling), made once per pretrained split
+        DIR/<point>/store-classifier/   with --store-classifier N: a classifier trained from scratch
+                                for N epochs on the point's stored features (`veil obfuscate` +
+                                `veil train-classifier`), its test accuracy beside the in-run one
 
 Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
 A point is (defence, strength): the paper's adversarial training (lambda, Eq. 2), NoPeek (alpha)
@@ -13,6 +16,11 @@ or feature noise (sigma); one sweep directory may hold several defences, and its
 one line per defence. Another defence is one entry in DEFENCES: a name, the label of its strength,
 and the config overrides a strength turns into. Points that start from the same pretraining share
 their undefended obfuscator, which is attacked once (CEILINGS_FILE).
+
+Two accuracies, because they answer two questions: the in-run one is the classifier trained
+alongside the obfuscator (for the adversarial defence, after the last obfuscator-only phase); the
+store one is what a user of the feature store gets, a fresh classifier trained on one stored
+feature map per image (for the noise defence: one noise draw, fixed).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SWEEP_FILE = "sweep.json"
 CEILINGS_FILE = "ceilings.json"  # the undefended attacks, one per distinct undefended obfuscator
+STORE_CLASSIFIER = "store-classifier"  # in each run: the classifier trained on its stored features
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,37 @@ def attacked_with(run_dir: Path, settings: dict | None) -> bool:
     return {k: v for k, v in saved.items() if k not in NOT_RESULTS} == wanted
 
 
+def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: ANN001
+    """Store the run's defender and test images as features, train a classifier from scratch on the
+    first for `epochs` epochs, and score it on the second: RUN_DIR/store-classifier/summary.json.
+    The stores are temporary (rebuilt by a rerun); the classifier and its metrics are kept."""
+    import shutil
+
+    import torch
+
+    from veil.classify import HeadConfig, train_classifier
+    from veil.store import obfuscate
+
+    cfg = config_mod.load(run_dir / "config.yaml")
+    out, stores = run_dir / STORE_CLASSIFIER, run_dir / (STORE_CLASSIFIER + "-stores")
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted one starts again
+    shutil.rmtree(stores, ignore_errors=True)
+    torch.manual_seed(cfg.seed)  # the noise defence draws its noise while storing
+    for split in ("defender", "test"):
+        obfuscate(run_dir, f"run:{split}", stores / split, device=cfg.device, progress=False, log=log)
+    head = HeadConfig(epochs=epochs, seed=cfg.seed, device=cfg.device, progress=False)
+    summary = train_classifier(stores / "defender", out, head, test_store=stores / "test", log=lambda *_: None)
+    shutil.rmtree(stores)
+    log(f"veil sweep: {run_dir.name}: a classifier trained on its stored features reaches {summary['final_test_accuracy']:.2%} "
+        f"({epochs} epochs, {summary['seconds']:.0f} s)")
+    return summary
+
+
+def store_classified_with(run_dir: Path, epochs: int) -> bool:
+    path = run_dir / STORE_CLASSIFIER / "summary.json"
+    return path.is_file() and json.loads(path.read_text()).get("epochs") == epochs
+
+
 def sweep(
     config_path: str | Path,
     strengths: list[float],
@@ -194,15 +234,19 @@ def sweep(
     defence: str = "adversarial",
     attack_settings: dict | None = None,
     attack: Callable[[Path], None] | None = None,
+    store_epochs: int = 0,
     log=print,  # noqa: ANN001
 ) -> list[dict]:
     """Train and attack one run per strength into `out` (resumable); write and return the frontier.
 
     `attack_settings` are `veil attack`'s settings (AttackConfig field -> value) for every point;
     `attack` replaces the harness by any function that writes RUN_DIR/attack/attack.json.
+    `store_epochs` > 0 also trains a classifier on each point's stored features (store_classifier).
     """
     from veil.train import train
 
+    if store_epochs < 0:
+        raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
     out = Path(out)
     d = get_defence(defence)
     overrides = list(overrides or [])
@@ -240,6 +284,8 @@ def sweep(
         else:
             log(f"veil sweep: attacking {p.name}")
             attack(run_dir)
+        if store_epochs and not store_classified_with(run_dir, store_epochs):
+            store_classifier(run_dir, store_epochs, log)
     rows = frontier_rows(out)
     write_frontier(out, rows)
     log(f"veil sweep: wrote {out / 'frontier.csv'}" + (f" and {out / 'frontier.png'}" if (out / "frontier.png").is_file() else ""))
@@ -258,9 +304,11 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         run_dir = Path(sweep_dir) / p.name
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
+        stored = run_dir / STORE_CLASSIFIER / "summary.json"
         row = {
             "name": p.name, "defence": p.defence, "strength": p.strength,
             "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
+            "store_accuracy": json.loads(stored.read_text())["final_test_accuracy"] if stored.is_file() else None,
             "psnr": None, "psnr_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
             "floor_psnr": None, "undefended_psnr": None,
         }
@@ -278,16 +326,17 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
 
 def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
     """Set each row's `dominated_by`: the attacked points at least as accurate and at most as
-    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier."""
-    def measured(r: dict) -> bool:
-        return r["psnr"] is not None and r["test_accuracy"] is not None
-
-    for r in rows:
-        r["dominated_by"] = [
-            label(o) for o in rows
-            if measured(r) and measured(o) and o is not r and o["test_accuracy"] >= r["test_accuracy"] and o["psnr"] <= r["psnr"]
-            and (o["test_accuracy"] > r["test_accuracy"] or o["psnr"] < r["psnr"])
-        ]
+    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier.
+    `store_dominated_by`: the same with the store classifier's accuracy."""
+    for key, field in (("test_accuracy", "dominated_by"), ("store_accuracy", "store_dominated_by")):
+        measured = [r for r in rows if r["psnr"] is not None and r.get(key) is not None]
+        ids = {id(r) for r in measured}
+        for r in rows:
+            r[field] = [
+                label(o) for o in measured
+                if id(r) in ids and o is not r and o[key] >= r[key] and o["psnr"] <= r["psnr"]
+                and (o[key] > r[key] or o["psnr"] < r["psnr"])
+            ]
 
 
 def frontier_table(rows: list[dict]) -> list[list[str]]:
@@ -297,20 +346,27 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
     def who(name: str | None) -> str:
         return f" ({ATTACKER_NAMES.get(name, name)})" if name else ""
 
-    out = [["defence", "strength", "test accuracy", "strongest attacker PSNR (dB)", "re-identification top-1", "chance",
-            "constant-image floor (dB)", "undefended attacker PSNR (dB)", "dominated by"]]
+    def dominated(r: dict, field: str, key: str) -> str:
+        return ", ".join(r.get(field) or []) or ("none" if r["psnr"] is not None and r.get(key) is not None else "n/a")
+
+    stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
+    out = [["defence", "strength", "test accuracy"] + (["store classifier accuracy"] if stored else [])
+           + ["strongest attacker PSNR (dB)", "re-identification top-1", "chance", "constant-image floor (dB)",
+              "undefended attacker PSNR (dB)", "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
     for r in rows:
-        out.append([
-            r["defence"], f"{DEFENCES[r['defence']].strength_name if r['defence'] in DEFENCES else 'strength'} = {r['strength']:g}",
-            pct(r["test_accuracy"]), db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
-            pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
-            ", ".join(r.get("dominated_by") or []) or ("none" if r["psnr"] is not None else "n/a"),
-        ])
+        out.append(
+            [r["defence"], f"{DEFENCES[r['defence']].strength_name if r['defence'] in DEFENCES else 'strength'} = {r['strength']:g}",
+             pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
+            + [db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
+               pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
+               dominated(r, "dominated_by", "test_accuracy")]
+            + ([dominated(r, "store_dominated_by", "store_accuracy")] if stored else []))
     return out
 
 
 def plot_frontier(rows: list[dict]) -> bytes:
-    """Accuracy (%) against the strongest attacker's PSNR (dB) and re-identification rate (%)."""
+    """Accuracy (%) against the strongest attacker's PSNR (dB) and re-identification rate (%): solid lines
+    for the in-run classifier, dotted with hollow markers for the store classifier where there is one."""
     from veil.report import line_style, new_figure, png_bytes
 
     fig = new_figure(10.0, 4.2)
@@ -325,6 +381,10 @@ def plot_frontier(rows: list[dict]) -> bytes:
             ax.plot(xs, ys, label=line, markersize=7, linewidth=1.6, **line_style(i))
             for x, y, r in zip(xs, ys, pts):
                 ax.annotate(f"{sym}={r['strength']:g}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+            stored = [(scale * r[key], 100 * r["store_accuracy"]) for r in pts if r.get("store_accuracy") is not None]
+            if stored:  # the same points, with a classifier trained on their stored features: hollow markers, dotted
+                style = dict(line_style(i), linestyle=":", markerfacecolor="none")
+                ax.plot(*zip(*stored), label=f"{line}, store classifier", markersize=7, linewidth=1.2, **style)
     floors = {r["floor_psnr"] for r in done}
     for j, f in enumerate(sorted(floors)):
         left.axvline(f, color="#555555", linestyle=":", linewidth=1.2, label="constant-image floor" if j == 0 else None)
