@@ -304,11 +304,11 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         run_dir = Path(sweep_dir) / p.name
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
-        stored = run_dir / STORE_CLASSIFIER / "summary.json"
+        store_summary = run_dir / STORE_CLASSIFIER / "summary.json"
         row = {
             "name": p.name, "defence": p.defence, "strength": p.strength,
             "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
-            "store_accuracy": json.loads(stored.read_text())["final_test_accuracy"] if stored.is_file() else None,
+            "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
             "psnr": None, "psnr_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
             "floor_psnr": None, "undefended_psnr": None,
         }
