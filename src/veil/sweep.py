@@ -350,7 +350,7 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
         return ", ".join(r.get(field) or []) or ("none" if r["psnr"] is not None and r.get(key) is not None else "n/a")
 
     stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
-    out = [["defence", "strength", "test accuracy"] + (["store classifier accuracy"] if stored else [])
+    out = [["defence", "strength", "in-run test accuracy" if stored else "test accuracy"] + (["store classifier accuracy"] if stored else [])
            + ["strongest attacker PSNR (dB)", "re-identification top-1", "chance", "constant-image floor (dB)",
               "undefended attacker PSNR (dB)", "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
     for r in rows:
