@@ -460,7 +460,8 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         if which == "undefended" and not s.undefended:
             result[which] = {}
             continue
-        if which == "undefended" and ceilings is not None:
+        shared = which == "undefended" and ceilings is not None
+        if shared:
             key = ceiling_key(obfuscator, fingerprint(splits), s, width, cfg.model.split)
             known = read_ceilings(Path(ceilings))
             if key in known:
@@ -468,7 +469,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
                 log(f"  undefended: the same obfuscator, data and settings as {known[key]['run']}; its results reused")
                 continue
         result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, cfg.model.split, candidates, which, log)
-        if which == "undefended" and ceilings is not None:
+        if shared:
             known = read_ceilings(Path(ceilings))  # re-read: the file is only ever added to
             known[key] = {"run": str(run_dir), "result": result[which]}
             atomic_write_json(Path(ceilings), known)
