@@ -209,12 +209,12 @@ def test_defended_psnr_below_floor_is_flagged_as_under_trained():
 
 
 def test_ceiling_key_is_the_obfuscators_function_data_and_settings():
-    from veil.defences import set_noise
+    from veil.defences import GaussianNoise, set_noise
     from veil.models import Obfuscator
 
     torch.manual_seed(0)
     plain = Obfuscator(3, 0.0625, 2)
-    noisy = Obfuscator(3, 0.0625, 2, noise=True)
+    noisy = Obfuscator(3, 0.0625, 2, GaussianNoise())
     noisy.load_state_dict(plain.state_dict(), strict=False)  # same weights, plus a sigma = 0 noise layer
     s = AttackConfig()
     key = ceiling_key(plain, "data", s, 0.0625, 2)

@@ -44,7 +44,7 @@ def test_distance_correlation_has_finite_gradients():
 
 
 def test_noise_sigma_zero_leaves_features_unchanged():
-    f = Obfuscator(3, 0.125, 2, noise=True).eval()
+    f = Obfuscator(3, 0.125, 2, GaussianNoise()).eval()
     plain = Obfuscator(3, 0.125, 2).eval()
     plain.load_state_dict({k: v for k, v in f.state_dict().items() if not k.endswith("sigma")})
     x = torch.rand(4, 3, 32, 32)

@@ -22,6 +22,7 @@ from veil.train import (
     evaluate,
     make_optimizers,
     pretrain_lr_factor,
+    privacy_term,
     step_factor,
     train_obfuscator_classifier,
     train_reconstructor,
@@ -39,7 +40,7 @@ def _setup(cfg, rt):
 def _run_phases(cfg, rt):
     """One pretraining epoch, one reconstructor epoch, one evaluation; seeded alike for every runtime."""
     s, nets, opts = _setup(cfg, rt)
-    a = train_obfuscator_classifier(nets, opts[PRETRAIN], s.defender, True, cfg, torch.Generator().manual_seed(1), Step(PRETRAIN, 0, 1), 0.0, rt=rt)
+    a = train_obfuscator_classifier(nets, opts[PRETRAIN], s.defender, True, cfg, torch.Generator().manual_seed(1), Step(PRETRAIN, 0, 1), None, rt=rt)
     b = train_reconstructor(nets, opts[PHASE_B], s.defender, True, cfg, torch.Generator().manual_seed(2), Step(PHASE_B, 1, 1), rt=rt)
     c = evaluate(nets, s.test, cfg.train.eval_batch_size, rt=rt)
     return nets, {**a, **{"r_" + k: v for k, v in b.items()}, **c}
@@ -105,7 +106,7 @@ def test_bf16_autocast_keeps_weights_and_batchnorm_fp32_and_stays_close(tiny_con
     conv, bn = nets["obfuscator"][0], nets["obfuscator"][1]
     conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     stats = bn.running_var.clone()
-    train_obfuscator_classifier(nets, opts[PRETRAIN], s.defender, True, cfg, torch.Generator().manual_seed(1), Step(PRETRAIN, 0, 1), 0.0, rt=bf16)
+    train_obfuscator_classifier(nets, opts[PRETRAIN], s.defender, True, cfg, torch.Generator().manual_seed(1), Step(PRETRAIN, 0, 1), None, rt=bf16)
     assert seen and set(seen) == {torch.bfloat16}  # autocast really ran the convolutions in bf16
     # Weights, BatchNorm's affine parameters and running statistics stay float32 (and still move).
     assert all(p.dtype == torch.float32 for net in nets.values() for p in net.state_dict().values() if p.is_floating_point())
@@ -155,7 +156,7 @@ def test_training_step_has_no_host_sync(tiny_config, monkeypatch, n_images):
     data = s.defender.subset(torch.arange(n_images) % len(s.defender))
     counts = _count_host_transfers(monkeypatch)
     g = torch.Generator().manual_seed(0)
-    train_obfuscator_classifier(nets, opts[PHASE_A], data, True, cfg, g, Step(PHASE_A, 1, 1), 1.0)
+    train_obfuscator_classifier(nets, opts[PHASE_A], data, True, cfg, g, Step(PHASE_A, 1, 1), privacy_term(cfg))
     train_reconstructor(nets, opts[PHASE_B], data, True, cfg, g, Step(PHASE_B, 1, 1))
     evaluate(nets, data, 32)
     # One .tolist() at the end of each training epoch and of the evaluation, whatever the batch count.
@@ -168,7 +169,7 @@ def test_non_finite_loss_is_reported_with_phase_and_batch(tiny_config):
     with torch.no_grad():
         nets["classifier"].head[-1].bias.fill_(math.nan)
     with pytest.raises(TrainingError, match=r"non-finite loss in phase 'pretrain', round 0, epoch 1, first at batch 0"):
-        train_obfuscator_classifier(nets, opts[PRETRAIN], s.defender, True, cfg, torch.Generator().manual_seed(0), Step(PRETRAIN, 0, 1), 0.0)
+        train_obfuscator_classifier(nets, opts[PRETRAIN], s.defender, True, cfg, torch.Generator().manual_seed(0), Step(PRETRAIN, 0, 1), None)
 
 
 def test_process_slices_of_a_batch_are_the_single_process_batch(tiny_config):

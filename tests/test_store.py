@@ -398,10 +398,10 @@ def test_features_the_dtype_cannot_hold_are_refused(tiny, tmp_path):
 
 
 def test_fingerprint_covers_the_noise_defence_sigma():
-    from veil.defences import set_noise
+    from veil.defences import GaussianNoise, set_noise
     from veil.models import Obfuscator
 
-    f = Obfuscator(3, 0.0625, 2, noise=True)
+    f = Obfuscator(3, 0.0625, 2, GaussianNoise())
     before = fingerprint(f)
     set_noise(f, 0.5)  # a 0-d buffer: the stored features' noise level is part of the obfuscator
     assert fingerprint(f) != before

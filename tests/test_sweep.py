@@ -12,8 +12,9 @@ from veil import config as config_mod
 from veil import rundir
 from veil.config import ConfigError
 from veil.data import load_splits
+from veil.defences import strength_overrides
 from veil.report import report
-from veil.sweep import DEFENCES, frontier_rows, mark_dominated, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
+from veil.sweep import frontier_rows, mark_dominated, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
 from veil.train import plan
 
 
@@ -23,8 +24,8 @@ def test_parse_strengths():
         with pytest.raises(ConfigError, match=msg):
             parse_strengths(bad)
     assert point_name("adversarial", 0.1) == "lambda-0.1" and point_name("adversarial", 3.0) == "lambda-3"
-    assert DEFENCES["adversarial"].overrides(0.3) == ["train.defence=adversarial", "train.lambda_privacy=0.3"]
-    assert DEFENCES["noise"].overrides(0.5) == ["train.defence=noise", "train.noise_sigma=0.5"]
+    assert strength_overrides("adversarial", 0.3) == ["train.defence=adversarial", "train.lambda_privacy=0.3"]
+    assert strength_overrides("noise", 0.5) == ["train.defence=noise", "train.noise_sigma=0.5"]
 
 
 def test_mark_dominated_finds_the_points_off_the_frontier():

@@ -17,8 +17,8 @@ from veil.train import (
     TrainingError,
     make_optimizers,
     plan,
+    privacy_term,
     train,
-    train_obfuscator,
     train_obfuscator_classifier,
     train_reconstructor,
 )
@@ -55,7 +55,7 @@ def test_each_phase_updates_exactly_its_networks(tiny_config):
 
     # (a) f+g move on Eq. 2; r is frozen (weights and BatchNorm statistics).
     before = {k: snapshot(m) for k, m in nets.items()}
-    train_obfuscator_classifier(nets, opts[PHASE_A], s.defender, True, cfg, g, Step(PHASE_A, 1, 1), 1.0)
+    train_obfuscator_classifier(nets, opts[PHASE_A], s.defender, True, cfg, g, Step(PHASE_A, 1, 1), privacy_term(cfg))
     assert changed(before["obfuscator"], f_) and changed(before["classifier"], g_)
     assert unchanged_bit_for_bit(before["reconstructor"], r_)
 
@@ -67,7 +67,7 @@ def test_each_phase_updates_exactly_its_networks(tiny_config):
 
     # (c) f moves on Eq. 2; g and r frozen.
     before = {k: snapshot(m) for k, m in nets.items()}
-    train_obfuscator(nets, opts[PHASE_C], s.defender, True, cfg, g, Step(PHASE_C, 1, 1))
+    train_obfuscator_classifier(nets, opts[PHASE_C], s.defender, True, cfg, g, Step(PHASE_C, 1, 1), privacy_term(cfg), with_classifier=False)
     assert changed(before["obfuscator"], f_)
     assert unchanged_bit_for_bit(before["classifier"], g_) and unchanged_bit_for_bit(before["reconstructor"], r_)
 

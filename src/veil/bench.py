@@ -27,6 +27,7 @@ from torch import nn
 
 from veil.config import Config, ConfigError
 from veil.data import ImageSet, to_float
+from veil.defences.adversarial import reconstruction_psnr
 from veil.models import build_networks
 from veil.runtime import Runtime, prepare_networks, resolve, wrap_networks
 from veil.train import (
@@ -34,6 +35,7 @@ from veil.train import (
     PHASE_B,
     PHASE_C,
     PRETRAIN,
+    Privacy,
     Step,
     evaluate,
     freeze,
@@ -41,7 +43,6 @@ from veil.train import (
     obfuscate,
     pretrain_lr_factor,
     resolve_device,
-    train_obfuscator,
     train_obfuscator_classifier,
     train_reconstructor,
 )
@@ -90,6 +91,7 @@ def build_phases(cfg: Config, rt: Runtime, n_batches: int) -> dict[str, Phase]:
     opts = make_optimizers(nets, cfg.train)
     f, g, r = nets["obfuscator"], nets["classifier"], nets["reconstructor"]
     lam = cfg.train.lambda_privacy or 1.0
+    eq2 = Privacy(lam, reconstruction_psnr, "train_psnr")  # Veil's phases (a) and (c) at the bare loops' lambda
     smooth = cfg.train.label_smoothing
     t = cfg.train
 
@@ -178,11 +180,11 @@ def build_phases(cfg: Config, rt: Runtime, n_batches: int) -> dict[str, Phase]:
     lr_factor = pretrain_lr_factor(t.pretrain_schedule, 1, 1, n_batches)
     phases = {
         "pretrain": Phase(
-            veil(lambda: train_obfuscator_classifier(nets, opts[PRETRAIN], data, nat, cfg, g_(1), Step(PRETRAIN, 0, 1), 0.0, lr_factor, None, rt)),
+            veil(lambda: train_obfuscator_classifier(nets, opts[PRETRAIN], data, nat, cfg, g_(1), Step(PRETRAIN, 0, 1), None, lr_factor, None, rt)),
             bare(pretrain_batch, (f, g)), n, count_flops(once(pretrain_batch, (f, g))) / b,
         ),
         "obfuscator_classifier": Phase(
-            veil(lambda: train_obfuscator_classifier(nets, opts[PHASE_A], data, nat, cfg, g_(2), Step(PHASE_A, 1, 1), lam, None, None, rt)),
+            veil(lambda: train_obfuscator_classifier(nets, opts[PHASE_A], data, nat, cfg, g_(2), Step(PHASE_A, 1, 1), eq2, None, None, rt)),
             bare(phase_a_batch, (f, g)), n, count_flops(once(phase_a_batch, (f, g))) / b,
         ),
         "reconstructor": Phase(
@@ -190,7 +192,7 @@ def build_phases(cfg: Config, rt: Runtime, n_batches: int) -> dict[str, Phase]:
             bare(reconstructor_batch, (r,)), n, count_flops(once(reconstructor_batch, (r,))) / b,
         ),
         "obfuscator": Phase(
-            veil(lambda: train_obfuscator(nets, opts[PHASE_C], data, nat, cfg, g_(4), Step(PHASE_C, 1, 1), None, rt)),
+            veil(lambda: train_obfuscator_classifier(nets, opts[PHASE_C], data, nat, cfg, g_(4), Step(PHASE_C, 1, 1), eq2, None, None, rt, with_classifier=False)),
             bare(obfuscator_batch, (f,)), n, count_flops(once(obfuscator_batch, (f,))) / b,
         ),
         "evaluate": Phase(veil(lambda: evaluate(nets, data, eb, True, rt)), bare_eval(evaluate_batch), n, count_flops(once(evaluate_batch, ())) / len(x_eval)),

@@ -84,6 +84,8 @@ def _get(cfg, dotted: str):  # noqa: ANN001, ANN202
 
 
 def print_summary(summary: dict) -> None:
+    from veil.defences import DEFENCES
+
     def pct(v):  # noqa: ANN001, ANN202
         return "n/a" if v is None else f"{v:.2%}"
 
@@ -92,7 +94,7 @@ def print_summary(summary: dict) -> None:
 
     print()
     defence = summary.get("defence", "adversarial")
-    strength = {"adversarial": "lambda", "nopeek": "alpha", "noise": "sigma"}.get(defence)
+    strength = DEFENCES[defence].strength_label if defence in DEFENCES and DEFENCES[defence].strength_key else None
     print("                         test accuracy   reconstruction PSNR (training reconstructor)")
     print(f"before {defence:<17} {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'])}")
     print(f"after {defence:<18} {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'])}")
@@ -311,12 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train and attack one run per lambda; plot the utility-privacy frontier (resumable)")
     p.add_argument("--config", required=True, help="YAML config file shared by every run")
-    p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3: lambda of Eq. 2, NoPeek's alpha or the noise sigma, as --defence says")
+    p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3: the strength key of --defence (lambda of Eq. 2, NoPeek's alpha, the noise sigma, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
-    from veil.sweep import DEFENCES
+    from veil.defences import DEFENCES
 
-    p.add_argument("--defence", default="adversarial", choices=list(DEFENCES),
-                   help="defence whose strength is swept: adversarial (the paper's, default), nopeek or noise; several may share one --out")
+    p.add_argument("--defence", default="adversarial", choices=[n for n, d in DEFENCES.items() if d.strength_key],
+                   help="defence whose strength is swept (veil/defences/; default: adversarial, the paper's); several may share one --out")
     p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
     p.add_argument("--store-classifier", type=int, default=0, metavar="EPOCHS",

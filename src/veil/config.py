@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says which key and why."""
+from veil.defences import DEFENCES
+from veil.errors import ConfigError
+from veil.models.reconstructors import RECONSTRUCTORS
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     defence: str = "adversarial"
-    """adversarial (Algorithm 1) | nopeek | noise | none; see veil/defences.py."""
+    """adversarial (Algorithm 1) | nopeek | noise | none: the defence registry, veil/defences/."""
     lambda_privacy: float = 1.0
     """Lambda of Eq. 2: weight of the reconstruction PSNR (dB) against cross-entropy."""
     nopeek_alpha: float = 1.0
@@ -123,6 +123,13 @@ class Config:
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     progress: bool = True
     """Show progress bars."""
+
+    def get(self, dotted: str) -> object:
+        """The value of a dotted key: cfg.get('train.lambda_privacy')."""
+        obj: object = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
 
 
 SECTIONS = ("data", "model", "train")
@@ -299,12 +306,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         d.image_size >= 32 and d.image_size % 2**m.split == 0,
         f"data.image_size must be >= 32 and a multiple of {2**m.split} (2**model.split), got {d.image_size}",
     )
-    from veil.models.reconstructors import RECONSTRUCTORS
-
     need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}'")
     need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
-    from veil.defences import DEFENCES
-
     need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
     need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0, "train.nopeek_alpha and train.noise_sigma must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from veil import config as config_mod
+from veil.defences import describe, get_defence, round_phases, strength_of
 from veil.io import CheckpointError, atomic_write_bytes, atomic_write_text
 
 ATTACKERS = ("simrec", "urec1", "urec2", "resrec", "whitebox")  # display order; others follow
 ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", "whitebox": "white-box"}
 ATTACK_FIELDS = ("psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates")
-ROUND_PHASES = ("obfuscator_classifier", "reconstructor", "obfuscator", "nopeek", "noise")  # (a), (b), (c), or another defence's epoch
 
 # Okabe-Ito colours stay distinct under the common colour-vision deficiencies; markers and line
 # styles carry the same distinction in grayscale.
@@ -63,8 +63,9 @@ class RunResults:
     attack_pngs: list[Path] = field(default_factory=list)
 
     @property
-    def lambda_privacy(self) -> float:
-        return self.config.train.lambda_privacy
+    def defended(self) -> bool:
+        """The run's defence trained rounds at a strength above 0 (λ = 0, α = 0 or `none` count as undefended)."""
+        return bool(get_defence(self.config.train.defence).round_phases) and strength_of(self.config) > 0
 
     @property
     def reconstructor(self) -> str:
@@ -73,9 +74,7 @@ class RunResults:
     @property
     def defence(self) -> str:
         """'λ=0.1' for the paper's adversarial training, else the defence and its strength."""
-        t = self.config.train
-        return {"adversarial": f"λ={t.lambda_privacy:g}", "nopeek": f"NoPeek α={t.nopeek_alpha:g}",
-                "noise": f"noise σ={t.noise_sigma:g}", "none": "none"}.get(t.defence, t.defence)
+        return describe(self.config)
 
 
 def read_attack(path: Path) -> dict:
@@ -191,12 +190,13 @@ def label(run: RunResults, runs: list[RunResults]) -> str:
 
 def accuracy_by_round(metrics: list[dict]) -> dict[int, float]:
     """Table 2: test accuracy after pretraining (round 0) and at the end of each adversarial round."""
+    ends = round_phases()  # (a), (b), (c), or another defence's own phase
     out: dict[int, float] = {}
     pre = [m for m in metrics if m["phase"] == "pretrain" and "test_accuracy" in m]
     if pre:
         out[0] = pre[-1]["test_accuracy"]
     for m in metrics:  # the last phase-epoch of a round wins: its end
-        if m["phase"] in ROUND_PHASES and "test_accuracy" in m:
+        if m["phase"] in ends and "test_accuracy" in m:
             out[m["round"]] = m["test_accuracy"]
     return out
 
@@ -473,9 +473,9 @@ def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, fi
         # paper's variant, a lambda = 0 run (same training reconstructor first: same schedule, so the
         # same training effort); else the run's own reconstructor after the warm-up against the
         # pretrained obfuscator (fewer epochs than the defended row's final refit).
-        defended = [r for r in group if r.lambda_privacy > 0]
+        defended = [r for r in group if r.defended]
         same = defended[0].reconstructor if defended else None
-        plain = sorted((r for r in group if r.lambda_privacy == 0), key=lambda r: r.reconstructor != same)
+        plain = sorted((r for r in group if not r.defended), key=lambda r: r.reconstructor != same)
         undefended: Reconstructions | None = None
         if plain:
             undefended = Reconstructions(f"undefended (λ=0, {plain[0].name})", rebuilt[plain[0].name].images, rebuilt[plain[0].name].psnr)
@@ -486,13 +486,13 @@ def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, fi
                 undefended = reconstruct(net.undefended_obfuscator, rec, originals, f"undefended ({r.name} after pretraining and warm-up)")
                 break
         if undefended is None or not defended:
-            fig5_blocks.append(("p", f"Not drawn for {', '.join(r.name for r in group)}: it needs a run with λ > 0 and either its saved "
-                                "undefended reconstructor (checkpoints/undefended/reconstructor.safetensors) or a λ = 0 run on the same data."))
+            fig5_blocks.append(("p", f"Not drawn for {', '.join(r.name for r in group)}: it needs a defended run (a defence with a strength > 0) and either "
+                                "its saved undefended reconstructor (checkpoints/undefended/reconstructor.safetensors) or an undefended run (λ = 0, or defence none) on the same data."))
             continue
         rows5 = [rows[0], undefended] + [Reconstructions(f"defended ({rebuilt[r.name].label})", rebuilt[r.name].images, rebuilt[r.name].psnr) for r in defended]
         name = f"report-figure5-undefended-vs-defended{suffix}.png"
         fig = Figure(name, plot_image_rows([(x.label, x.images, x.psnr) for x in rows5]),
-                     "Figure 5 style: reconstructions against the undefended obfuscator (second row: a λ = 0 run when given, else the run's "
+                     "Figure 5 style: reconstructions against the undefended obfuscator (second row: an undefended run when given, else the run's "
                      "reconstructor after its warm-up against the pretrained obfuscator) and the defended one (below); PSNR in dB.")
         figures.append(fig)
         fig5_blocks.append(("figure", fig))

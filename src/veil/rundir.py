@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from veil import config as config_mod
+from veil.defences import obfuscator_layer
 from veil.io import (
     CheckpointError,
     atomic_write_json,
@@ -34,6 +35,7 @@ from veil.io import (
     read_metadata,
     save_tensors,
 )
+from veil.models import build_networks
 
 NETWORKS = ("obfuscator", "classifier", "reconstructor")
 STEP_INFO = ("step", "channels", "num_classes")  # what a step folder's info.json must hold
@@ -262,8 +264,6 @@ class Run:
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     """Config and the newest weights of a run directory, networks in eval mode on `device`."""
-    from veil.models import build_networks
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir}: not a Veil run directory (no config.yaml)")
@@ -276,15 +276,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         changed = config_mod.changed_keys(info["config"], config_mod.to_dict(cfg))
         if changed:
             raise CheckpointError(f"{run_dir / 'config.yaml'} was edited after {step_dir} was written ({'; '.join(changed)}); put the values back")
-    noise = cfg.train.defence == "noise"
-    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, noise=noise)
+    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg))
     for name in NETWORKS:
         load_module(nets[name], step_dir / f"{name}.safetensors")
     undefended = None
     if (checkpoints(run_dir) / "undefended" / "obfuscator.safetensors").is_file():
         if (checkpoints(run_dir) / "undefended" / "info.json").is_file():
             read_info(checkpoints(run_dir) / "undefended")
-        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, noise=noise)["obfuscator"]
+        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg))["obfuscator"]
         load_module(undefended, checkpoints(run_dir) / "undefended" / "obfuscator.safetensors")
         undefended.to(device).eval()
     for net in nets.values():

@@ -13,8 +13,7 @@
 Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
 A point is (defence, strength): the paper's adversarial training (lambda, Eq. 2), NoPeek (alpha)
 or feature noise (sigma); one sweep directory may hold several defences, and its frontier shows
-one line per defence. Another defence is one entry in DEFENCES: a name, the label of its strength,
-and the config overrides a strength turns into. Points that start from the same pretraining share
+one line per defence; any defence of the registry (veil/defences/) with a strength can be swept. Points that start from the same pretraining share
 their undefended obfuscator, which is attacked once (CEILINGS_FILE).
 
 Two accuracies, because they answer two questions: the in-run one is the classifier trained
@@ -34,36 +33,12 @@ from pathlib import Path
 
 from veil import config as config_mod
 from veil.config import ConfigError
+from veil.defences import DEFENCES, get_defence, point_symbol, strength_label, strength_overrides
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SWEEP_FILE = "sweep.json"
 CEILINGS_FILE = "ceilings.json"  # the undefended attacks, one per distinct undefended obfuscator
 STORE_CLASSIFIER = "store-classifier"  # in each run: the classifier trained on its stored features
-
-
-@dataclass(frozen=True)
-class Defence:
-    strength_name: str  # label of the strength in directory names, tables and plots
-    overrides: Callable[[float], list[str]]  # strength -> KEY=VALUE overrides of the run's config
-
-
-def adversarial_overrides(strength: float) -> list[str]:
-    return ["train.defence=adversarial", f"train.lambda_privacy={strength!r}"]  # Eq. 2: CE + lambda * PSNR
-
-
-def nopeek_overrides(strength: float) -> list[str]:
-    return ["train.defence=nopeek", f"train.nopeek_alpha={strength!r}"]  # CE + alpha * dCor
-
-
-def noise_overrides(strength: float) -> list[str]:
-    return ["train.defence=noise", f"train.noise_sigma={strength!r}"]  # Gaussian noise on the features
-
-
-DEFENCES: dict[str, Defence] = {
-    "adversarial": Defence("lambda", adversarial_overrides),
-    "nopeek": Defence("alpha", nopeek_overrides),
-    "noise": Defence("sigma", noise_overrides),
-}
 
 
 @dataclass(frozen=True)
@@ -74,7 +49,7 @@ class Point:
 
 
 def point_name(defence: str, strength: float) -> str:
-    return f"{DEFENCES[defence].strength_name}-{strength:g}"
+    return f"{get_defence(defence).strength_label}-{strength:g}"
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -117,12 +92,6 @@ def parse_attack_settings(items: list[str]) -> dict:
         raw = value if hints[key] is str else yaml.safe_load(value)
         out[key] = config_mod._coerce(raw, hints[key], key, "--attack")
     return out
-
-
-def get_defence(name: str) -> Defence:
-    if name not in DEFENCES:
-        raise ConfigError(f"unknown defence '{name}'; valid: {', '.join(DEFENCES)}")
-    return DEFENCES[name]
 
 
 # ----------------------------------------------------------------------------- sweep file
@@ -249,12 +218,14 @@ def sweep(
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
     out = Path(out)
     d = get_defence(defence)
+    if not d.strength_key:
+        raise ConfigError(f"--defence {defence} has no strength to sweep; valid: {', '.join(n for n, x in DEFENCES.items() if x.strength_key)}")
     overrides = list(overrides or [])
     asked = [Point(defence, s, point_name(defence, s)) for s in strengths]
     settings = None if attack else dict(attack_settings or {})
     attack = attack or harness_attack(settings, log, out / CEILINGS_FILE)  # bad attack settings fail before any training
     # Every config is built and every existing run checked before anything is written.
-    configs = {p.name: config_mod.load(config_path, overrides + d.overrides(p.strength)) for p in asked}
+    configs = {p.name: config_mod.load(config_path, overrides + strength_overrides(defence, p.strength)) for p in asked}
     for p in asked:
         if (out / p.name / "config.yaml").is_file():
             check_same_config(out / p.name, configs[p.name])
@@ -275,7 +246,7 @@ def sweep(
             log(f"veil sweep: {p.name} already trained")
         else:
             resume = (run_dir / "config.yaml").is_file()
-            log(f"veil sweep: {'resuming' if resume else 'training'} {p.name} ({d.strength_name} = {p.strength:g})")
+            log(f"veil sweep: {'resuming' if resume else 'training'} {p.name} ({d.strength_label} = {p.strength:g})")
             if not train(cfg, run_dir, resume=resume, log=log):
                 log(f"veil sweep: stopped during {p.name}; run the same command again to continue")
                 return []
@@ -355,7 +326,7 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
               "undefended attacker PSNR (dB)", "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
     for r in rows:
         out.append(
-            [r["defence"], f"{DEFENCES[r['defence']].strength_name if r['defence'] in DEFENCES else 'strength'} = {r['strength']:g}",
+            [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}",
              pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
             + [db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
                pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
@@ -374,8 +345,7 @@ def plot_frontier(rows: list[dict]) -> bytes:
     done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
     for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in done)):  # one line per defence (and sweep)
         pts = sorted((r for r in done if r.get("line", r["defence"]) == line), key=lambda r: r["strength"])
-        sym = DEFENCES[pts[0]["defence"]].strength_name if pts[0]["defence"] in DEFENCES else "strength"
-        sym = "λ" if sym == "lambda" else sym
+        sym = point_symbol(pts[0]["defence"])
         for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):
             xs, ys = [scale * r[key] for r in pts], [100 * r["test_accuracy"] for r in pts]
             ax.plot(xs, ys, label=line, markersize=7, linewidth=1.6, **line_style(i))

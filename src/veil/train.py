@@ -10,8 +10,9 @@ The plan of a run is a flat list of phase-epochs ("steps"):
       obfuscator x t_sub                  (c) f on Eq. 2, g and r frozen
     reconstructor_final x warmup_epochs   r on Eq. 3 against the final f
 
-Other defences (defences.py) replace each round by t_sub epochs of one phase named after the
-defence (`nopeek`, `noise`); `none` has no rounds.
+The rounds are the run's defence's (veil/defences/): the paper's adversarial training runs
+(a), (b), (c); NoPeek and noise run t_sub epochs of one phase named after them, f + g on
+cross-entropy + strength * the defence's penalty; `none` has no rounds.
 
 The warm-up is the paper's first pass of Algorithm 1 (pretraining is followed by reconstructor
 training); it gives round 1's privacy term a trained attacker and gives the "before" PSNR.
@@ -40,15 +41,24 @@ from veil import data as data_mod
 from veil import distributed, rundir, runtime
 from veil.config import Config, TrainConfig
 from veil.data import ImageSet, Splits, batches, load_splits, shard, to_float
-from veil.defences import distance_correlation, set_noise
+from veil.defences import (
+    FINAL,
+    PHASE_A,
+    PHASE_B,
+    PHASE_C,
+    PRETRAIN,
+    RECONSTRUCTOR_PHASES,
+    WARMUP,
+    Penalty,
+    describe,
+    get_defence,
+    obfuscator_layer,
+    strength_of,
+)
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks
 from veil.runtime import Runtime
-
-PRETRAIN, WARMUP = "pretrain", "reconstructor_warmup"
-PHASE_A, PHASE_B, PHASE_C = "obfuscator_classifier", "reconstructor", "obfuscator"
-FINAL = "reconstructor_final"
 
 
 class TrainingError(RuntimeError):
@@ -74,8 +84,8 @@ def plan(t: TrainConfig) -> list[Step]:
     warmup = t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs
     steps = [Step(PRETRAIN, 0, e + 1) for e in range(t.pretrain_epochs)]
     steps += [Step(WARMUP, 0, e + 1) for e in range(warmup)]
-    rounds = 0 if t.defence == "none" else t.t_main
-    phases = (PHASE_A, PHASE_B, PHASE_C) if t.defence == "adversarial" else (t.defence,)
+    phases = get_defence(t.defence).round_phases
+    rounds = t.t_main if phases else 0
     for k in range(1, rounds + 1):
         for phase in phases:
             steps += [Step(phase, k, e + 1) for e in range(t.t_sub)]
@@ -205,20 +215,35 @@ def check_finite_weights(nets: dict[str, nn.Module], step: Step) -> None:
                 raise TrainingError(f"non-finite values in {name} '{key}' at the end of phase '{step.phase}', round {step.round}, epoch {step.epoch}")
 
 
+@dataclass(frozen=True)
+class Privacy:
+    """The privacy term of a phase: weight * penalty(images, f(images), r), logged as `metric`."""
+
+    weight: float
+    penalty: Penalty
+    metric: str
+
+
+def privacy_term(cfg: Config) -> Privacy | None:
+    """The run's defence's privacy term at its strength (None for a defence without one)."""
+    d = get_defence(cfg.train.defence)
+    return Privacy(strength_of(cfg), d.penalty, d.penalty_metric) if d.penalty else None
+
+
 def train_obfuscator_classifier(
     nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
-    generator: torch.Generator, step: Step, lambda_privacy: float, lr_factor=None, bar=None, rt: Runtime | None = None,
+    generator: torch.Generator, step: Step, privacy: Privacy | None = None, lr_factor=None, bar=None, rt: Runtime | None = None,
+    with_classifier: bool = True,
 ) -> dict:
-    """Pretraining (lambda = 0) and phase (a): f and g minimise CE + lambda * PSNR(I, r(f(I))) (Eq. 2).
-    The nopeek and noise defences' epochs too: CE + alpha * dCor(I, f(I)) for nopeek (computed on each
-    process's part of the batch), CE alone for noise (the noise is the obfuscator's last layer)."""
+    """f and g minimise CE + weight * penalty, r frozen: pretraining (no penalty), phase (a) (Eq. 2:
+    the penalty is PSNR(I, r(f(I)))) and the f + g epochs of other defences (NoPeek's dCor, computed on
+    each process's part of the batch; the noise defence has no penalty, its noise is f's last layer).
+    with_classifier=False is phase (c): f alone, g frozen too."""
     rt = rt or Runtime(data.images.device)
-    freeze(nets["obfuscator"], False), freeze(nets["classifier"], False), freeze(nets["reconstructor"], True)
-    f, g, r = rt.replica(nets, "obfuscator"), rt.replica(nets, "classifier"), nets["reconstructor"]
+    freeze(nets["obfuscator"], False), freeze(nets["classifier"], not with_classifier), freeze(nets["reconstructor"], True)
+    f, r = rt.replica(nets, "obfuscator"), nets["reconstructor"]
+    g = rt.replica(nets, "classifier") if with_classifier else nets["classifier"]
     t = cfg.train
-    nopeek = step.phase == "nopeek"
-    weight = t.nopeek_alpha if nopeek else lambda_privacy
-    use_r = not nopeek and weight > 0
     rows, n = [], 0
     for i, (images, labels) in enumerate(_batches(data, natural, cfg, generator, rt)):
         if lr_factor is not None:
@@ -227,11 +252,8 @@ def train_obfuscator_classifier(
             features = f(images)  # N x 128w x 8 x 8
             logits = g(features)
             ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-            if nopeek:
-                p = distance_correlation(images, features)
-            else:
-                p = psnr(images, r(features)).mean() if use_r else torch.zeros((), device=images.device)
-            loss = ce + weight * p  # Eq. 2, or NoPeek's
+            p = privacy.penalty(images, features, r) if privacy else torch.zeros((), device=images.device)
+            loss = ce + privacy.weight * p if privacy else ce  # Eq. 2, or the defence's
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -241,10 +263,8 @@ def train_obfuscator_classifier(
             bar.update(1)
     loss, ce, p, accuracy = _epoch_means(rows, n, rt, step)
     out = {"loss": loss, "ce": ce, "train_accuracy": accuracy}
-    if use_r:
-        out["train_psnr"] = p
-    if nopeek:
-        out["train_dcor"] = p
+    if privacy:
+        out[privacy.metric] = p
     return out
 
 
@@ -272,34 +292,6 @@ def train_reconstructor(
             bar.update(1)
     (p,) = _epoch_means(rows, n, rt, step)
     return {"loss": -p, "train_psnr": p}
-
-
-def train_obfuscator(
-    nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
-    generator: torch.Generator, step: Step, bar=None, rt: Runtime | None = None,
-) -> dict:
-    """Phase (c): f minimises Eq. 2 with g and r frozen."""
-    rt = rt or Runtime(data.images.device)
-    freeze(nets["obfuscator"], False), freeze(nets["classifier"], True), freeze(nets["reconstructor"], True)
-    f, g, r = rt.replica(nets, "obfuscator"), nets["classifier"], nets["reconstructor"]
-    lam = cfg.train.lambda_privacy
-    rows, n = [], 0
-    for images, labels in _batches(data, natural, cfg, generator, rt):
-        with rt.autocast():
-            features = f(images)
-            logits = g(features)
-            ce = F.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
-            p = psnr(images, r(features)).mean()
-            loss = ce + lam * p  # Eq. 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rows.append(_row(len(labels), loss, ce, p, correct=(logits.argmax(1) == labels).sum()))
-        n += len(labels)
-        if bar is not None:
-            bar.update(1)
-    loss, ce, p, accuracy = _epoch_means(rows, n, rt, step)
-    return {"loss": loss, "ce": ce, "train_psnr": p, "train_accuracy": accuracy}
 
 
 @torch.no_grad()
@@ -465,12 +457,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
     if rt.distributed and len(defender) < cfg.train.batch_size:
         raise TrainingError(f"multi-process training needs at least one full batch: {len(defender)} defender images < train.batch_size {cfg.train.batch_size}")
     torch.manual_seed(cfg.seed)
-    nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, noise=cfg.train.defence == "noise")
+    defence, privacy = get_defence(cfg.train.defence), privacy_term(cfg)
+    nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, obfuscator_layer(cfg))
     runtime.prepare_networks(nets, rt, cfg.train.sync_batchnorm)
     opts = make_optimizers(nets, cfg.train)
     steps = plan(cfg.train)
     info = {
-        "noise": cfg.train.defence == "noise", "channels": splits.channels, "num_classes": splits.num_classes, "class_names": splits.defender.classes, "dataset": splits.name,
+        "channels": splits.channels, "num_classes": splits.num_classes, "class_names": splits.defender.classes, "dataset": splits.name,
         "config": config_mod.to_dict(cfg), "data_fingerprint": data_mod.fingerprint(splits),
     }
     if splits.skipped:
@@ -487,7 +480,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
 
     log(
         f"veil train: {splits.name}, defender {len(defender)} / attacker {len(splits.attacker)} / test {len(test)} images, "
-        f"width {cfg.model.width}, reconstructor {cfg.model.reconstructor}, lambda {cfg.train.lambda_privacy}, device {device}"
+        f"width {cfg.model.width}, reconstructor {cfg.model.reconstructor}, defence {cfg.train.defence} ({describe(cfg)}), device {device}"
         + (f" x {rt.world_size} processes" if rt.distributed else "")
         + f", {rt.precision}{', channels_last' if rt.channels_last else ''}{', compiled' if rt.compile else ''}"
     )
@@ -506,16 +499,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
             with _progress(steps_per_epoch, desc, cfg.progress and rt.is_main) as bar, _on_nonfinite(run_dir, index, len(steps)):
                 if step.phase == PRETRAIN:
                     lr_factor = pretrain_lr_factor(cfg.train.pretrain_schedule, step.epoch, n_pretrain, steps_per_epoch)
-                    record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, 0.0, lr_factor, bar, rt)
-                elif step.phase in ("nopeek", "noise"):
-                    set_noise(nets["obfuscator"], cfg.train.noise_sigma)
-                    record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, 0.0, None, bar, rt)
-                elif step.phase == PHASE_A:
-                    record = train_obfuscator_classifier(nets, opts[PHASE_A], defender, splits.natural, cfg, generator, step, cfg.train.lambda_privacy, None, bar, rt)
-                elif step.phase in (WARMUP, PHASE_B, FINAL):
+                    record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, None, lr_factor, bar, rt)
+                elif step.phase in RECONSTRUCTOR_PHASES:
                     record = train_reconstructor(nets, opts[PHASE_B], defender, splits.natural, cfg, generator, step, bar, rt)
-                else:
-                    record = train_obfuscator(nets, opts[PHASE_C], defender, splits.natural, cfg, generator, step, bar, rt)
+                else:  # a round's phase that trains f: (a), (c), or the defence's own f + g phase
+                    if defence.start is not None:
+                        defence.start(nets["obfuscator"], strength_of(cfg))
+                    only_f = step.phase == PHASE_C
+                    record = train_obfuscator_classifier(nets, opts[PHASE_C if only_f else PHASE_A], defender, splits.natural, cfg, generator,
+                                                         step, privacy, None, bar, rt, with_classifier=not only_f)
                 check_finite_weights(nets, step)
             record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN, rt=rt))
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
@@ -551,7 +543,7 @@ def _on_nonfinite(run_dir: Path, index: int, n_steps: int):  # noqa: ANN202
         where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint had been written yet"
         raise TrainingError(
             f"{e} (step {index + 1} of {n_steps}); training stopped and {where}. "
-            f"Lower the learning rate or train.lambda_privacy and train again"
+            f"Lower the learning rate or the defence's strength and train again"
         ) from None
 
 
@@ -583,7 +575,7 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
         "final_test_psnr": refit.get("test_psnr", final.get("test_psnr")),
         "last_obfuscator_phase_test_psnr": last(PHASE_C).get("test_psnr"),
         "defence": cfg.train.defence,
-        "strength": {"adversarial": cfg.train.lambda_privacy, "nopeek": cfg.train.nopeek_alpha, "noise": cfg.train.noise_sigma, "none": 0.0}[cfg.train.defence],
+        "strength": strength_of(cfg),
         "lambda_privacy": cfg.train.lambda_privacy,
         "reconstructor": cfg.model.reconstructor,
         "steps": len(metrics),

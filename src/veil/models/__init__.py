@@ -22,10 +22,10 @@ def init_xavier(module):  # noqa: ANN001, ANN201
     return module
 
 
-def build_networks(model_cfg, channels: int, num_classes: int, image_size: int = 32, noise: bool = False) -> dict:  # noqa: ANN001
+def build_networks(model_cfg, channels: int, num_classes: int, image_size: int = 32, tail=None) -> dict:  # noqa: ANN001
     """Obfuscator, classifier and training reconstructor for a ModelConfig, Xavier-initialised.
-    `noise` adds the noise defence's layer to the obfuscator (its sigma is set by training)."""
-    obfuscator = init_xavier(Obfuscator(channels, model_cfg.width, model_cfg.split, noise))
+    `tail`: a defence's layer appended to the obfuscator (veil.defences.obfuscator_layer)."""
+    obfuscator = init_xavier(Obfuscator(channels, model_cfg.width, model_cfg.split, tail))
     classifier = init_xavier(Classifier(num_classes, model_cfg.width, model_cfg.split, model_cfg.dropout))
     reconstructor = init_xavier(build_reconstructor(model_cfg.reconstructor, obfuscator.out_channels, channels, model_cfg.width, model_cfg.split))
     return {"obfuscator": obfuscator, "classifier": classifier, "reconstructor": reconstructor}

@@ -35,16 +35,14 @@ def vgg_block(c_in: int, channels: tuple[int, ...], width: float) -> tuple[list[
 class Obfuscator(nn.Sequential):
     """f(image in [0, 1], N x C x H x W) -> feature map N x 128w x H/4 x W/4 (at split 2)."""
 
-    def __init__(self, in_channels: int = 3, width: float = 1.0, split: int = 2, noise: bool = False):
+    def __init__(self, in_channels: int = 3, width: float = 1.0, split: int = 2, tail: nn.Module | None = None):
         layers: list[nn.Module] = []
         c = in_channels
         for channels in VGG16_BLOCKS[:split]:
             block, c = vgg_block(c, channels, width)
             layers += block
-        if noise:  # the noise defence: a layer, so every user of the obfuscator gets it
-            from veil.defences import GaussianNoise
-
-            layers.append(GaussianNoise(0.0))
+        if tail is not None:  # a defence's layer (e.g. noise): part of f, so every user of the obfuscator gets it
+            layers.append(tail)
         super().__init__(*layers)
         self.in_channels, self.width, self.split, self.out_channels = in_channels, width, split, c
 
