@@ -84,3 +84,58 @@ def test_nopeek_run_lowers_distance_correlation(tiny_config, tmp_path):
     train(tiny_config, tmp_path / "run", log=lambda *_: None)
     rows = [r for r in load_run(tmp_path / "run").metrics if r["phase"] == "nopeek"]
     assert rows[-1]["train_dcor"] < rows[0]["train_dcor"]
+
+
+class ToyShrink(torch.nn.Module):
+    """A toy defence's layer: halves the features once `start` switched it on (a buffer, so checkpoints keep it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("active", torch.tensor(0.0))
+
+    def forward(self, x):
+        return x * (1 - 0.5 * self.active)
+
+
+def _switch_on(obfuscator, strength):
+    for m in obfuscator.modules():
+        if isinstance(m, ToyShrink):
+            m.active.fill_(1.0)
+
+
+def feature_energy(images, features, reconstructor):
+    return features.float().pow(2).mean()
+
+
+def test_a_new_defence_is_one_registry_entry(tmp_path, monkeypatch):
+    """A toy defence declared here and registered in DEFENCES alone is trained, swept, attacked and reported."""
+    from test_report import make_tiny_npz, tiny_cfg
+    from test_sweep import TINY_ATTACK
+    from veil import config as config_mod
+    from veil.defences import DEFENCES, Defence
+    from veil.report import report
+    from veil.rundir import read_metrics
+    from veil.sweep import sweep
+
+    toy = Defence(name="toy", summary="f + g on CE + beta * mean squared feature, features halved", strength_key="train.lambda_privacy",
+                  strength_label="beta", symbol="β", title="toy", round_phases=("toy",), penalty=feature_energy,
+                  penalty_metric="train_energy", layer=ToyShrink, start=_switch_on)
+    monkeypatch.setitem(DEFENCES, "toy", toy)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_mod.to_yaml(tiny_cfg(make_tiny_npz(tmp_path / "tiny.npz"))))
+    out = tmp_path / "sweep"
+    rows = sweep(config, [0.0, 5.0], out, ["t_main=2"], defence="toy", attack_settings=TINY_ATTACK, log=lambda *_: None)
+
+    assert [r["name"] for r in rows] == ["beta-0", "beta-5"] and all(r["defence"] == "toy" and r["psnr"] is not None for r in rows)
+    energy = {}
+    for name in ("beta-0", "beta-5"):
+        metrics = read_metrics(out / name)
+        assert [m["phase"] for m in metrics if m["round"] > 0 and m["phase"] != FINAL] == ["toy", "toy"]
+        energy[name] = [m["train_energy"] for m in metrics if m["phase"] == "toy"]
+        run = load_run(out / name)
+        assert isinstance(run.obfuscator[-1], ToyShrink) and run.obfuscator[-1].active.item() == 1.0  # its layer, switched on, saved
+        assert run.undefended_obfuscator[-1].active.item() == 0.0  # pretraining was undefended
+    # The same pretraining, then the penalty at strength 5 pushes the feature energy below the unpenalised run's.
+    assert energy["beta-5"][-1] < energy["beta-0"][-1]
+    page = report([out], tmp_path / "report", log=lambda *_: None)["markdown"].read_text()
+    assert "toy β=5" in page and "beta = 5" in page

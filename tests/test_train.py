@@ -1,10 +1,12 @@
+import copy
 import json
 
 import pytest
 import torch
 
 from veil import rundir
-from veil.data import load_splits
+from veil.data import load_splits, to_float
+from veil.metrics import psnr
 from veil.models import build_networks
 from veil.train import (
     FINAL,
@@ -133,3 +135,31 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_config, tmp_path, mon
     for x, y in zip(a.obfuscator.state_dict().values(), b.obfuscator.state_dict().values()):
         assert torch.equal(x, y)
     assert len(rundir.read_metrics(tmp_path / "b")) == len(plan(tiny_config.train))
+
+
+@pytest.mark.parametrize("phase", [PHASE_A, PHASE_C])
+def test_privacy_term_lowers_the_frozen_reconstructors_psnr(tiny_config, phase):
+    """Eq. 2's sign: from the same start, an epoch of (a) or (c) with lambda > 0 leaves the frozen
+    reconstructor rebuilding the defender images worse than the same epoch with lambda = 0."""
+    cfg = tiny_config
+    cfg.train.adversarial_lr_scale, cfg.train.lr_reconstructor, cfg.train.lr_obfuscator = 1.0, 5e-3, 5e-3
+    s = load_splits(cfg.data, cfg.seed)
+    start = build_networks(cfg.model, s.channels, s.num_classes)
+    opts = make_optimizers(start, cfg.train)
+    for e in range(8):  # a reconstructor worth fooling: well above the constant image
+        train_reconstructor(start, opts[PHASE_B], s.defender, True, cfg, torch.Generator().manual_seed(e), Step(PHASE_B, 0, e + 1))
+    images = to_float(s.defender.images)
+
+    def after_one_epoch(lam: float) -> float:
+        cfg.train.lambda_privacy = lam
+        nets = copy.deepcopy(start)
+        opt = make_optimizers(nets, cfg.train)[phase]
+        for e in range(2):
+            train_obfuscator_classifier(nets, opt, s.defender, True, cfg, torch.Generator().manual_seed(9 + e), Step(phase, 1, e + 1),
+                                        privacy_term(cfg), with_classifier=phase == PHASE_A)
+        f, r = nets["obfuscator"].eval(), nets["reconstructor"].eval()
+        with torch.no_grad():
+            return psnr(images, r(f(images))).mean().item()
+
+    plain, private = after_one_epoch(0.0), after_one_epoch(1.0)
+    assert private < plain - 0.5, (plain, private)  # flipping the sign of lambda * PSNR in Eq. 2 raises it instead
