@@ -205,3 +205,23 @@ def test_batch_augmentation_equals_a_slow_per_image_loop():
         crop = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
         assert torch.equal(fast[i], crop.flip(2) if mirror[i] else crop), i
     assert mirror.any() and not mirror.all() and len(set(dy.tolist())) > 3
+
+
+def test_noise_layer_never_reads_the_device(monkeypatch):
+    """The noise defence's layer decides on the host whether to add noise, also after loading weights."""
+    from veil.defences import GaussianNoise, set_noise
+    from veil.models import Obfuscator
+
+    f = Obfuscator(3, 0.0625, 2, GaussianNoise())
+    set_noise(f, 0.5)
+    g = Obfuscator(3, 0.0625, 2, GaussianNoise())
+    g.load_state_dict(f.state_dict())  # sigma 0.5 arrives with the weights
+    x = torch.rand(4, 3, 32, 32)
+    counts = _count_host_transfers(monkeypatch)
+    torch.manual_seed(0)
+    noisy = g(x)
+    assert counts["n"] == 0
+    monkeypatch.undo()
+    assert not torch.equal(noisy, f.eval()(x)) and not torch.equal(g.eval()(x), g(x))  # noise on, a fresh draw each call
+    set_noise(g, 0.0)
+    assert torch.equal(g(x), g(x))  # off again: deterministic
