@@ -19,6 +19,7 @@ import yaml
 
 from veil.defences import DEFENCES
 from veil.errors import ConfigError
+from veil.models.obfuscator import BOTTLENECKS, cut_channels
 from veil.models.reconstructors import RECONSTRUCTORS
 
 
@@ -62,6 +63,12 @@ class ModelConfig:
     """Training reconstructor of Table 1: simrec | urec1 | urec2 | resrec."""
     dropout: float = 0.5
     """Dropout before each hidden linear layer of the classifier head."""
+    bottleneck: str = "none"
+    """none | learned (a trained 1x1 convolution) | orthogonal (a fixed random orthogonal 1x1 projection, drawn from the seed): narrows the features to bottleneck_channels."""
+    bottleneck_channels: int = 0
+    """k, the channels a bottleneck keeps (1 .. the cut's channels); 0 with bottleneck none."""
+    feature_bits: int = 0
+    """Quantise the features to this many bits (1..16; straight-through in training); 0 = float features."""
 
 
 @dataclass
@@ -308,6 +315,13 @@ def validate(cfg: Config, where: str = "config") -> None:
     )
     need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}'")
     need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(m.bottleneck in BOTTLENECKS, f"model.bottleneck must be one of {', '.join(BOTTLENECKS)}, got '{m.bottleneck}'")
+    cut = cut_channels(m.width, m.split)
+    if m.bottleneck == "none":
+        need(m.bottleneck_channels == 0, f"model.bottleneck_channels is {m.bottleneck_channels} but model.bottleneck is none; set model.bottleneck=learned or orthogonal")
+    else:
+        need(1 <= m.bottleneck_channels <= cut, f"model.bottleneck_channels must be in 1..{cut} (the channels at split {m.split}, width {m.width:g}), got {m.bottleneck_channels}")
+    need(m.feature_bits == 0 or 1 <= m.feature_bits <= 16, f"model.feature_bits must be 0 (float) or 1..16, got {m.feature_bits}")
     need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
     need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0, "train.nopeek_alpha and train.noise_sigma must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")
@@ -346,8 +360,10 @@ def flatten(raw: dict, prefix: str = "") -> dict[str, object]:
 
 
 def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as 'key: old -> new'."""
-    a, b = flatten(old), flatten(new)
+    """Dotted keys whose values differ between two config dicts, as 'key: old -> new'.
+    A key absent from one side counts as its default: runs made before a key existed stay loadable."""
+    defaults = flatten(to_dict(Config()))
+    a, b = {**defaults, **flatten(old)}, {**defaults, **flatten(new)}
     keys = [k for k in list(a) + [k for k in b if k not in a] if k not in ignore]
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys if a.get(k) != b.get(k)]
 

@@ -276,14 +276,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         changed = config_mod.changed_keys(info["config"], config_mod.to_dict(cfg))
         if changed:
             raise CheckpointError(f"{run_dir / 'config.yaml'} was edited after {step_dir} was written ({'; '.join(changed)}); put the values back")
-    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg))
+    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)
     for name in NETWORKS:
         load_module(nets[name], step_dir / f"{name}.safetensors")
     undefended = None
     if (checkpoints(run_dir) / "undefended" / "obfuscator.safetensors").is_file():
         if (checkpoints(run_dir) / "undefended" / "info.json").is_file():
             read_info(checkpoints(run_dir) / "undefended")
-        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg))["obfuscator"]
+        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)["obfuscator"]
         load_module(undefended, checkpoints(run_dir) / "undefended" / "obfuscator.safetensors")
         undefended.to(device).eval()
     for net in nets.values():

@@ -57,7 +57,7 @@ from veil.defences import (
 )
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
-from veil.models import build_networks
+from veil.models import build_networks, client_cost, feature_shape
 from veil.runtime import Runtime
 
 
@@ -458,7 +458,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
         raise TrainingError(f"multi-process training needs at least one full batch: {len(defender)} defender images < train.batch_size {cfg.train.batch_size}")
     torch.manual_seed(cfg.seed)
     defence, privacy = get_defence(cfg.train.defence), privacy_term(cfg)
-    nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, obfuscator_layer(cfg))
+    nets = build_networks(cfg.model, splits.channels, splits.num_classes, cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)
     runtime.prepare_networks(nets, rt, cfg.train.sync_batchnorm)
     opts = make_optimizers(nets, cfg.train)
     steps = plan(cfg.train)
@@ -476,6 +476,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
         if rt.is_main:
             rundir.truncate_metrics(run_dir, done)
         log(f"resuming {run_dir} after step {done} of {len(steps)}")
+    run_costs = costs(nets["obfuscator"], cfg)  # on the plain network, before compiling
     runtime.wrap_networks(nets, rt)  # compile and DDP come after loading: DDP copies process 0's weights
 
     log(
@@ -529,8 +530,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
     if not rt.is_main:
         return {}
     summary = summarize(rundir.read_metrics(run_dir), cfg)
+    summary.update(run_costs)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def costs(obfuscator: nn.Module, cfg: Config) -> dict:
+    """What the client pays per image (MFLOPs, parameters) and what the store pays per item: the feature
+    map's shape and bits (float16, the store's default, unless model.feature_bits quantises it), packed bytes."""
+    c, h, w = feature_shape(obfuscator.in_channels, cfg.data.image_size, cfg.model.width, cfg.model.split, obfuscator.out_channels)
+    bits = cfg.model.feature_bits or 16
+    return {"client": client_cost(obfuscator, cfg.data.image_size),
+            "features": {"shape": [c, h, w], "bits": bits, "bytes_per_item": math.ceil(c * h * w * bits / 8)}}
 
 
 @contextlib.contextmanager

@@ -10,9 +10,9 @@ from veil.models.obfuscator import VGG16_BLOCKS, scaled, vgg_block
 class Classifier(nn.Module):
     """g(feature map) -> logits. The CIFAR form of VGG16's head: 512-512-classes, with dropout."""
 
-    def __init__(self, num_classes: int, width: float = 1.0, split: int = 2, dropout: float = 0.5):
+    def __init__(self, num_classes: int, width: float = 1.0, split: int = 2, dropout: float = 0.5, in_channels: int = 0):
         super().__init__()
-        c = scaled(VGG16_BLOCKS[split - 1][-1], width)
+        c = in_channels or scaled(VGG16_BLOCKS[split - 1][-1], width)  # a bottleneck's k channels, else the cut's
         layers: list[nn.Module] = []
         for channels in VGG16_BLOCKS[split:]:
             block, c = vgg_block(c, channels, width)

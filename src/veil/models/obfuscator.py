@@ -4,12 +4,22 @@ VGG16 is five blocks of 3x3 convolutions, each ending in a 2x2 max-pool:
     64 64 | 128 128 | 256 256 256 | 512 512 512 | 512 512 512
 The obfuscator takes the first `split` blocks (2 by default: 32x32xC -> 8x8x128), the
 classifier the rest. `width` multiplies every channel count.
+
+Optionally f narrows what leaves it (model.bottleneck, model.feature_bits): a 1x1 projection
+to k channels (learned, or a fixed random orthogonal one) and a quantiser to b bits, so that
+a stored feature map carries less than the cut does. Then a defence's layer (noise) may follow.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+BOTTLENECKS = ("none", "learned", "orthogonal")
 
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -32,30 +42,89 @@ def vgg_block(c_in: int, channels: tuple[int, ...], width: float) -> tuple[list[
     return layers, c_in
 
 
-class Obfuscator(nn.Sequential):
-    """f(image in [0, 1], N x C x H x W) -> feature map N x 128w x H/4 x W/4 (at split 2)."""
+def cut_channels(width: float, split: int) -> int:
+    """Channels of the feature map where VGG16 is cut (before any bottleneck)."""
+    return scaled(VGG16_BLOCKS[split - 1][-1], width)
 
-    def __init__(self, in_channels: int = 3, width: float = 1.0, split: int = 2, tail: nn.Module | None = None):
+
+class Projection(nn.Module):
+    """A fixed 1x1 projection of C channels onto k orthonormal directions, drawn from `seed`; never trained
+    (a buffer, so it is saved with the weights and no optimiser moves it)."""
+
+    def __init__(self, c_in: int, k: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(c_in, k, generator=g))  # c_in x k, orthonormal columns
+        self.register_buffer("weight", q.T.contiguous()[:, :, None, None])  # k x c_in x 1 x 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype))
+
+
+class Quantise(nn.Module):
+    """Features to `bits` bits: BatchNorm (no affine), sigmoid, then rounding to 2**bits levels in [0, 1].
+    The rounding passes gradients straight through in training; the stored codes are integers."""
+
+    def __init__(self, channels: int, bits: int):
+        super().__init__()
+        self.bits, self.levels = bits, 2**bits - 1
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.norm(x))
+        q = torch.round(y * self.levels) / self.levels
+        return y + (q - y).detach()  # straight-through: forward q, gradient of y
+
+
+class Obfuscator(nn.Sequential):
+    """f(image in [0, 1], N x C x H x W) -> feature map N x 128w x H/4 x W/4 (at split 2; k channels with a bottleneck)."""
+
+    def __init__(self, in_channels: int = 3, width: float = 1.0, split: int = 2, tail: nn.Module | None = None,
+                 bottleneck: str = "none", channels: int = 0, bits: int = 0, seed: int = 0):
         layers: list[nn.Module] = []
         c = in_channels
-        for channels in VGG16_BLOCKS[:split]:
-            block, c = vgg_block(c, channels, width)
+        for block_channels in VGG16_BLOCKS[:split]:
+            block, c = vgg_block(c, block_channels, width)
             layers += block
+        if bottleneck == "learned":
+            layers.append(nn.Conv2d(c, channels, 1, bias=False))
+            c = channels
+        elif bottleneck == "orthogonal":
+            layers.append(Projection(c, channels, seed))
+            c = channels
+        if bits:
+            layers.append(Quantise(c, bits))
         if tail is not None:  # a defence's layer (e.g. noise): part of f, so every user of the obfuscator gets it
             layers.append(tail)
         super().__init__(*layers)
-        self.in_channels, self.width, self.split, self.out_channels = in_channels, width, split, c
+        self.in_channels, self.width, self.split, self.out_channels, self.bits = in_channels, width, split, c, bits
 
 
-def feature_shape(in_channels: int, image_size: int, width: float, split: int) -> tuple[int, int, int]:
-    """C x H x W of the obfuscated feature map."""
-    return scaled(VGG16_BLOCKS[split - 1][-1], width), image_size >> split, image_size >> split
+def build_obfuscator(model_cfg, in_channels: int, seed: int = 0, tail: nn.Module | None = None) -> Obfuscator:  # noqa: ANN001
+    """The obfuscator a ModelConfig describes; `seed` draws a fixed projection."""
+    m = model_cfg
+    return Obfuscator(in_channels, m.width, m.split, tail, m.bottleneck, m.bottleneck_channels, m.feature_bits, seed)
+
+
+def feature_shape(in_channels: int, image_size: int, width: float, split: int, out_channels: int = 0) -> tuple[int, int, int]:
+    """C x H x W of the obfuscated feature map (out_channels: a bottleneck's k, else the cut's channels)."""
+    return out_channels or cut_channels(width, split), image_size >> split, image_size >> split
+
+
+def client_cost(obfuscator: nn.Module, image_size: int) -> dict:
+    """What the client pays to obfuscate one image: MFLOPs (torch's counter; a multiply-add is 2)
+    and parameters (learned weights; fixed buffers such as a projection are not counted)."""
+    x = torch.zeros(1, obfuscator.in_channels, image_size, image_size, device=next(obfuscator.buffers()).device)
+    mode = obfuscator.training
+    obfuscator.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        obfuscator(x)
+    obfuscator.train(mode)
+    return {"mflops": counter.get_total_flops() / 1e6, "parameters": sum(p.numel() for p in obfuscator.parameters())}
 
 
 def fingerprint(obfuscator: nn.Module) -> str:
     """sha256 over the obfuscator's weights and buffers (names, shapes, dtypes and bytes)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(obfuscator.state_dict().items()):
         t = t.detach().cpu().contiguous()
