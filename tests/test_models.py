@@ -83,3 +83,54 @@ def test_unet_attacker_is_bigger_and_reconstructs_full_size():
         assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
     big = n_params(build_attacker("unet", 128, 3, 1.0, 2))
     assert big > 3 * n_params(build_reconstructor("urec1", 128, 3, 1.0, 2))
+
+
+@pytest.mark.parametrize("kind", ["learned", "orthogonal"])
+def test_bottleneck_keeps_k_channels_and_every_network_follows(kind):
+    m = ModelConfig(width=0.125, split=2, bottleneck=kind, bottleneck_channels=5)
+    nets = build_networks(m, 3, 10, 32, seed=1)
+    z = nets["obfuscator"](torch.rand(4, 3, 32, 32))
+    assert z.shape == (4, 5, 8, 8) and nets["obfuscator"].out_channels == 5
+    assert nets["classifier"](z).shape == (4, 10) and nets["reconstructor"](z).shape == (4, 3, 32, 32)
+    plain = build_networks(ModelConfig(width=0.125, split=2), 3, 10, 32)["obfuscator"]
+    extra = n_params(nets["obfuscator"]) - n_params(plain)
+    assert extra == (16 * 5 if kind == "learned" else 0)  # a learned 1x1 convolution 16 -> 5; a fixed projection has no parameters
+
+
+def test_orthogonal_projection_is_orthonormal_seeded_and_fixed():
+    from veil.models.obfuscator import Projection
+
+    p = Projection(16, 5, seed=3)
+    w = p.weight[:, :, 0, 0]  # 5 x 16
+    torch.testing.assert_close(w @ w.T, torch.eye(5), atol=1e-5, rtol=0)
+    assert torch.equal(w, Projection(16, 5, seed=3).weight[:, :, 0, 0]) and not torch.equal(w, Projection(16, 5, seed=4).weight[:, :, 0, 0])
+    assert not list(p.parameters()) and "weight" in p.state_dict()  # saved with the weights, moved by no optimiser
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_quantiser_has_2_to_the_bits_levels_and_passes_gradients(bits):
+    from veil.models.obfuscator import Quantise
+
+    q = Quantise(6, bits)
+    x = (torch.randn(8, 6, 4, 4) * 3).requires_grad_(True)
+    y = q(x)
+    levels = y.detach().unique()
+    assert len(levels) <= 2**bits and len(levels) >= 2
+    codes = levels * (2**bits - 1)
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)  # every value is an integer code / (2^b - 1)
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad.abs().sum() > 0  # straight-through: rounding does not cut the gradient
+
+
+@pytest.mark.parametrize("override,key", [
+    (["model.bottleneck=learned", "model.bottleneck_channels=17", "model.width=0.125"], "model.bottleneck_channels must be in 1..16"),
+    (["model.bottleneck=learned"], "model.bottleneck_channels must be in 1..128"),
+    (["model.bottleneck=pca", "model.bottleneck_channels=4"], "model.bottleneck must be one of none, learned, orthogonal"),
+    (["model.feature_bits=17"], "model.feature_bits must be 0 \\(float\\) or 1..16, got 17"),
+    (["model.bottleneck_channels=4"], "model.bottleneck_channels is 4 but model.bottleneck is none"),
+])
+def test_impossible_bottleneck_is_refused_when_read(override, key):
+    from veil import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match=key):
+        config_mod.apply_overrides(config_mod.Config(), override)

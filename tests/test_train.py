@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from veil import rundir
 from veil.data import load_splits, to_float
@@ -163,3 +164,31 @@ def test_privacy_term_lowers_the_frozen_reconstructors_psnr(tiny_config, phase):
 
     plain, private = after_one_epoch(0.0), after_one_epoch(1.0)
     assert private < plain - 0.5, (plain, private)  # flipping the sign of lambda * PSNR in Eq. 2 raises it instead
+
+
+def test_bottleneck_run_records_what_client_and_store_pay(tiny_config, tmp_path):
+    cfg = tiny_config
+    cfg.model.bottleneck, cfg.model.bottleneck_channels, cfg.model.feature_bits = "learned", 3, 2
+    summary = train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert summary["features"] == {"shape": [3, 8, 8], "bits": 2, "bytes_per_item": 3 * 8 * 8 * 2 // 8}
+    run = rundir.load_run(tmp_path / "run")
+    assert run.obfuscator.out_channels == 3 and summary["client"]["parameters"] == sum(p.numel() for p in run.obfuscator.parameters())
+    # MFLOPs per image: the convolutions of the first two VGG blocks at width 1/16 (4, 4, 8, 8 channels) and the 1x1 projection.
+    macs = 32 * 32 * (3 * 4 * 9 + 4 * 4 * 9) + 16 * 16 * (4 * 8 * 9 + 8 * 8 * 9) + 8 * 8 * 8 * 3
+    assert summary["client"]["mflops"] == pytest.approx(2 * macs / 1e6, rel=0.01)
+
+
+def test_a_run_made_before_a_config_key_existed_still_loads(tiny_config, tmp_path):
+    """Keys added later (model.bottleneck ...) count as their defaults in an older run's config."""
+    train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    path = tmp_path / "run" / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for key in ("bottleneck", "bottleneck_channels", "feature_bits"):
+        del raw["model"][key]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    step_dir = rundir.latest_step_dir(tmp_path / "run")
+    info = json.loads((step_dir / "info.json").read_text())
+    for key in ("bottleneck", "bottleneck_channels", "feature_bits"):
+        del info["config"]["model"][key]
+    (step_dir / "info.json").write_text(json.dumps(info))
+    assert rundir.load_run(tmp_path / "run").obfuscator.out_channels == 8  # 128 channels at width 1/16
