@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from veil.defences import GaussianNoise, distance_correlation, set_noise
@@ -139,3 +142,25 @@ def test_a_new_defence_is_one_registry_entry(tmp_path, monkeypatch):
     assert energy["beta-5"][-1] < energy["beta-0"][-1]
     page = report([out], tmp_path / "report", log=lambda *_: None)["markdown"].read_text()
     assert "toy β=5" in page and "beta = 5" in page
+
+
+def test_reid_penalty_is_zero_at_chance_and_log_n_when_every_reconstruction_picks_its_image():
+    from veil.defences.reid import pairwise_psnr, reid_above_chance
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 8, 8)
+    # pairwise PSNR against the obvious per-pair loop
+    rec = torch.rand(6, 3, 8, 8)
+    loop = torch.tensor([[-10 * math.log10(((rec[i] - images[j]) ** 2).mean().item()) for j in range(6)] for i in range(6)])
+    torch.testing.assert_close(pairwise_psnr(rec, images), loop, atol=1e-3, rtol=0)
+    constant = lambda z: images.mean(0, keepdim=True).expand(len(z), -1, -1, -1)  # noqa: E731 (the same image for everyone)
+    assert reid_above_chance(images, images, constant).item() == 0.0
+    perfect = reid_above_chance(images, images, lambda z: z)  # r(f(I)) = I: each picks its own image (100 dB apart)
+    assert perfect.item() == pytest.approx(math.log(6), abs=1e-4)
+    blurred = images + 0.3 * torch.randn_like(images)  # in between, and the gradient pushes towards chance
+    blurred.requires_grad_(True)
+    p = reid_above_chance(images, blurred, lambda z: z)
+    assert 0 < p.item() < math.log(6)
+    p.backward()
+    with torch.no_grad():
+        assert reid_above_chance(images, blurred - 0.01 * blurred.grad / blurred.grad.norm(), lambda z: z) < p

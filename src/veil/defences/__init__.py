@@ -4,6 +4,7 @@
     nopeek       cross-entropy + alpha * distance correlation(images, features) (NoPeek, 2020)
     noise        Gaussian noise of scale sigma on the feature maps, a layer of the obfuscator
     none         the pretrained split: the ceiling
+    reid         Algorithm 1's rounds with a privacy term aimed at re-identification, floored at chance
 
 A defence is one module declaring a `Defence` (defence.py: its name, strength key and label, the
 phases of a round, its privacy term, a layer it adds to the obfuscator) and one entry below.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from veil.defences import adversarial, noise, none, nopeek
+from veil.defences import adversarial, noise, none, nopeek, reid
 from veil.defences.defence import FINAL, PHASE_A, PHASE_B, PHASE_C, PRETRAIN, RECONSTRUCTOR_PHASES, WARMUP, Defence, Penalty
 from veil.defences.noise import GaussianNoise, set_noise
 from veil.defences.nopeek import distance_correlation
@@ -28,6 +29,7 @@ DEFENCES: dict[str, Defence] = {
     "nopeek": nopeek.DEFENCE,
     "noise": noise.DEFENCE,
     "none": none.DEFENCE,
+    "reid": reid.DEFENCE,
 }
 
 
