@@ -34,6 +34,7 @@ from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate, total_variation
 from veil.models import init_xavier
 from veil.models.reconstructors import ATTACKERS, build_attacker
+from veil.progress import progress_bar
 
 WHITEBOX = "whitebox"
 TUNE_IMAGES = 32  # held-out attacker images on which the white-box attacker chooses its TV weight
@@ -192,12 +193,6 @@ def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: in
     return torch.cat([reconstructor(features[i : i + batch_size]) for i in range(0, len(features), batch_size)])
 
 
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
-
-
 # ----------------------------------------------------------------------------- learned attackers
 
 
@@ -338,7 +333,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     for name in attacker_names(s):
         start = time.perf_counter()
-        with _progress(steps, f"{label} {name}", s.progress) as bar:
+        with progress_bar(steps, f"{label} {name}", s.progress) as bar:
             reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar)
         rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size)
         results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve), "seconds": round(time.perf_counter() - start, 1), "curve": curve}
@@ -349,7 +344,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
         m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
         n_batches = math.ceil(m / s.eval_batch_size)
         n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
-        with _progress((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
+        with progress_bar((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
             tv_weight, tuning = choose_tv_weight(obfuscator, data, s, bar)
             rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s, bar)
         results[WHITEBOX] = {

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from veil.io import CheckpointError, atomic_write_json, atomic_write_text, load_module, save_tensors
+from veil.progress import progress_bar
 from veil.store import StoreError, check_fingerprint, iter_shards, read_shard, verify
 
 # ----------------------------------------------------------------------------- heads
@@ -158,8 +159,6 @@ def _same_store_kind(train: dict, test: dict, test_path: Path) -> None:
 
 def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_store: str | Path | None = None, log=print) -> dict:  # noqa: ANN001
     """Train a classifier head on a store's features alone; report accuracy on a test store. Returns the summary."""
-    from tqdm.auto import tqdm
-
     from veil import __version__
     from veil.train import onecycle_factor, resolve_device
 
@@ -197,7 +196,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         head.train()
         sums, seen, t0 = torch.zeros(2), 0, time.perf_counter()
         groups = [cached] if cached is not None else shard_groups(store, manifest, cfg.memory_mb, generator)
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress, dynamic_ncols=True) as bar:
+        with progress_bar(steps_per_epoch, f"epoch {epoch}", cfg.progress) as bar:
             for features, labels in groups:
                 order = torch.randperm(len(labels), generator=generator)
                 # Drop a last partial batch: BatchNorm at 1x1 spatial size cannot train on one item.

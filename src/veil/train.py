@@ -58,6 +58,7 @@ from veil.defences import (
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks
+from veil.progress import progress_bar
 from veil.runtime import Runtime
 
 
@@ -370,12 +371,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
-
-
 def tensorboard_writer_class():  # noqa: ANN201
     """Optional: TensorBoard event files in RUN/tensorboard; needs the tensorboard package."""
     try:
@@ -496,7 +491,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + index)
             desc = f"{step.phase} r{step.round} e{step.epoch}"
             start = time.perf_counter()
-            with _progress(steps_per_epoch, desc, cfg.progress and rt.is_main) as bar, _on_nonfinite(run_dir, index, len(steps)):
+            with progress_bar(steps_per_epoch, desc, cfg.progress and rt.is_main) as bar, _on_nonfinite(run_dir, index, len(steps)):
                 if step.phase == PRETRAIN:
                     lr_factor = pretrain_lr_factor(cfg.train.pretrain_schedule, step.epoch, n_pretrain, steps_per_epoch)
                     record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, None, lr_factor, bar, rt)
