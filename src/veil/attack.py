@@ -35,6 +35,7 @@ from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate, to
 from veil.models import init_xavier
 from veil.models.reconstructors import ATTACKERS, build_attacker
 from veil.progress import progress_bar
+from veil.train import feature_maps
 
 WHITEBOX = "whitebox"
 TUNE_IMAGES = 32  # held-out attacker images on which the white-box attacker chooses its TV weight
@@ -182,12 +183,6 @@ def attack_data(attacker: torch.Tensor, users: torch.Tensor, natural: bool, s: A
 
 
 @torch.no_grad()
-def obfuscate(obfuscator: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """uint8 images -> feature maps, in eval mode (BatchNorm uses its stored statistics)."""
-    return torch.cat([obfuscator(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
-
-
-@torch.no_grad()
 def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int) -> torch.Tensor:
     reconstructor.eval()
     return torch.cat([reconstructor(features[i : i + batch_size]) for i in range(0, len(features), batch_size)])
@@ -202,8 +197,8 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
     Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
     device = data.train.device
     obfuscator.eval().requires_grad_(False)
-    train_features = None if s.augment else obfuscate(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
-    val_features = obfuscate(obfuscator, data.val, s.eval_batch_size)
+    train_features = None if s.augment else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    val_features = feature_maps(obfuscator, data.val, s.eval_batch_size)
     val_images = to_float(data.val)
     torch.manual_seed(seed)
     reconstructor = init_xavier(build_attacker(name, val_features.shape[1], data.train.shape[1], width, split)).to(device)
@@ -294,7 +289,7 @@ def choose_tv_weight(obfuscator: nn.Module, data: AttackData, s: AttackConfig, b
     if len(weights) == 1:
         return weights[0], {}
     images = data.val[:TUNE_IMAGES]
-    features = obfuscate(obfuscator, images, s.eval_batch_size)
+    features = feature_maps(obfuscator, images, s.eval_batch_size)
     scores = {}
     for w in weights:
         inverted, _ = invert(obfuscator, features, data.mean_image, w, s, bar)
@@ -328,7 +323,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     {attacker: reconstructions of the first n_show users' images} for the figures."""
     users = to_float(data.users)
     all_rows = torch.arange(len(users))
-    user_features = obfuscate(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
+    user_features = feature_maps(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     for name in attacker_names(s):

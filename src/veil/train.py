@@ -328,7 +328,7 @@ def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_r
 
 
 @torch.no_grad()
-def obfuscate(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
+def feature_maps(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
     """f(I) for uint8 images N x C x H x W, batch by batch in eval mode: N x 128w x H/4 x W/4 float32."""
     rt = rt or Runtime(images.device)
     mode = obfuscator.training
