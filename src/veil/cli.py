@@ -176,7 +176,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from veil.report import db, pct
+    from veil.results import db, pct
     from veil.sweep import parse_attack_settings, parse_strengths, sweep
 
     settings = parse_attack_settings(args.attack)
