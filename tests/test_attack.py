@@ -20,17 +20,16 @@ from veil.attack import (
     ceiling_key,
     fit_attacker,
     floor_scores,
-    format_table,
-    invert,
     reconstruct,
     resolve_settings,
-    to_markdown,
 )
+from veil.attack_tables import format_table, to_markdown
 from veil.cli import main
 from veil.config import ConfigError
 from veil.data import read_npz, to_float, to_tensor_images
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
 from veil.train import feature_maps, train
+from veil.whitebox import invert
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -146,7 +145,7 @@ def test_whitebox_from_mean_image_is_the_floor_when_features_carry_nothing(demo_
     # Without a TV prior the objective has no gradient at all: the mean image comes back unchanged.
     s = small_settings(whitebox_steps=5)
     data = attack_data(demo_images[:200], demo_images[200:260], True, s)
-    images, _ = invert(Constant(), feature_maps(Constant(), data.users, 64), data.mean_image, 0.0, s)
+    images, _ = invert(Constant(), feature_maps(Constant(), data.users, 64), data.mean_image, 0.0, s.whitebox_steps, s.whitebox_lr, s.eval_batch_size)
     assert torch.allclose(images, data.mean_image.expand_as(images).clamp(0, 1))
 
 

@@ -195,7 +195,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from veil.attack import AttackConfig, attack, attack_matrix, format_table, resolve_settings
+    from veil.attack import AttackConfig, attack, attack_matrix, resolve_settings
+    from veil.attack_tables import format_table
     from veil.config import ConfigError
 
     if bool(args.run_dir) == bool(args.matrix):
