@@ -109,7 +109,7 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     sweep(config, [1.0], out, ["t_main=2"], attack_settings={**TINY_ATTACK, "n_candidates": 8}, log=logs.append)
     assert "veil sweep: attacking lambda-1" in logs and json.loads((out / "lambda-1" / "attack" / "attack.json").read_text())["settings"]["n_candidates"] == 8
     # Another config in the same directory is refused, naming the key, before anything is written.
-    with pytest.raises(ConfigError, match="model.width: run has 0.0625, sweep asks 0.125"):
+    with pytest.raises(ConfigError, match="model.width: 0.0625 -> 0.125"):
         sweep(config, [0.0], out, ["t_main=2", "width=0.125"], attack_settings=TINY_ATTACK, **QUIET)
     with pytest.raises(ConfigError, match="unknown setting"):
         sweep(config, [0.0], tmp_path / "other", attack_settings={"epochs": 1}, **QUIET)

@@ -37,10 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overrides:
             # Only knobs that do not change what was trained may differ on resume.
             original = config_mod.load(run_dir / "config.yaml")
-            allowed = set(config_mod.RESUME_MAY_CHANGE)
-            changed = [k for k in config_mod.valid_keys() if _get(cfg, k) != _get(original, k) and k not in allowed]
+            allowed = config_mod.RESUME_MAY_CHANGE
+            changed = config_mod.changed_keys(config_mod.to_dict(original), config_mod.to_dict(cfg), allowed)
             if changed:
-                raise config_mod.ConfigError(f"cannot change {', '.join(changed)} when resuming; only {', '.join(sorted(allowed))} may differ")
+                raise config_mod.ConfigError(f"cannot resume with another config ({'; '.join(changed)}); only {', '.join(sorted(allowed))} may differ")
     else:
         if not args.config or not args.out:
             raise config_mod.ConfigError("veil train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
@@ -74,13 +74,6 @@ def _without_option(argv: list[str], name: str) -> list[str]:
         elif not item.startswith(name + "="):
             out.append(item)
     return out
-
-
-def _get(cfg, dotted: str):  # noqa: ANN001, ANN202
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def print_summary(summary: dict) -> None:

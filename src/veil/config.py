@@ -345,10 +345,11 @@ def flatten(raw: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as 'key: old -> new'."""
+def changed_keys(old: dict, new: dict, allowed: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (to_dict, or as saved in a checkpoint),
+    as 'key: old -> new', leaving out the `allowed` ones (e.g. RESUME_MAY_CHANGE)."""
     a, b = flatten(old), flatten(new)
-    keys = [k for k in list(a) + [k for k in b if k not in a] if k not in ignore]
+    keys = [k for k in list(a) + [k for k in b if k not in a] if k not in allowed]
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -46,6 +46,7 @@ from veil.store import obfuscate
 from veil.sweepdir import CEILINGS_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
 from veil.train import train
 
+SWEEP_MAY_CHANGE = ("device", "progress")  # how a run executes, not what it trains: a resumed point may differ in these
 
 def parse_strengths(text: str) -> list[float]:
     """'0,0.1,1' -> [0.0, 0.1, 1.0], in the given order, without repeats."""
@@ -88,21 +89,9 @@ def parse_attack_settings(items: list[str]) -> dict:
 def check_same_config(run_dir: Path, cfg: config_mod.Config) -> None:
     """A run directory resumed by the sweep must have been made from the same config."""
     existing = config_mod.load(run_dir / "config.yaml")
-    allowed = {"device", "progress"}  # how a run executes, not what it trains
-    differ = []
-    for key in config_mod.valid_keys():
-        a, b = _get(existing, key), _get(cfg, key)
-        if key not in allowed and a != b:
-            differ.append(f"{key}: run has {a!r}, sweep asks {b!r}")
+    differ = config_mod.changed_keys(config_mod.to_dict(existing), config_mod.to_dict(cfg), SWEEP_MAY_CHANGE)
     if differ:
-        raise ConfigError(f"{run_dir} was trained with another config ({'; '.join(differ)}); use another --out or remove that run")
-
-
-def _get(cfg: config_mod.Config, dotted: str) -> object:
-    obj: object = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+        raise ConfigError(f"{run_dir} was trained with another config (run -> sweep: {'; '.join(differ)}); use another --out or remove that run")
 
 
 # ----------------------------------------------------------------------------- the sweep
