@@ -101,6 +101,13 @@ class AttackConfig:
 NOT_RESULTS = ("device", "progress")
 
 
+def result_settings(settings: AttackConfig | dict) -> dict:
+    """The settings that change the numbers (all but NOT_RESULTS), from an AttackConfig or a saved attack.json's
+    "settings": two attacks with equal ones may share their results."""
+    values = dataclasses.asdict(settings) if isinstance(settings, AttackConfig) else settings
+    return {k: v for k, v in values.items() if k not in NOT_RESULTS}
+
+
 def attacker_names(s: AttackConfig) -> list[str]:
     return [name.strip() for name in s.attackers.split(",") if name.strip()]
 
@@ -334,8 +341,7 @@ def ceiling_key(obfuscator: nn.Module, data_fingerprint: str, s: AttackConfig, w
             continue
         h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_RESULTS}
-    h.update(json.dumps({"data": data_fingerprint, "settings": wanted, "width": width, "split": split}, sort_keys=True).encode())
+    h.update(json.dumps({"data": data_fingerprint, "settings": result_settings(s), "width": width, "split": split}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -420,11 +426,11 @@ def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Pa
     write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3)."""
     validate_attack(s)
     results = []
-    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_RESULTS}
+    wanted = result_settings(s)
     for run_dir in run_dirs:
         saved = Path(run_dir) / "attack" / "attack.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
-        if previous and {k: v for k, v in previous.get("settings", {}).items() if k not in NOT_RESULTS} == wanted:
+        if previous and result_settings(previous.get("settings", {})) == wanted:
             log(f"veil attack: reusing {saved} (same settings)")
             results.append(previous)
         else:

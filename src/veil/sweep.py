@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from veil import config as config_mod
-from veil.attack import NOT_RESULTS, AttackConfig, attack, resolve_settings
+from veil.attack import AttackConfig, attack, resolve_settings, result_settings
 from veil.classify import HeadConfig, train_classifier
 from veil.config import ConfigError
 from veil.defences import DEFENCES, get_defence, strength_overrides
@@ -111,12 +111,12 @@ def attacked_with(run_dir: Path, settings: dict | None) -> bool:
         return False
     if settings is None:
         return True
-    wanted = {k: v for k, v in dataclasses.asdict(resolve_settings(settings)).items() if k not in NOT_RESULTS}
+    wanted = result_settings(resolve_settings(settings))
     try:
         saved = json.loads(path.read_text()).get("settings", {})
     except json.JSONDecodeError:
         return False
-    return {k: v for k, v in saved.items() if k not in NOT_RESULTS} == wanted
+    return result_settings(saved) == wanted
 
 
 def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: ANN001
