@@ -24,6 +24,7 @@ import json
 import math
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,12 @@ from torch import nn
 from veil import data as data_mod
 from veil.attack_tables import matrix_csv, matrix_markdown, write_outputs
 from veil.data import augment, load_splits, to_float
+from veil.defences import GaussianNoise
 from veil.errors import AttackError, ConfigError
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate
 from veil.models import init_xavier
+from veil.models.obfuscator import fingerprint
 from veil.models.reconstructors import ATTACKERS, build_attacker
 from veil.progress import progress_bar
 from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
@@ -332,17 +335,18 @@ def under_trained(result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- a run
 
 
+def without_idle_noise(obfuscator: nn.Module) -> nn.Module:
+    """The obfuscator's layers less a noise layer of sigma 0 (it adds nothing), the others under their own
+    names: a noise run's undefended obfuscator then fingerprints like any other run's pretrained one."""
+    kept = ((name, m) for name, m in obfuscator.named_children() if not (isinstance(m, GaussianNoise) and float(m.sigma) == 0.0))
+    return nn.Sequential(OrderedDict(kept))
+
+
 def ceiling_key(obfuscator: nn.Module, data_fingerprint: str, s: AttackConfig, width: float, split: int) -> str:
-    """sha256 of what the undefended attack depends on: the obfuscator's function (its weights and
-    BatchNorm statistics; a zero-sigma noise layer adds nothing), the data, and the settings."""
-    h = hashlib.sha256()
-    for name, value in sorted(obfuscator.state_dict().items()):
-        if name.endswith("sigma") and float(value) == 0.0:
-            continue
-        h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps({"data": data_fingerprint, "settings": result_settings(s), "width": width, "split": split}, sort_keys=True).encode())
-    return h.hexdigest()
+    """sha256 of what the undefended attack depends on: the obfuscator's function (the fingerprint of its
+    weights and BatchNorm statistics, without an idle noise layer), the data, and the settings."""
+    inputs = {"obfuscator": fingerprint(without_idle_noise(obfuscator)), "data": data_fingerprint, "settings": result_settings(s), "width": width, "split": split}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def read_ceilings(path: Path) -> dict:
