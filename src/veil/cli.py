@@ -1,11 +1,18 @@
-"""`veil <command>`: each subcommand parses its arguments and calls one function."""
+"""`veil <command>`: each subcommand parses its arguments and calls one function.
+
+Veil's own modules are imported inside the functions below, each where it is needed, on purpose:
+`veil --help` or `veil verify` should not wait for training, attacks and reports to import. This
+file is the only one in veil/ that does so (tests/test_layout.py checks it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 
@@ -186,8 +193,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from veil.attack import AttackConfig, attack, attack_matrix, resolve_settings
     from veil.attack_tables import format_table
     from veil.config import ConfigError
@@ -210,9 +215,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per field of a settings dataclass, its docstring as help; unset flags stay None."""
-    import dataclasses
-    import typing
-
     from veil.config import field_docs
 
     docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), cls()
@@ -225,7 +227,7 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from veil import __version__
+    from veil.version import __version__
 
     parser = argparse.ArgumentParser(prog="veil", description="Privacy-preserving image classification with a learnable obfuscator.")
     parser.add_argument("--version", action="version", version=f"veil {__version__}")
@@ -334,11 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from veil.attack import AttackError
-    from veil.config import ConfigError
     from veil.data import DataError
+    from veil.errors import AttackError, ConfigError, ReportError
     from veil.io import CheckpointError
-    from veil.report import ReportError
     from veil.store import StoreError
     from veil.train import Stopped, TrainingError
 

@@ -6,8 +6,10 @@ string under it) that doubles as documentation; `veil train --help-config` print
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -147,9 +149,6 @@ SWITCHES = ("auto", "on", "off", "true", "false")
 
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> its docstring, read from the class source (the string under each field)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ file's sha256 is checked before its weights are loaded: a damaged checkpoint is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,6 @@ def checkpoints(run_dir: Path) -> Path:
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     """One JSON line, flushed and fsynced before the checkpoint that covers it is written."""
-    import os
-
     with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()

@@ -60,6 +60,7 @@ from veil.metrics import psnr
 from veil.models import build_networks
 from veil.progress import progress_bar
 from veil.runtime import Runtime
+from veil.version import __version__
 
 
 class TrainingError(RuntimeError):
@@ -561,8 +562,6 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
 
     final = metrics[-1] if metrics else {}
     pre, warm, refit = last(PRETRAIN), last(WARMUP), last(FINAL)
-    from veil import __version__
-
     return {
         "pretrain_test_accuracy": pre.get("test_accuracy"),
         "undefended_test_psnr": warm.get("test_psnr"),
