@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from veil.train import train
 
     if args.help_config:
-        print(config_mod.describe())
+        print(config_mod.describe_keys())
         return 0
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # One process per device through PyTorch's own launcher, each running this same command.
@@ -85,19 +85,14 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 def print_summary(summary: dict) -> None:
     from veil.defences import DEFENCES
-
-    def pct(v):  # noqa: ANN001, ANN202
-        return "n/a" if v is None else f"{v:.2%}"
-
-    def db(v):  # noqa: ANN001, ANN202
-        return "n/a" if v is None else f"{v:.2f} dB"
+    from veil.results import db, pct
 
     print()
     defence = summary.get("defence", "adversarial")
     strength = DEFENCES[defence].strength_label if defence in DEFENCES and DEFENCES[defence].strength_key else None
     print("                         test accuracy   reconstruction PSNR (training reconstructor)")
-    print(f"before {defence:<17} {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'])}")
-    print(f"after {defence:<18} {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'])}")
+    print(f"before {defence:<17} {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'], unit=' dB')}")
+    print(f"after {defence:<18} {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'], unit=' dB')}")
     setting = f"{strength} {summary.get('strength')}, " if strength else ""
     print(f"({defence}: {setting}reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
 
@@ -188,7 +183,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
         for r in rows:
             print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "")
-                  + f"{db(r['psnr']) + ' dB':>26}{pct(r['reid_top1'], 1):>14}")
+                  + f"{db(r['psnr'], unit=' dB'):>26}{pct(r['reid_top1'], 1):>14}")
     return 0
 
 
@@ -311,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file shared by every run")
     p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3: the strength key of --defence (lambda of Eq. 2, NoPeek's alpha, the noise sigma, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
-    from veil.defences import DEFENCES
+    from veil.sweep import sweepable
 
-    p.add_argument("--defence", default="adversarial", choices=[n for n, d in DEFENCES.items() if d.strength_key],
+    p.add_argument("--defence", default="adversarial", choices=sweepable(),
                    help="defence whose strength is swept (veil/defences/; default: adversarial, the paper's); several may share one --out")
     p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")

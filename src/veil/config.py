@@ -356,7 +356,7 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe() -> str:
+def describe_keys() -> str:
     """All keys with their defaults and docstrings, for `--help-config`."""
     lines = []
     defaults = Config()

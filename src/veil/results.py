@@ -38,10 +38,10 @@ def pct(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def db(v: float | None, std: float | None = None) -> str:
+def db(v: float | None, std: float | None = None, unit: str = "") -> str:
     if v is None:
         return "n/a"
-    return f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}"
+    return (f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}") + unit
 
 
 # ----------------------------------------------------------------------------- attack results

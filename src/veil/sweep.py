@@ -48,6 +48,11 @@ from veil.train import train
 
 SWEEP_MAY_CHANGE = ("device", "progress")  # how a run executes, not what it trains: a resumed point may differ in these
 
+def sweepable() -> list[str]:
+    """The defences with a strength to sweep (in the registry's order)."""
+    return [name for name, d in DEFENCES.items() if d.strength_key]
+
+
 def parse_strengths(text: str) -> list[float]:
     """'0,0.1,1' -> [0.0, 0.1, 1.0], in the given order, without repeats."""
     values: list[float] = []
@@ -165,7 +170,7 @@ def sweep(
     out = Path(out)
     d = get_defence(defence)
     if not d.strength_key:
-        raise ConfigError(f"--defence {defence} has no strength to sweep; valid: {', '.join(n for n, x in DEFENCES.items() if x.strength_key)}")
+        raise ConfigError(f"--defence {defence} has no strength to sweep; valid: {', '.join(sweepable())}")
     overrides = list(overrides or [])
     asked = [Point(defence, s, point_name(defence, s)) for s in strengths]
     settings = None if attack else dict(attack_settings or {})
