@@ -20,18 +20,16 @@ from veil.attack import (
     ceiling_key,
     fit_attacker,
     floor_scores,
-    format_table,
-    invert,
-    obfuscate,
     reconstruct,
     resolve_settings,
-    to_markdown,
 )
+from veil.attack_tables import format_table, to_markdown
 from veil.cli import main
 from veil.config import ConfigError
 from veil.data import read_npz, to_float, to_tensor_images
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
-from veil.train import train
+from veil.train import feature_maps, train
+from veil.whitebox import invert
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -147,7 +145,7 @@ def test_whitebox_from_mean_image_is_the_floor_when_features_carry_nothing(demo_
     # Without a TV prior the objective has no gradient at all: the mean image comes back unchanged.
     s = small_settings(whitebox_steps=5)
     data = attack_data(demo_images[:200], demo_images[200:260], True, s)
-    images, _ = invert(Constant(), obfuscate(Constant(), data.users, 64), data.mean_image, 0.0, s)
+    images, _ = invert(Constant(), feature_maps(Constant(), data.users, 64), data.mean_image, 0.0, s.whitebox_steps, s.whitebox_lr, s.eval_batch_size)
     assert torch.allclose(images, data.mean_image.expand_as(images).clamp(0, 1))
 
 
@@ -158,7 +156,7 @@ def test_early_stopping_keeps_the_best_weights(demo_images):
     assert 1 <= len(curve) <= 6
     if len(curve) < 6:  # stopped early: the last epoch did not improve on the best
         assert curve[-1]["val_psnr"] <= max(c["val_psnr"] for c in curve) + s.min_delta
-    val = psnr(to_float(data.val), reconstruct(reconstructor, obfuscate(Unshuffle(), data.val, 500), 500)).mean().item()
+    val = psnr(to_float(data.val), reconstruct(reconstructor, feature_maps(Unshuffle(), data.val, 500), 500)).mean().item()
     assert val == pytest.approx(max(c["val_psnr"] for c in curve), abs=1e-4)
 
 

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from veil import config as config_mod
-from veil.report import ReportError, accuracy_by_round, psnr_by_round, read_attack, report, shown_rounds
+from veil.errors import ReportError
+from veil.report import report
+from veil.results import accuracy_by_round, psnr_by_round, read_attack, shown_rounds
 from veil.rundir import read_metrics
 from veil.train import train
 

@@ -13,8 +13,10 @@ from veil import rundir
 from veil.config import ConfigError
 from veil.data import load_splits
 from veil.defences import strength_overrides
+from veil.frontier import frontier_rows, mark_dominated
 from veil.report import report
-from veil.sweep import frontier_rows, mark_dominated, parse_attack_settings, parse_strengths, point_name, read_sweep, sweep
+from veil.sweep import parse_attack_settings, parse_strengths, sweep
+from veil.sweepdir import point_name, read_sweep
 from veil.train import plan
 
 
@@ -100,14 +102,14 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert (out / "frontier.png").stat().st_size > 1000
 
     # Finished and attacked with these settings: a rerun trains and attacks nothing.
-    monkeypatch.setattr(sys.modules["veil.train"], "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    monkeypatch.setattr(sys.modules["veil.sweep"], "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, **QUIET) == rows
     # Other attack settings: attacked again, not retrained.
     logs = []
     sweep(config, [1.0], out, ["t_main=2"], attack_settings={**TINY_ATTACK, "n_candidates": 8}, log=logs.append)
     assert "veil sweep: attacking lambda-1" in logs and json.loads((out / "lambda-1" / "attack" / "attack.json").read_text())["settings"]["n_candidates"] == 8
     # Another config in the same directory is refused, naming the key, before anything is written.
-    with pytest.raises(ConfigError, match="model.width: run has 0.0625, sweep asks 0.125"):
+    with pytest.raises(ConfigError, match="model.width: 0.0625 -> 0.125"):
         sweep(config, [0.0], out, ["t_main=2", "width=0.125"], attack_settings=TINY_ATTACK, **QUIET)
     with pytest.raises(ConfigError, match="unknown setting"):
         sweep(config, [0.0], tmp_path / "other", attack_settings={"epochs": 1}, **QUIET)

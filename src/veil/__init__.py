@@ -6,8 +6,6 @@
     logits = run.classifier(features)
 """
 
-__version__ = "0.1.0"
-
 from veil.config import Config, ConfigError  # noqa: E402
 from veil.data import DataError, ImageSet, Splits, load_splits  # noqa: E402
 from veil.io import CheckpointError  # noqa: E402
@@ -15,6 +13,7 @@ from veil.metrics import psnr, ssim  # noqa: E402
 from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor  # noqa: E402
 from veil.rundir import Run, load_run  # noqa: E402
 from veil.train import Stopped, TrainingError, train  # noqa: E402
+from veil.version import __version__  # noqa: E402
 
 __all__ = [
     "Config", "ConfigError", "DataError", "ImageSet", "Splits", "load_splits", "CheckpointError", "psnr", "ssim",

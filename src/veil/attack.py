@@ -1,4 +1,4 @@
-"""The Chosen Image Attack harness: freeze f, fit fresh attackers, white-box inversion, tables.
+"""The Chosen Image Attack harness: freeze f, fit fresh attackers, and score them against floor and ceiling.
 
     veil attack RUN_DIR                      -> RUN_DIR/attack/{attack.json, attack.csv, attack.md, <attacker>.png}
     veil attack --matrix RUN_A RUN_B ...     -> the attack x training reconstructor PSNR matrix (Table 3)
@@ -7,43 +7,46 @@ Threat model (paper Section 3): the attacker has unlimited use of the frozen obf
 of its own (the attacker-train split), disjoint from the users' images (the test split). It trains
 each reconstructor of Table 1 from scratch on (f(I), I) pairs of its own images (Eq. 3), stopping
 when the PSNR on a held-out part of its own images stops improving, then turns the users' stored
-feature maps back into images. A white-box attacker instead optimises an image so that f(image)
-matches the stored feature map.
+feature maps back into images. A white-box attacker (whitebox.py) instead optimises an image so
+that f(image) matches the stored feature map.
 
 Every number comes with its floor and ceiling: the best constant image (the attacker-split mean
 image), and the same attackers against the run's undefended obfuscator (after pretraining, before
 adversarial training). A defended PSNR below the floor means the attacker was not trained well.
+The files written from the results are attack_tables.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
+import hashlib
+import json
 import math
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from veil.config import ConfigError
-from veil.data import augment, to_float
-from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate, total_variation
+from veil import data as data_mod
+from veil.attack_tables import matrix_csv, matrix_markdown, write_outputs
+from veil.data import augment, load_splits, to_float
+from veil.defences import GaussianNoise
+from veil.errors import AttackError, ConfigError
+from veil.io import atomic_write_json, atomic_write_text
+from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate
 from veil.models import init_xavier
+from veil.models.obfuscator import fingerprint
 from veil.models.reconstructors import ATTACKERS, build_attacker
-
-WHITEBOX = "whitebox"
-TUNE_IMAGES = 32  # held-out attacker images on which the white-box attacker chooses its TV weight
-FLOOR = "floor"
-OBFUSCATORS = ("defended", "undefended")
-
-
-class AttackError(RuntimeError):
-    """An attack that cannot go on (a non-finite loss, a run without the networks it needs)."""
-
+from veil.progress import progress_bar
+from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
+from veil.rundir import load_run
+from veil.train import feature_maps, resolve_device
+from veil.version import __version__
+from veil.whitebox import choose_tv_weight, invert
 
 # ----------------------------------------------------------------------------- settings
 
@@ -99,6 +102,13 @@ class AttackConfig:
 
 # Settings that change no number: a saved attack.json made with other values may be reused.
 NOT_RESULTS = ("device", "progress")
+
+
+def result_settings(settings: AttackConfig | dict) -> dict:
+    """The settings that change the numbers (all but NOT_RESULTS), from an AttackConfig or a saved attack.json's
+    "settings": two attacks with equal ones may share their results."""
+    values = dataclasses.asdict(settings) if isinstance(settings, AttackConfig) else settings
+    return {k: v for k, v in values.items() if k not in NOT_RESULTS}
 
 
 def attacker_names(s: AttackConfig) -> list[str]:
@@ -181,21 +191,9 @@ def attack_data(attacker: torch.Tensor, users: torch.Tensor, natural: bool, s: A
 
 
 @torch.no_grad()
-def obfuscate(obfuscator: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """uint8 images -> feature maps, in eval mode (BatchNorm uses its stored statistics)."""
-    return torch.cat([obfuscator(to_float(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
-
-
-@torch.no_grad()
 def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int) -> torch.Tensor:
     reconstructor.eval()
     return torch.cat([reconstructor(features[i : i + batch_size]) for i in range(0, len(features), batch_size)])
-
-
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- learned attackers
@@ -207,8 +205,8 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
     Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
     device = data.train.device
     obfuscator.eval().requires_grad_(False)
-    train_features = None if s.augment else obfuscate(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
-    val_features = obfuscate(obfuscator, data.val, s.eval_batch_size)
+    train_features = None if s.augment else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    val_features = feature_maps(obfuscator, data.val, s.eval_batch_size)
     val_images = to_float(data.val)
     torch.manual_seed(seed)
     reconstructor = init_xavier(build_attacker(name, val_features.shape[1], data.train.shape[1], width, split)).to(device)
@@ -259,55 +257,6 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
     return reconstructor.eval(), curve
 
 
-# ----------------------------------------------------------------------------- white-box attacker
-
-
-def invert(obfuscator: nn.Module, features: torch.Tensor, start: torch.Tensor, tv_weight: float, s: AttackConfig, bar=None) -> tuple[torch.Tensor, list[dict]]:
-    """White-box attack: from `start` (the mean image), optimise images x in [0, 1] so that f(x)
-    matches `features`, minimising |f(x) - features|^2 / |features|^2 + tv_weight * TV(x) per image.
-    Returns the images (N x C x H x W) and the mean objective every few steps."""
-    obfuscator.eval().requires_grad_(False)
-    out, curve = [], []
-    for b in range(0, len(features), s.eval_batch_size):
-        target = features[b : b + s.eval_batch_size]
-        scale = target.pow(2).flatten(1).mean(1).clamp_min(1e-12)  # relative error: any feature scale alike
-        x = start.expand(len(target), *start.shape[1:]).clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=s.whitebox_lr)
-        for step in range(s.whitebox_steps):
-            for group in opt.param_groups:
-                group["lr"] = s.whitebox_lr * 0.5 * (1 + math.cos(math.pi * step / s.whitebox_steps))
-            feature_error = (obfuscator(x) - target).pow(2).flatten(1).mean(1) / scale
-            loss = (feature_error + tv_weight * total_variation(x)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                x.clamp_(0, 1)
-            if not torch.isfinite(loss):
-                raise AttackError(f"white-box inversion: non-finite objective at step {step}; lower --whitebox-lr")
-            if step % 10 == 0 or step == s.whitebox_steps - 1:
-                curve.append({"batch": b // s.eval_batch_size, "step": step, "objective": loss.item(), "feature_error": feature_error.mean().item()})
-            if bar is not None:
-                bar.update(1)
-        out.append(x.detach())
-    return torch.cat(out), curve
-
-
-def choose_tv_weight(obfuscator: nn.Module, data: AttackData, s: AttackConfig, bar=None) -> tuple[float, dict[str, float]]:
-    """The white-box attacker picks its prior weight on its own held-out images (never the users')."""
-    weights = tv_weights(s)
-    if len(weights) == 1:
-        return weights[0], {}
-    images = data.val[:TUNE_IMAGES]
-    features = obfuscate(obfuscator, images, s.eval_batch_size)
-    scores = {}
-    for w in weights:
-        inverted, _ = invert(obfuscator, features, data.mean_image, w, s, bar)
-        scores[f"{w:g}"] = psnr(to_float(images), inverted).mean().item()
-    best = max(weights, key=lambda w: scores[f"{w:g}"])
-    return best, scores
-
-
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -333,12 +282,12 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     {attacker: reconstructions of the first n_show users' images} for the figures."""
     users = to_float(data.users)
     all_rows = torch.arange(len(users))
-    user_features = obfuscate(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
+    user_features = feature_maps(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     for name in attacker_names(s):
         start = time.perf_counter()
-        with _progress(steps, f"{label} {name}", s.progress) as bar:
+        with progress_bar(steps, f"{label} {name}", s.progress) as bar:
             reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar)
         rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size)
         results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve), "seconds": round(time.perf_counter() - start, 1), "curve": curve}
@@ -349,9 +298,9 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
         m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
         n_batches = math.ceil(m / s.eval_batch_size)
         n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
-        with _progress((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
-            tv_weight, tuning = choose_tv_weight(obfuscator, data, s, bar)
-            rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s, bar)
+        with progress_bar((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
+            tv_weight, tuning = choose_tv_weight(obfuscator, data.val, data.mean_image, tv_weights(s), s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
+            rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
         results[WHITEBOX] = {
             **score(users, all_rows[:m], rebuilt, candidates[:m]), "steps": s.whitebox_steps, "tv_weight": tv_weight,
             "tv_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve,
@@ -386,26 +335,21 @@ def under_trained(result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- a run
 
 
-def ceiling_key(obfuscator: nn.Module, data_fingerprint: str, s: AttackConfig, width: float, split: int) -> str:
-    """sha256 of what the undefended attack depends on: the obfuscator's function (its weights and
-    BatchNorm statistics; a zero-sigma noise layer adds nothing), the data, and the settings."""
-    import hashlib
-    import json
+def without_idle_noise(obfuscator: nn.Module) -> nn.Module:
+    """The obfuscator's layers less a noise layer of sigma 0 (it adds nothing), the others under their own
+    names: a noise run's undefended obfuscator then fingerprints like any other run's pretrained one."""
+    kept = ((name, m) for name, m in obfuscator.named_children() if not (isinstance(m, GaussianNoise) and float(m.sigma) == 0.0))
+    return nn.Sequential(OrderedDict(kept))
 
-    h = hashlib.sha256()
-    for name, value in sorted(obfuscator.state_dict().items()):
-        if name.endswith("sigma") and float(value) == 0.0:
-            continue
-        h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_RESULTS}
-    h.update(json.dumps({"data": data_fingerprint, "settings": wanted, "width": width, "split": split}, sort_keys=True).encode())
-    return h.hexdigest()
+
+def ceiling_key(obfuscator: nn.Module, data_fingerprint: str, s: AttackConfig, width: float, split: int) -> str:
+    """sha256 of what the undefended attack depends on: the obfuscator's function (the fingerprint of its
+    weights and BatchNorm statistics, without an idle noise layer), the data, and the settings."""
+    inputs = {"obfuscator": fingerprint(without_idle_noise(obfuscator)), "data": data_fingerprint, "settings": result_settings(s), "width": width, "split": split}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def read_ceilings(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
@@ -418,11 +362,6 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     `ceilings` names a JSON file shared by runs that start from the same pretrained split (a sweep):
     the undefended attack is looked up there by `ceiling_key` and computed only when missing.
     """
-    from veil import __version__
-    from veil.data import fingerprint, load_splits
-    from veil.rundir import load_run
-    from veil.train import resolve_device
-
     validate_attack(s)
     run_dir = Path(run_dir)
     began = time.perf_counter()
@@ -462,7 +401,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
             continue
         shared = which == "undefended" and ceilings is not None
         if shared:
-            key = ceiling_key(obfuscator, fingerprint(splits), s, width, cfg.model.split)
+            key = ceiling_key(obfuscator, data_mod.fingerprint(splits), s, width, cfg.model.split)
             known = read_ceilings(Path(ceilings))
             if key in known:
                 result[which], result["undefended_from"] = known[key]["result"], known[key]["run"]
@@ -489,15 +428,13 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
 def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Path, log=print) -> dict:
     """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings) and
     write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3)."""
-    import json
-
     validate_attack(s)
     results = []
-    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_RESULTS}
+    wanted = result_settings(s)
     for run_dir in run_dirs:
         saved = Path(run_dir) / "attack" / "attack.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
-        if previous and {k: v for k, v in previous.get("settings", {}).items() if k not in NOT_RESULTS} == wanted:
+        if previous and result_settings(previous.get("settings", {})) == wanted:
             log(f"veil attack: reusing {saved} (same settings)")
             results.append(previous)
         else:
@@ -522,159 +459,3 @@ def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Pa
     atomic_write_text(out_dir / "matrix.csv", matrix_csv(matrix))
     atomic_write_text(out_dir / "matrix.md", matrix_markdown(matrix))
     return matrix
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
-    atomic_write_json(out / "attack.json", result)
-    atomic_write_text(out / "attack.csv", to_csv(result))
-    atomic_write_text(out / "attack.md", to_markdown(result))
-    names = list(dict.fromkeys(name for rows in figures.values() for name in rows))
-    for name in names:
-        rows = {which: figures[which][name] for which in OBFUSCATORS if name in figures.get(which, {})}
-        plot_attacker(out / f"{name}.png", originals, rows, name)
-
-
-CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor")
-
-
-def to_csv(result: dict) -> str:
-    floor = result[FLOOR]
-    lines = [",".join(CSV_FIELDS)]
-
-    def row(which: str, name: str, r: dict) -> str:
-        values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
-        return ",".join(values)
-
-    lines.append(row(FLOOR, "mean_image", floor))
-    for which in OBFUSCATORS:
-        for name, r in result.get(which, {}).items():
-            lines.append(row(which, name, r))
-    return "\n".join(lines) + "\n"
-
-
-def _cell(r: dict | None, floor: float) -> list[str]:
-    if not r:
-        return ["n/a"] * 4
-    flag = " (!)" if r["psnr_mean"] < floor else ""
-    return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}", f"{r['reid_top5']:.1%}"]
-
-
-def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the side-by-side table: floor, then each attacker, defended | undefended."""
-    floor = result[FLOOR]
-    header = ["attacker", "defended PSNR (dB)", "SSIM", "top-1", "top-5", "undefended PSNR (dB)", "SSIM", "top-1", "top-5"]
-    floor_cells = _cell(floor, -math.inf)
-    rows = [["floor: mean image", *floor_cells, *floor_cells]]
-    names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
-    for name in names:
-        label = name
-        if name == WHITEBOX:
-            r = result.get("defended", {}).get(name) or result.get("undefended", {}).get(name)
-            label = f"whitebox ({r['n_images']} images)"
-        rows.append([label, *_cell(result.get("defended", {}).get(name), floor["psnr"]), *_cell(result.get("undefended", {}).get(name), floor["psnr"])])
-    return header, rows
-
-
-def _notes(result: dict) -> list[str]:
-    chance = result["chance"]
-    notes = [
-        f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
-        f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
-    ]
-    if result.get("undefended_from"):
-        notes.append(f"Undefended columns: reused from the attack of {result['undefended_from']} (the same undefended obfuscator, data and settings).")
-    if result["under_trained"]:
-        notes.append(
-            "(!) PSNR below the constant-image floor: " + ", ".join(result["under_trained"]) + ". That attacker was under-trained; "
-            "its number is not evidence of privacy."
-        )
-    return notes
-
-
-def to_markdown(result: dict) -> str:
-    header, rows = table_rows(result)
-    s = result["settings"]
-    lines = [
-        f"# Chosen Image Attack: {result['run']}",
-        "",
-        f"{result['dataset']}, training reconstructor {result['training_reconstructor']}, lambda {result['lambda_privacy']}. "
-        f"Attackers trained from scratch on {result['n_attacker_train']} attacker images ({result['n_attacker_val']} more held out "
-        f"for early stopping: at most {s['max_epochs']} epochs, patience {s['patience']}, augmentation {'on' if s['augment'] else 'off'}), "
-        f"width {result['attacker_width']}; scored on {result['n_users']} users' images (PSNR mean ± std over images).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += [""] + _notes(result)
-    lines += [
-        "",
-        f"Seed {result['seed']}, {result['device']} ({result['torch_threads']} threads), torch {result['torch_version']}, veil {result['veil_version']}, "
-        f"{result['date']}, {result['seconds']:.0f} s.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def format_table(result: dict) -> str:
-    """The side-by-side table for the terminal."""
-    header, rows = table_rows(result)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(header), *[fmt(r) for r in rows], "", *_notes(result)])
-
-
-def matrix_csv(matrix: dict) -> str:
-    lines = ["attack," + ",".join(f'"{c}"' for c in matrix["columns"])]
-    for row in matrix["rows"]:
-        lines.append(row + "," + ",".join(f"{matrix['psnr'][row][c]:.6g}" for c in matrix["columns"]))
-    lines.append("floor," + ",".join(f"{matrix['floor'][c]:.6g}" for c in matrix["columns"]))
-    return "\n".join(lines) + "\n"
-
-
-def matrix_markdown(matrix: dict) -> str:
-    cols = matrix["columns"]
-    lines = [
-        "# Attack x training reconstructor: users' PSNR (dB) against the defended obfuscator",
-        "",
-        "| attack \\ training | " + " | ".join(f"{c}, lambda {matrix['lambda_privacy'][c]}" for c in cols) + " |",
-        "| --- | " + " | ".join("---:" for _ in cols) + " |",
-    ]
-    for row in matrix["rows"]:
-        cells = [f"{matrix['psnr'][row][c]:.2f}" + (" (!)" if matrix["psnr"][row][c] < matrix["floor"][c] else "") for c in cols]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines.append("| floor: mean image | " + " | ".join(f"{matrix['floor'][c]:.2f}" for c in cols) + " |")
-    lines += ["", "(!) below the constant-image floor: an under-trained attacker, not privacy.", "Runs: " + ", ".join(matrix["runs"]) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_attacker(path: Path, originals: torch.Tensor, rows: dict[str, torch.Tensor], name: str) -> None:
-    """Originals above each obfuscator's reconstructions, with each reconstruction's PSNR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(originals)
-    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.3 * n, 1.55 * (1 + len(rows))), squeeze=False)
-    grid = [("original", originals, None)] + [(which, images, psnr(originals[: len(images)], images)) for which, images in rows.items()]
-    for i, (label, images, scores) in enumerate(grid):
-        for j in range(n):
-            ax = axes[i][j]
-            ax.axis("off")
-            if j >= len(images):
-                continue
-            img = images[j].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
-            if scores is not None:  # under the image it belongs to
-                ax.text(0.5, -0.04, f"{scores[j]:.1f} dB", transform=ax.transAxes, ha="center", va="top", fontsize=7)
-            if j == 0:
-                ax.text(-0.1, 0.5, label, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"{name}: users' images (top) and their reconstructions, with PSNR", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

@@ -38,9 +38,9 @@ from veil.train import (
     Privacy,
     Step,
     evaluate,
+    feature_maps,
     freeze,
     make_optimizers,
-    obfuscate,
     pretrain_lr_factor,
     resolve_device,
     train_obfuscator_classifier,
@@ -196,7 +196,7 @@ def build_phases(cfg: Config, rt: Runtime, n_batches: int) -> dict[str, Phase]:
             bare(obfuscator_batch, (f,)), n, count_flops(once(obfuscator_batch, (f,))) / b,
         ),
         "evaluate": Phase(veil(lambda: evaluate(nets, data, eb, True, rt)), bare_eval(evaluate_batch), n, count_flops(once(evaluate_batch, ())) / len(x_eval)),
-        "obfuscate": Phase(veil(lambda: obfuscate(f, data.images, eb, rt)), bare_eval(obfuscate_batch), n, count_flops(once(obfuscate_batch, ())) / len(x_eval)),
+        "obfuscate": Phase(veil(lambda: feature_maps(f, data.images, eb, rt)), bare_eval(obfuscate_batch), n, count_flops(once(obfuscate_batch, ())) / len(x_eval)),
     }
     wrap_networks(nets, rt)  # compile only now: the FLOP counter above ran on the plain networks
     return phases

@@ -24,26 +24,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
+from veil.data import to_float, to_tensor_images
 from veil.io import CheckpointError, atomic_write_json, atomic_write_text, load_module, save_tensors
-from veil.store import StoreError, check_fingerprint, iter_shards, read_shard, verify
+from veil.models import Classifier, init_xavier
+from veil.models.obfuscator import conv_bn_relu, fingerprint
+from veil.progress import progress_bar
+from veil.rundir import load_run
+from veil.store import DTYPES, StoreError, check_fingerprint, iter_shards, load_image, read_shard, verify
+from veil.train import onecycle_factor, resolve_device
+from veil.version import __version__
 
 # ----------------------------------------------------------------------------- heads
 
 
 def vgg16_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
     """The paper's classifier g: the rest of VGG16-BN and its 512-512-classes head (veil.models.Classifier)."""
-    from veil.models import Classifier, init_xavier
-
     return init_xavier(Classifier(num_classes, width, split, dropout))
 
 
 def small_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
     """A lighter head: two 3x3 conv blocks (2C channels), global average pooling, one linear layer."""
-    from veil.models import init_xavier
-    from veil.models.obfuscator import conv_bn_relu
-
     c = 2 * channels
     return init_xavier(nn.Sequential(
         *conv_bn_relu(channels, c), nn.MaxPool2d(2), *conv_bn_relu(c, c),
@@ -114,8 +117,6 @@ def shard_groups(store: Path, manifest: dict, memory_mb: int, generator: torch.G
 
 
 def _dtype(manifest: dict) -> torch.dtype:
-    from veil.store import DTYPES
-
     return DTYPES[manifest["features"]["dtype"]]
 
 
@@ -158,11 +159,6 @@ def _same_store_kind(train: dict, test: dict, test_path: Path) -> None:
 
 def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_store: str | Path | None = None, log=print) -> dict:  # noqa: ANN001
     """Train a classifier head on a store's features alone; report accuracy on a test store. Returns the summary."""
-    from tqdm.auto import tqdm
-
-    from veil import __version__
-    from veil.train import onecycle_factor, resolve_device
-
     check_head_config(cfg)
     store, out = Path(store), Path(out)
     if (out / "classifier.safetensors").exists() or (out / "config.yaml").exists():
@@ -183,8 +179,6 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     steps_per_epoch = max(1, n // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     atomic_write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     log(f"veil train-classifier: {n} items of {manifest['dataset']['name']} ({manifest['dataset']['split']}), head {cfg.head}, "
         f"{sum(p.numel() for p in head.parameters()):,} parameters, {cfg.epochs} epochs, device {device}")
@@ -197,7 +191,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         head.train()
         sums, seen, t0 = torch.zeros(2), 0, time.perf_counter()
         groups = [cached] if cached is not None else shard_groups(store, manifest, cfg.memory_mb, generator)
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress, dynamic_ncols=True) as bar:
+        with progress_bar(steps_per_epoch, f"epoch {epoch}", cfg.progress) as bar:
             for features, labels in groups:
                 order = torch.randperm(len(labels), generator=generator)
                 # Drop a last partial batch: BatchNorm at 1x1 spatial size cannot train on one item.
@@ -289,8 +283,6 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, 
 
 def _classifier_for(run, classifier_dir: str | Path | None, device: torch.device) -> tuple[nn.Module, list[str], str]:  # noqa: ANN001
     """The run's own classifier, or one trained from a store made by this run's obfuscator."""
-    from veil.models.obfuscator import fingerprint
-
     fp = fingerprint(run.obfuscator)
     if classifier_dir is None:
         return run.classifier, run.class_names or [str(i) for i in range(run.num_classes)], fp
@@ -315,11 +307,6 @@ def _predictions(logits: torch.Tensor, items: list[str], classes: list[str], tru
 def predict(run_dir: str | Path, images: list[str] | None = None, store: str | Path | None = None, classifier: str | Path | None = None,
             device: str = "auto", batch_size: int = 500) -> list[Prediction]:
     """Class and confidence of image files (obfuscator, then classifier) or of a store's items (classifier only)."""
-    from veil.data import to_float, to_tensor_images
-    from veil.rundir import load_run
-    from veil.store import load_image
-    from veil.train import resolve_device
-
     if (images and store) or not (images or store):
         raise StoreError("give image files or --store STORE (not both)")
     dev = resolve_device(device)

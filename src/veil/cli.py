@@ -1,11 +1,18 @@
-"""`veil <command>`: each subcommand parses its arguments and calls one function."""
+"""`veil <command>`: each subcommand parses its arguments and calls one function.
+
+Veil's own modules are imported inside the functions below, each where it is needed, on purpose:
+`veil --help` or `veil verify` should not wait for training, attacks and reports to import. This
+file is the only one in veil/ that does so (tests/test_layout.py checks it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 
@@ -14,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from veil.train import train
 
     if args.help_config:
-        print(config_mod.describe())
+        print(config_mod.describe_keys())
         return 0
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # One process per device through PyTorch's own launcher, each running this same command.
@@ -37,10 +44,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overrides:
             # Only knobs that do not change what was trained may differ on resume.
             original = config_mod.load(run_dir / "config.yaml")
-            allowed = set(config_mod.RESUME_MAY_CHANGE)
-            changed = [k for k in config_mod.valid_keys() if _get(cfg, k) != _get(original, k) and k not in allowed]
+            allowed = config_mod.RESUME_MAY_CHANGE
+            changed = config_mod.changed_keys(config_mod.to_dict(original), config_mod.to_dict(cfg), allowed)
             if changed:
-                raise config_mod.ConfigError(f"cannot change {', '.join(changed)} when resuming; only {', '.join(sorted(allowed))} may differ")
+                raise config_mod.ConfigError(f"cannot resume with another config ({'; '.join(changed)}); only {', '.join(sorted(allowed))} may differ")
     else:
         if not args.config or not args.out:
             raise config_mod.ConfigError("veil train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
@@ -76,28 +83,16 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _get(cfg, dotted: str):  # noqa: ANN001, ANN202
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def print_summary(summary: dict) -> None:
     from veil.defences import DEFENCES
-
-    def pct(v):  # noqa: ANN001, ANN202
-        return "n/a" if v is None else f"{v:.2%}"
-
-    def db(v):  # noqa: ANN001, ANN202
-        return "n/a" if v is None else f"{v:.2f} dB"
+    from veil.results import db, pct
 
     print()
     defence = summary.get("defence", "adversarial")
     strength = DEFENCES[defence].strength_label if defence in DEFENCES and DEFENCES[defence].strength_key else None
     print("                         test accuracy   reconstruction PSNR (training reconstructor)")
-    print(f"before {defence:<17} {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'])}")
-    print(f"after {defence:<18} {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'])}")
+    print(f"before {defence:<17} {pct(summary['pretrain_test_accuracy']):>13}   {db(summary['undefended_test_psnr'], unit=' dB')}")
+    print(f"after {defence:<18} {pct(summary['final_test_accuracy']):>13}   {db(summary['final_test_psnr'], unit=' dB')}")
     setting = f"{strength} {summary.get('strength')}, " if strength else ""
     print(f"({defence}: {setting}reconstructor {summary['reconstructor']}, {summary['seconds']:.0f} s of training)")
 
@@ -176,7 +171,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from veil.report import db, pct
+    from veil.results import db, pct
     from veil.sweep import parse_attack_settings, parse_strengths, sweep
 
     settings = parse_attack_settings(args.attack)
@@ -188,14 +183,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
         for r in rows:
             print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "")
-                  + f"{db(r['psnr']) + ' dB':>26}{pct(r['reid_top1'], 1):>14}")
+                  + f"{db(r['psnr'], unit=' dB'):>26}{pct(r['reid_top1'], 1):>14}")
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from veil.attack import AttackConfig, attack, attack_matrix, format_table, resolve_settings
+    from veil.attack import AttackConfig, attack, attack_matrix, resolve_settings
+    from veil.attack_tables import format_table
     from veil.config import ConfigError
 
     if bool(args.run_dir) == bool(args.matrix):
@@ -216,9 +210,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per field of a settings dataclass, its docstring as help; unset flags stay None."""
-    import dataclasses
-    import typing
-
     from veil.config import field_docs
 
     docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), cls()
@@ -231,7 +222,7 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from veil import __version__
+    from veil.version import __version__
 
     parser = argparse.ArgumentParser(prog="veil", description="Privacy-preserving image classification with a learnable obfuscator.")
     parser.add_argument("--version", action="version", version=f"veil {__version__}")
@@ -315,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file shared by every run")
     p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3: the strength key of --defence (lambda of Eq. 2, NoPeek's alpha, the noise sigma, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
-    from veil.defences import DEFENCES
+    from veil.sweep import sweepable
 
-    p.add_argument("--defence", default="adversarial", choices=[n for n, d in DEFENCES.items() if d.strength_key],
+    p.add_argument("--defence", default="adversarial", choices=sweepable(),
                    help="defence whose strength is swept (veil/defences/; default: adversarial, the paper's); several may share one --out")
     p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")
@@ -340,11 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from veil.attack import AttackError
-    from veil.config import ConfigError
     from veil.data import DataError
+    from veil.errors import AttackError, ConfigError, ReportError
     from veil.io import CheckpointError
-    from veil.report import ReportError
     from veil.store import StoreError
     from veil.train import Stopped, TrainingError
 

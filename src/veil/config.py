@@ -6,8 +6,10 @@ string under it) that doubles as documentation; `veil train --help-config` print
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -154,9 +156,6 @@ SWITCHES = ("auto", "on", "off", "true", "false")
 
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> its docstring, read from the class source (the string under each field)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
@@ -359,12 +358,13 @@ def flatten(raw: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as 'key: old -> new'.
-    A key absent from one side counts as its default: runs made before a key existed stay loadable."""
+def changed_keys(old: dict, new: dict, allowed: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (to_dict, or as saved in a checkpoint),
+    as 'key: old -> new', leaving out the `allowed` ones (e.g. RESUME_MAY_CHANGE). A key absent from
+    one side counts as its default: runs made before a key existed stay loadable."""
     defaults = flatten(to_dict(Config()))
     a, b = {**defaults, **flatten(old)}, {**defaults, **flatten(new)}
-    keys = [k for k in list(a) + [k for k in b if k not in a] if k not in ignore]
+    keys = [k for k in list(a) + [k for k in b if k not in a] if k not in allowed]
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -372,7 +372,7 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe() -> str:
+def describe_keys() -> str:
     """All keys with their defaults and docstrings, for `--help-config`."""
     lines = []
     defaults = Config()

@@ -1,5 +1,13 @@
-"""Errors every layer may raise, kept apart so that low-level modules need not import the config."""
+"""Errors every layer may raise, kept apart so that low-level modules need not import the modules above them."""
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and why."""
+
+
+class AttackError(RuntimeError):
+    """An attack that cannot go on (a non-finite loss, a run without the networks it needs)."""
+
+
+class ReportError(ValueError):
+    """A run or result file that cannot be reported; the message names the file and field."""

@@ -9,169 +9,50 @@ summary.json, attack/attack.json and the attack PNGs). Figures 4 and 5 are recom
 run's own networks on the first users' (test) images. A sweep directory (`veil sweep`) is a
 RUN_DIR too: its runs are reported, headed by the utility-privacy frontier.
 
-matplotlib is imported only here, lazily, through its object API (no pyplot, no global backend).
+Reading the runs is results.py, the page model and its HTML/Markdown rendering page.py, the
+plot leaves plots.py and the frontier frontier.py; this file lays the page out. matplotlib is
+imported lazily, through its object API (no pyplot, no global backend).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import platform
 import re
-import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 from veil import config as config_mod
-from veil.defences import describe, get_defence, round_phases, strength_of
-from veil.io import CheckpointError, atomic_write_bytes, atomic_write_text
+from veil.data import DataError, load_splits, to_float
+from veil.errors import ReportError
+from veil.frontier import frontier_rows, frontier_table, mark_dominated, plot_frontier
+from veil.io import atomic_write_bytes, atomic_write_text, load_module
+from veil.metrics import psnr
+from veil.models import build_reconstructor
+from veil.page import Figure, Page, Table, render_html, render_markdown
+from veil.plots import line_style, new_figure, plot_image_rows, png_bytes
+from veil.results import (
+    ATTACKER_NAMES,
+    RunResults,
+    accuracy_by_round,
+    attacker_order,
+    db,
+    expand_dirs,
+    pct,
+    psnr_by_round,
+    read_run,
+    shown_rounds,
+    strongest,
+    unique_names,
+)
+from veil.rundir import load_run
+from veil.version import __version__
 
-ATTACKERS = ("simrec", "urec1", "urec2", "resrec", "whitebox")  # display order; others follow
-ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", "whitebox": "white-box"}
-ATTACK_FIELDS = ("psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates")
-
-# Okabe-Ito colours stay distinct under the common colour-vision deficiencies; markers and line
-# styles carry the same distinction in grayscale.
-COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":")
-
-
-class ReportError(ValueError):
-    """A run or result file that cannot be reported; the message names the file and field."""
-
-
-# ----------------------------------------------------------------------------- reading runs
-
-
-@dataclass
-class RunResults:
-    """Everything the report shows about one run, read from its directory."""
-
-    path: Path
-    name: str
-    config: config_mod.Config
-    config_text: str
-    metrics: list[dict]
-    summary: dict
-    attack: dict | None  # attack/attack.json, checked against the harness's contract
-    attack_pngs: list[Path] = field(default_factory=list)
-
-    @property
-    def defended(self) -> bool:
-        """The run's defence trained rounds at a strength above 0 (λ = 0, α = 0 or `none` count as undefended)."""
-        return bool(get_defence(self.config.train.defence).round_phases) and strength_of(self.config) > 0
-
-    @property
-    def reconstructor(self) -> str:
-        return self.config.model.reconstructor
-
-    @property
-    def defence(self) -> str:
-        """'λ=0.1' for the paper's adversarial training, else the defence and its strength."""
-        return describe(self.config)
-
-
-def read_attack(path: Path) -> dict:
-    """attack.json, with the fields the report relies on checked (floor, defended, undefended)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    floor = data.get("floor")
-    if not isinstance(floor, dict) or not all(isinstance(floor.get(k), (int, float)) for k in ("psnr", "ssim")):
-        raise ReportError(f"{path}: 'floor' must be {{'psnr': number, 'ssim': number}}, got {floor!r}")
-    for side in ("defended", "undefended"):
-        table = data.get(side)
-        if not isinstance(table, dict):
-            raise ReportError(f"{path}: '{side}' must map attacker names to their metrics, got {table!r}")
-        for attacker, row in table.items():
-            missing = [k for k in ATTACK_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
-            if missing:
-                raise ReportError(f"{path}: {side}['{attacker}'] lacks numeric {', '.join(missing)} (expected {', '.join(ATTACK_FIELDS)})")
-    return data
-
-
-def read_run(path: str | Path) -> RunResults:
-    from veil.rundir import read_metrics
-
-    path = Path(path)
-    if not (path / "config.yaml").is_file():
-        raise CheckpointError(f"{path}: not a Veil run directory (no config.yaml)")
-    cfg = config_mod.load(path / "config.yaml")
-    summary = {}
-    if (path / "summary.json").is_file():
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path / 'summary.json'}: not valid JSON ({e})") from None
-    attack_dir = path / "attack"
-    attack = read_attack(attack_dir / "attack.json") if (attack_dir / "attack.json").is_file() else None
-    return RunResults(
-        path=path,
-        name=path.name,
-        config=cfg,
-        config_text=(path / "config.yaml").read_text(),
-        metrics=read_metrics(path),
-        summary=summary,
-        attack=attack,
-        attack_pngs=sorted(attack_dir.glob("*.png")) if attack_dir.is_dir() else [],
-    )
-
-
-def read_matrix(path: Path) -> dict:
-    """matrix.json of `veil attack --matrix`: rows (attackers), columns (runs), psnr[row][column]."""
-    try:
-        m = json.loads(path.read_text())
-        for row in m["rows"]:
-            for col in m["columns"]:
-                if not isinstance(m["psnr"][row][col], (int, float)):
-                    raise TypeError(f"psnr['{row}']['{col}'] is {m['psnr'][row][col]!r}")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ReportError(f"{path}: not a Table 3 matrix of veil attack --matrix ({type(e).__name__}: {e})") from None
-    return m
-
-
-def expand_dirs(dirs: list[Path]) -> tuple[list[Path], list[Path], list[tuple[Path, dict]]]:
-    """(run directories, sweep directories, matrices): a sweep or matrix directory stands for its runs."""
-    from veil.sweep import SWEEP_FILE, sweep_runs
-
-    runs: list[Path] = []
-    sweeps, matrices = [], []
-    for d in dirs:
-        d = Path(d)
-        if (d / SWEEP_FILE).is_file():
-            sweeps.append(d)
-            runs += sweep_runs(d)
-        elif (d / "config.yaml").is_file():
-            runs.append(d)
-        elif (d / "matrix.json").is_file():
-            m = read_matrix(d / "matrix.json")
-            matrices.append((d, m))
-            runs += [Path(r) for r in m.get("runs", []) if (Path(r) / "config.yaml").is_file()]
-        else:
-            raise CheckpointError(f"{d}: not a Veil run directory (no config.yaml), sweep directory (no {SWEEP_FILE}) or attack matrix (no matrix.json)")
-    seen, unique = set(), []
-    for r in runs:  # a run named twice (directly and through a sweep or matrix) is reported once
-        if r.resolve() not in seen:
-            seen.add(r.resolve())
-            unique.append(r)
-    return unique, sweeps, matrices
-
-
-def unique_names(runs: list[RunResults]) -> None:
-    """Directory names, made unique with the parent folder where two runs share one."""
-    names = [r.path.name for r in runs]
-    for r in runs:
-        if names.count(r.path.name) > 1:
-            r.name = f"{r.path.parent.name}/{r.path.name}"
+# ----------------------------------------------------------------------------- labels
 
 
 def label(run: RunResults, runs: list[RunResults]) -> str:
@@ -185,172 +66,7 @@ def label(run: RunResults, runs: list[RunResults]) -> str:
     return base
 
 
-# ----------------------------------------------------------------------------- numbers
-
-
-def accuracy_by_round(metrics: list[dict]) -> dict[int, float]:
-    """Table 2: test accuracy after pretraining (round 0) and at the end of each adversarial round."""
-    ends = round_phases()  # (a), (b), (c), or another defence's own phase
-    out: dict[int, float] = {}
-    pre = [m for m in metrics if m["phase"] == "pretrain" and "test_accuracy" in m]
-    if pre:
-        out[0] = pre[-1]["test_accuracy"]
-    for m in metrics:  # the last phase-epoch of a round wins: its end
-        if m["phase"] in ends and "test_accuracy" in m:
-            out[m["round"]] = m["test_accuracy"]
-    return out
-
-
-def psnr_by_round(metrics: list[dict]) -> dict[int, float]:
-    """The training reconstructor's test PSNR after it trained against each round's obfuscator
-    (round 0: the warm-up against the undefended one; round k: the end of phase (b))."""
-    out: dict[int, float] = {}
-    for m in metrics:
-        if "test_psnr" not in m:
-            continue
-        if m["phase"] == "reconstructor_warmup":
-            out[0] = m["test_psnr"]
-        elif m["phase"] == "reconstructor":
-            out[m["round"]] = m["test_psnr"]
-    return out
-
-
-def shown_rounds(rounds: set[int]) -> list[int]:
-    """All rounds up to 20; beyond that 0, 1, every 10th and the last (as the paper's Table 2)."""
-    ordered = sorted(rounds)
-    if len(ordered) <= 21:
-        return ordered
-    return [k for k in ordered if k <= 1 or k % 10 == 0 or k == ordered[-1]]
-
-
-def strongest(table: dict, key: str) -> tuple[str, float] | None:
-    """(attacker, value) of the attacker with the highest `key` (PSNR or re-identification)."""
-    if not table:
-        return None
-    name = max(table, key=lambda a: table[a][key])
-    return name, table[name][key]
-
-
-def attacker_order(names: list[str] | set[str]) -> list[str]:
-    return [a for a in ATTACKERS if a in names] + sorted(set(names) - set(ATTACKERS))
-
-
-# ----------------------------------------------------------------------------- page model
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Figure:
-    filename: str  # written next to report.md
-    png: bytes
-    caption: str
-
-
-@dataclass
-class Page:
-    title: str
-    blocks: list[tuple[str, object]] = field(default_factory=list)  # (kind, content): h2 h3 p pre table figure
-
-    def add(self, kind: str, content: object) -> None:
-        self.blocks.append((kind, content))
-
-
-def pct(v: float | None, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
-
-
-def db(v: float | None, std: float | None = None) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.2f} ± {std:.2f}" if std is not None else f"{v:.2f}"
-
-
-CSS = """
-body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #111; background: #fff; }
-h1 { font-size: 1.6rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #999; } h3 { margin-top: 1.4rem; }
-table { border-collapse: collapse; margin: 0.6rem 0 1.2rem; font-size: 0.9rem; }
-th, td { border: 1px solid #888; padding: 0.25rem 0.55rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; white-space: nowrap; }
-th { background: #e8e8e8; }
-p.caption { font-size: 0.85rem; color: #333; margin: 0.8rem 0 0.2rem; }
-figure { margin: 1rem 0 1.6rem; } figure img { max-width: 100%; border: 1px solid #ccc; }
-figcaption { font-size: 0.85rem; color: #333; }
-pre { background: #f4f4f4; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
-"""
-
-
-def render_html(page: Page) -> str:
-    e = html.escape
-    out = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{e(page.title)}</title>", f"<style>{CSS}</style></head><body>", f"<h1>{e(page.title)}</h1>"]
-    for kind, content in page.blocks:
-        if kind in ("h2", "h3", "p"):
-            out.append(f"<{kind}>{e(str(content))}</{kind}>")
-        elif kind == "pre":
-            out.append(f"<pre>{e(str(content))}</pre>")
-        elif kind == "table":
-            t: Table = content  # type: ignore[assignment]
-            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in t.rows)
-            head = "".join(f"<th>{e(h)}</th>" for h in t.header)
-            out.append(f"<p class='caption'>{e(t.caption)}</p><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif kind == "figure":
-            f: Figure = content  # type: ignore[assignment]
-            data = base64.b64encode(f.png).decode()
-            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{e(f.caption)}'><figcaption>{e(f.caption)}</figcaption></figure>")
-    out.append("</body></html>\n")
-    return "\n".join(out)
-
-
-def render_markdown(page: Page) -> str:
-    def cell(s: str) -> str:
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    out = [f"# {page.title}", ""]
-    for kind, content in page.blocks:
-        if kind == "h2":
-            out += [f"## {content}", ""]
-        elif kind == "h3":
-            out += [f"### {content}", ""]
-        elif kind == "p":
-            out += [str(content), ""]
-        elif kind == "pre":
-            out += ["```", str(content).rstrip("\n"), "```", ""]
-        elif kind == "table":
-            t: Table = content  # type: ignore[assignment]
-            if t.caption:
-                out += [f"*{cell(t.caption)}*", ""]
-            out.append("| " + " | ".join(cell(h) for h in t.header) + " |")
-            out.append("| " + " | ".join("---" for _ in t.header) + " |")
-            out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
-            out.append("")
-        elif kind == "figure":
-            f: Figure = content  # type: ignore[assignment]
-            out += [f"![{cell(f.caption)}]({f.filename})", "", f"*{f.caption}*", ""]
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- plots
-
-
-def new_figure(width: float, height: float):  # noqa: ANN201
-    from matplotlib.figure import Figure as MplFigure
-
-    return MplFigure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def png_bytes(fig) -> bytes:  # noqa: ANN001
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, facecolor="white")
-    return buf.getvalue()
-
-
-def line_style(i: int) -> dict:
-    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
 
 
 def plot_accuracy_by_round(runs: list[RunResults]) -> bytes:
@@ -371,30 +87,6 @@ def plot_accuracy_by_round(runs: list[RunResults]) -> bytes:
     return png_bytes(fig)
 
 
-def plot_image_rows(rows: list[tuple[str, torch.Tensor, list[float] | None]]) -> bytes:
-    """Rows of images (N x C x H x W in [0, 1]); a row label on the left, PSNR (dB) under each image."""
-    n = max(len(images) for _, images, _ in rows)
-    fig = new_figure(1.15 * n + 1.4, 1.45 * len(rows))
-    axes = fig.subplots(len(rows), n, squeeze=False)
-    for r, (row_label, images, psnrs) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c >= len(images):
-                continue
-            img = images[c].detach().float().clamp(0, 1).cpu()
-            if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-            if psnrs is not None:
-                ax.set_xlabel(f"{psnrs[c]:.1f} dB", fontsize=8, labelpad=2)
-        axes[r][0].set_ylabel(textwrap.fill(row_label, 22), fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
-    return png_bytes(fig)
-
-
 # ----------------------------------------------------------------------------- reconstructions
 
 
@@ -408,17 +100,13 @@ class Reconstructions:
 
 
 @torch.no_grad()
-def reconstruct(obfuscator: torch.nn.Module, reconstructor: torch.nn.Module, images: torch.Tensor, row_label: str) -> Reconstructions:
-    from veil.metrics import psnr
-
+def reconstruction_row(obfuscator: torch.nn.Module, reconstructor: torch.nn.Module, images: torch.Tensor, row_label: str) -> Reconstructions:
     out = reconstructor(obfuscator(images)).clamp(0, 1)
     return Reconstructions(row_label, out, psnr(images, out).tolist())
 
 
 def users_images(cfg: config_mod.Config, n: int, cache: dict) -> torch.Tensor:
     """The first `n` users' (test) images of a run's split, in [0, 1]; splits cached by data config."""
-    from veil.data import load_splits, to_float
-
     key = (config_mod.to_yaml(config_mod.Config(data=cfg.data)), cfg.seed)
     if key not in cache:
         cache[key] = load_splits(cfg.data, cfg.seed).test
@@ -427,9 +115,6 @@ def users_images(cfg: config_mod.Config, n: int, cache: dict) -> torch.Tensor:
 
 def undefended_reconstructor(run_path: Path, run) -> torch.nn.Module | None:  # noqa: ANN001
     """The reconstructor trained against the undefended obfuscator (saved after the warm-up), if any."""
-    from veil.io import load_module
-    from veil.models import build_reconstructor
-
     path = run_path / "checkpoints" / "undefended" / "reconstructor.safetensors"
     if run.undefended_obfuscator is None or not path.is_file():
         return None
@@ -441,9 +126,6 @@ def undefended_reconstructor(run_path: Path, run) -> torch.nn.Module | None:  # 
 
 def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, figures: list[Figure]) -> None:
     """Figures 4 and 5, one of each per group of runs that share their users' images."""
-    from veil.data import DataError
-    from veil.rundir import load_run
-
     groups: dict[tuple, list[RunResults]] = {}
     for run in runs:
         groups.setdefault((config_mod.to_yaml(config_mod.Config(data=run.config.data)), run.config.seed), []).append(run)
@@ -461,7 +143,7 @@ def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, fi
                      "Run `veil report` where the run's data path resolves (data.path is relative to the working directory).")
             continue
         loaded = {r.name: load_run(r.path) for r in group}
-        rebuilt = {r.name: reconstruct(loaded[r.name].obfuscator, loaded[r.name].reconstructor, originals, label(r, runs)) for r in group}
+        rebuilt = {r.name: reconstruction_row(loaded[r.name].obfuscator, loaded[r.name].reconstructor, originals, label(r, runs)) for r in group}
         rows = [Reconstructions("original", originals, None)] + list(rebuilt.values())  # type: ignore[arg-type]
         name = f"report-figure4-reconstructions{suffix}.png"
         fig = Figure(name, plot_image_rows([(x.label, x.images, x.psnr) for x in rows]),
@@ -483,7 +165,7 @@ def reconstruction_figures(runs: list[RunResults], n_images: int, page: Page, fi
             net = loaded[r.name]
             rec = undefended_reconstructor(r.path, net)
             if rec is not None:
-                undefended = reconstruct(net.undefended_obfuscator, rec, originals, f"undefended ({r.name} after pretraining and warm-up)")
+                undefended = reconstruction_row(net.undefended_obfuscator, rec, originals, f"undefended ({r.name} after pretraining and warm-up)")
                 break
         if undefended is None or not defended:
             fig5_blocks.append(("p", f"Not drawn for {', '.join(r.name for r in group)}: it needs a defended run (a defence with a strength > 0) and either "
@@ -623,8 +305,6 @@ def table3(runs: list[RunResults], page: Page, matrices: list[tuple[Path, dict]]
 
 
 def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None:
-    from veil.sweep import frontier_rows, frontier_table, plot_frontier
-
     rows = frontier_rows(sweep_dir)
     page.add("h2", f"Utility-privacy frontier: {sweep_dir.name}")
     if not any(r["psnr"] is not None for r in rows):
@@ -641,8 +321,6 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
 
 def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> None:
     """Several sweep directories: every defence's frontier on one plot, one line per (defence, sweep)."""
-    from veil.sweep import frontier_rows, frontier_table, mark_dominated, plot_frontier
-
     rows = [dict(r, line=f"{r['defence']} ({d.name})", sweep=d.name) for d in sweeps for r in frontier_rows(d)]
     mark_dominated(rows, lambda r: f"{r['sweep']}/{r['name']}")
     page.add("h2", "Utility-privacy frontiers side by side: " + ", ".join(d.name for d in sweeps))
@@ -661,10 +339,6 @@ def slug(name: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
-    from veil import __version__
-
     out = {"veil": __version__, "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     try:
         import matplotlib

@@ -17,6 +17,7 @@ file's sha256 is checked before its weights are loaded: a damaged checkpoint is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,6 @@ def checkpoints(run_dir: Path) -> Path:
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     """One JSON line, flushed and fsynced before the checkpoint that covers it is written."""
-    import os
-
     with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
@@ -205,7 +204,7 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
                 f"the data file or config changed since the run started"
             )
     if "config" in saved:
-        changed = config_mod.changed_keys(saved["config"], current["config"])
+        changed = config_mod.changed_keys(saved["config"], current["config"], config_mod.RESUME_MAY_CHANGE)
         if changed:
             raise CheckpointError(
                 f"{where} was made with another config; config.yaml was edited since ({'; '.join(changed)}). "
@@ -273,7 +272,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (training has not finished a phase-epoch)")
     info = read_info(step_dir, STEP_INFO)
     if "config" in info:
-        changed = config_mod.changed_keys(info["config"], config_mod.to_dict(cfg))
+        changed = config_mod.changed_keys(info["config"], config_mod.to_dict(cfg), config_mod.RESUME_MAY_CHANGE)
         if changed:
             raise CheckpointError(f"{run_dir / 'config.yaml'} was edited after {step_dir} was written ({'; '.join(changed)}); put the values back")
     nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)

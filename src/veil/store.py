@@ -32,10 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load
+from tqdm.auto import tqdm
 
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.io import atomic_write_json, save_tensors, sha256_file
+from veil.models.obfuscator import feature_shape, fingerprint
+from veil.rundir import load_run
+from veil.train import resolve_device
+from veil.version import __version__
 
 FORMAT = "veil-store"
 FORMAT_VERSION = 1
@@ -223,9 +230,6 @@ def _describe_difference(old: dict, new: dict, prefix: str = "") -> str | None:
 
 def read_shard(store: Path, manifest: dict, index: int) -> dict[str, torch.Tensor]:
     """One shard, checked against the manifest (size, sha256, tensor shapes) before it is used."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     entry = manifest["shards"][index]
     path = Path(store) / entry["file"]
     if not path.is_file():
@@ -260,8 +264,6 @@ def check_fingerprint(manifest: dict, fingerprint: str, where: str, against: str
 
 def verify(store: str | Path, fingerprint: str | None = None, progress: bool = False) -> dict:
     """Recompute every checksum and check the manifest; raise StoreError naming the first bad file."""
-    from tqdm.auto import tqdm
-
     store = Path(store)
     manifest = read_manifest(store)
     if fingerprint is not None:
@@ -298,8 +300,6 @@ def store_bytes(store: Path, manifest: dict) -> int:
 
 
 def _new_manifest(source: Source, obfuscator: torch.nn.Module, fingerprint: str, image_size: int, shape: tuple[int, ...], dtype: str, shard_size: int) -> dict:
-    from veil import __version__
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -337,12 +337,6 @@ def obfuscate(
     name: str = "", device: str = "auto", progress: bool = True, bench: bool = False, log=print,  # noqa: ANN001
 ) -> dict:
     """Images -> a store of obfuscated features (resumes an interrupted store at `out`). Returns counts and timings."""
-    from tqdm.auto import tqdm
-
-    from veil.models.obfuscator import feature_shape, fingerprint
-    from veil.rundir import load_run
-    from veil.train import resolve_device
-
     if dtype not in DTYPES:
         raise StoreError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if shard_size < 1 or batch_size < 1:
@@ -359,7 +353,7 @@ def obfuscate(
     if len(source) == 0:
         raise DataError(f"--data {data}: no images")
     m = run.config.model
-    shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split)
+    shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
     manifest = _new_manifest(source, run.obfuscator, fingerprint(run.obfuscator), run.config.data.image_size, shape, dtype, shard_size)
 
     out = Path(out)

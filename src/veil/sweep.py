@@ -24,32 +24,33 @@ feature map per image (for the noise defence: one noise draw, fixed).
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import json
+import shutil
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
+import yaml
+
 from veil import config as config_mod
+from veil.attack import AttackConfig, attack, resolve_settings, result_settings
+from veil.classify import HeadConfig, train_classifier
 from veil.config import ConfigError
-from veil.defences import DEFENCES, get_defence, point_symbol, strength_label, strength_overrides
-from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from veil.defences import DEFENCES, get_defence, strength_overrides
+from veil.frontier import frontier_rows, write_frontier
+from veil.io import atomic_write_json
+from veil.store import obfuscate
+from veil.sweepdir import CEILINGS_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
+from veil.train import train
 
-SWEEP_FILE = "sweep.json"
-CEILINGS_FILE = "ceilings.json"  # the undefended attacks, one per distinct undefended obfuscator
-STORE_CLASSIFIER = "store-classifier"  # in each run: the classifier trained on its stored features
+SWEEP_MAY_CHANGE = ("device", "progress")  # how a run executes, not what it trains: a resumed point may differ in these
 
-
-@dataclass(frozen=True)
-class Point:
-    defence: str
-    strength: float
-    name: str  # the run directory inside the sweep directory
-
-
-def point_name(defence: str, strength: float) -> str:
-    return f"{get_defence(defence).strength_label}-{strength:g}"
+def sweepable() -> list[str]:
+    """The defences with a strength to sweep (in the registry's order)."""
+    return [name for name, d in DEFENCES.items() if d.strength_key]
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -72,13 +73,6 @@ def parse_strengths(text: str) -> list[float]:
 
 def parse_attack_settings(items: list[str]) -> dict:
     """['max_epochs=5', 'whitebox=false'] -> {'max_epochs': 5, 'whitebox': False}, typed as AttackConfig's fields."""
-    import dataclasses
-    import typing
-
-    import yaml
-
-    from veil.attack import AttackConfig
-
     hints = typing.get_type_hints(AttackConfig)
     names = [f.name for f in dataclasses.fields(AttackConfig)]
     out = {}
@@ -94,43 +88,15 @@ def parse_attack_settings(items: list[str]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- sweep file
-
-
-def read_sweep(sweep_dir: Path) -> dict:
-    path = Path(sweep_dir) / SWEEP_FILE
-    try:
-        data = json.loads(path.read_text())
-        points = [Point(p["defence"], float(p["strength"]), p["name"]) for p in data["points"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable sweep file ({type(e).__name__}: {e})") from None
-    data["points"] = points
-    return data
-
-
-def sweep_runs(sweep_dir: Path) -> list[Path]:
-    """The run directories of a sweep that exist, in the sweep's order."""
-    return [Path(sweep_dir) / p.name for p in read_sweep(sweep_dir)["points"] if (Path(sweep_dir) / p.name / "config.yaml").is_file()]
+# ----------------------------------------------------------------------------- an existing run
 
 
 def check_same_config(run_dir: Path, cfg: config_mod.Config) -> None:
     """A run directory resumed by the sweep must have been made from the same config."""
     existing = config_mod.load(run_dir / "config.yaml")
-    allowed = {"device", "progress"}  # how a run executes, not what it trains
-    differ = []
-    for key in config_mod.valid_keys():
-        a, b = _get(existing, key), _get(cfg, key)
-        if key not in allowed and a != b:
-            differ.append(f"{key}: run has {a!r}, sweep asks {b!r}")
+    differ = config_mod.changed_keys(config_mod.to_dict(existing), config_mod.to_dict(cfg), SWEEP_MAY_CHANGE)
     if differ:
-        raise ConfigError(f"{run_dir} was trained with another config ({'; '.join(differ)}); use another --out or remove that run")
-
-
-def _get(cfg: config_mod.Config, dotted: str) -> object:
-    obj: object = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+        raise ConfigError(f"{run_dir} was trained with another config (run -> sweep: {'; '.join(differ)}); use another --out or remove that run")
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -139,8 +105,6 @@ def _get(cfg: config_mod.Config, dotted: str) -> object:
 def harness_attack(settings: dict, log, ceilings: Path | None = None) -> Callable[[Path], None]:  # noqa: ANN001
     """`veil attack` with the given settings (AttackConfig field -> value), checked before any training.
     With `ceilings`, runs that share their undefended obfuscator share its attack (see veil.attack.attack)."""
-    from veil.attack import attack, resolve_settings
-
     resolved = resolve_settings(settings)
     return lambda run_dir: attack(run_dir, resolved, log, ceilings=ceilings)
 
@@ -152,29 +116,18 @@ def attacked_with(run_dir: Path, settings: dict | None) -> bool:
         return False
     if settings is None:
         return True
-    import dataclasses
-
-    from veil.attack import NOT_RESULTS, resolve_settings
-
-    wanted = {k: v for k, v in dataclasses.asdict(resolve_settings(settings)).items() if k not in NOT_RESULTS}
+    wanted = result_settings(resolve_settings(settings))
     try:
         saved = json.loads(path.read_text()).get("settings", {})
     except json.JSONDecodeError:
         return False
-    return {k: v for k, v in saved.items() if k not in NOT_RESULTS} == wanted
+    return result_settings(saved) == wanted
 
 
 def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: ANN001
     """Store the run's defender and test images as features, train a classifier from scratch on the
     first for `epochs` epochs, and score it on the second: RUN_DIR/store-classifier/summary.json.
     The stores are temporary (rebuilt by a rerun); the classifier and its metrics are kept."""
-    import shutil
-
-    import torch
-
-    from veil.classify import HeadConfig, train_classifier
-    from veil.store import obfuscate
-
     cfg = config_mod.load(run_dir / "config.yaml")
     out, stores = run_dir / STORE_CLASSIFIER, run_dir / (STORE_CLASSIFIER + "-stores")
     shutil.rmtree(out, ignore_errors=True)  # an interrupted one starts again
@@ -212,14 +165,12 @@ def sweep(
     `attack` replaces the harness by any function that writes RUN_DIR/attack/attack.json.
     `store_epochs` > 0 also trains a classifier on each point's stored features (store_classifier).
     """
-    from veil.train import train
-
     if store_epochs < 0:
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
     out = Path(out)
     d = get_defence(defence)
     if not d.strength_key:
-        raise ConfigError(f"--defence {defence} has no strength to sweep; valid: {', '.join(n for n, x in DEFENCES.items() if x.strength_key)}")
+        raise ConfigError(f"--defence {defence} has no strength to sweep; valid: {', '.join(sweepable())}")
     overrides = list(overrides or [])
     asked = [Point(defence, s, point_name(defence, s)) for s in strengths]
     settings = None if attack else dict(attack_settings or {})
@@ -261,129 +212,3 @@ def sweep(
     write_frontier(out, rows)
     log(f"veil sweep: wrote {out / 'frontier.csv'}" + (f" and {out / 'frontier.png'}" if (out / "frontier.png").is_file() else ""))
     return rows
-
-
-# ----------------------------------------------------------------------------- the frontier
-
-
-def frontier_rows(sweep_dir: Path) -> list[dict]:
-    """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification."""
-    from veil.report import read_attack, strongest
-
-    rows = []
-    for p in read_sweep(sweep_dir)["points"]:
-        run_dir = Path(sweep_dir) / p.name
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-        attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
-        store_summary = run_dir / STORE_CLASSIFIER / "summary.json"
-        row = {
-            "name": p.name, "defence": p.defence, "strength": p.strength,
-            "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
-            "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
-            "psnr": None, "psnr_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
-            "floor_psnr": None, "undefended_psnr": None,
-        }
-        if attack and attack["defended"]:
-            row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
-            row["reid_attacker"], row["reid_top1"] = strongest(attack["defended"], "reid_top1")
-            row["n_candidates"] = attack["defended"][row["reid_attacker"]]["n_candidates"]
-            row["floor_psnr"] = attack["floor"]["psnr"]
-            top = strongest(attack["undefended"], "psnr_mean")
-            row["undefended_psnr"] = top[1] if top else None
-        rows.append(row)
-    mark_dominated(rows)
-    return rows
-
-
-def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
-    """Set each row's `dominated_by`: the attacked points at least as accurate and at most as
-    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier.
-    `store_dominated_by`: the same with the store classifier's accuracy."""
-    for key, field in (("test_accuracy", "dominated_by"), ("store_accuracy", "store_dominated_by")):
-        measured = [r for r in rows if r["psnr"] is not None and r.get(key) is not None]
-        ids = {id(r) for r in measured}
-        for r in rows:
-            r[field] = [
-                label(o) for o in measured
-                if id(r) in ids and o is not r and o[key] >= r[key] and o["psnr"] <= r["psnr"]
-                and (o[key] > r[key] or o["psnr"] < r["psnr"])
-            ]
-
-
-def frontier_table(rows: list[dict]) -> list[list[str]]:
-    """Header and rows as text, for frontier.csv readers and the report."""
-    from veil.report import ATTACKER_NAMES, db, pct
-
-    def who(name: str | None) -> str:
-        return f" ({ATTACKER_NAMES.get(name, name)})" if name else ""
-
-    def dominated(r: dict, field: str, key: str) -> str:
-        return ", ".join(r.get(field) or []) or ("none" if r["psnr"] is not None and r.get(key) is not None else "n/a")
-
-    stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
-    out = [["defence", "strength", "in-run test accuracy" if stored else "test accuracy"] + (["store classifier accuracy"] if stored else [])
-           + ["strongest attacker PSNR (dB)", "re-identification top-1", "chance", "constant-image floor (dB)",
-              "undefended attacker PSNR (dB)", "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
-    for r in rows:
-        out.append(
-            [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}",
-             pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
-            + [db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
-               pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
-               dominated(r, "dominated_by", "test_accuracy")]
-            + ([dominated(r, "store_dominated_by", "store_accuracy")] if stored else []))
-    return out
-
-
-def plot_frontier(rows: list[dict]) -> bytes:
-    """Accuracy (%) against the strongest attacker's PSNR (dB) and re-identification rate (%): solid lines
-    for the in-run classifier, dotted with hollow markers for the store classifier where there is one."""
-    from veil.report import line_style, new_figure, png_bytes
-
-    fig = new_figure(10.0, 4.2)
-    left, right = fig.subplots(1, 2, sharey=True)
-    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
-    for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in done)):  # one line per defence (and sweep)
-        pts = sorted((r for r in done if r.get("line", r["defence"]) == line), key=lambda r: r["strength"])
-        sym = point_symbol(pts[0]["defence"])
-        for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):
-            xs, ys = [scale * r[key] for r in pts], [100 * r["test_accuracy"] for r in pts]
-            ax.plot(xs, ys, label=line, markersize=7, linewidth=1.6, **line_style(i))
-            for x, y, r in zip(xs, ys, pts):
-                ax.annotate(f"{sym}={r['strength']:g}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
-            stored = [(scale * r[key], 100 * r["store_accuracy"]) for r in pts if r.get("store_accuracy") is not None]
-            if stored:  # the same points, with a classifier trained on their stored features: hollow markers, dotted
-                style = dict(line_style(i), linestyle=":", markerfacecolor="none")
-                ax.plot(*zip(*stored), label=f"{line}, store classifier", markersize=7, linewidth=1.2, **style)
-    floors = {r["floor_psnr"] for r in done}
-    for j, f in enumerate(sorted(floors)):
-        left.axvline(f, color="#555555", linestyle=":", linewidth=1.2, label="constant-image floor" if j == 0 else None)
-    ceilings = [r["undefended_psnr"] for r in done if r["undefended_psnr"] is not None]
-    if ceilings:
-        left.axvline(max(ceilings), color="#555555", linestyle="--", linewidth=1.2, label="undefended (best attacker)")
-    chances = {r["n_candidates"] for r in done}
-    for j, n in enumerate(sorted(chances)):
-        right.axvline(100 / n, color="#555555", linestyle=":", linewidth=1.2, label="chance (1/N)" if j == 0 else None)
-    base = [r["pretrain_test_accuracy"] for r in done if r["pretrain_test_accuracy"] is not None]
-    for ax in (left, right):
-        if base:
-            ax.axhline(100 * base[0], color="#888888", linestyle="-.", linewidth=1.0, label="pretrained baseline")
-        ax.margins(x=0.12, y=0.08)  # room for the point labels
-        ax.grid(True, color="#cccccc", linewidth=0.6)
-        ax.legend(fontsize=8)
-    left.set_xlabel("strongest attacker's PSNR on users' images (dB)")
-    right.set_xlabel("strongest attacker's re-identification top-1 (%)")
-    left.set_ylabel("test accuracy (%)")
-    return png_bytes(fig)
-
-
-def write_frontier(sweep_dir: Path, rows: list[dict]) -> None:
-    sweep_dir = Path(sweep_dir)
-    atomic_write_json(sweep_dir / "frontier.json", rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(sweep_dir / "frontier.csv", buf.getvalue())
-    if any(r["psnr"] is not None and r["test_accuracy"] is not None for r in rows):
-        atomic_write_bytes(sweep_dir / "frontier.png", plot_frontier(rows))

@@ -58,7 +58,9 @@ from veil.defences import (
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks, client_cost, feature_shape
+from veil.progress import progress_bar
 from veil.runtime import Runtime
+from veil.version import __version__
 
 
 class TrainingError(RuntimeError):
@@ -327,7 +329,7 @@ def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_r
 
 
 @torch.no_grad()
-def obfuscate(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
+def feature_maps(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
     """f(I) for uint8 images N x C x H x W, batch by batch in eval mode: N x 128w x H/4 x W/4 float32."""
     rt = rt or Runtime(images.device)
     mode = obfuscator.training
@@ -368,12 +370,6 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:  # noqa: ANN002
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 def tensorboard_writer_class():  # noqa: ANN201
@@ -497,7 +493,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + index)
             desc = f"{step.phase} r{step.round} e{step.epoch}"
             start = time.perf_counter()
-            with _progress(steps_per_epoch, desc, cfg.progress and rt.is_main) as bar, _on_nonfinite(run_dir, index, len(steps)):
+            with progress_bar(steps_per_epoch, desc, cfg.progress and rt.is_main) as bar, _on_nonfinite(run_dir, index, len(steps)):
                 if step.phase == PRETRAIN:
                     lr_factor = pretrain_lr_factor(cfg.train.pretrain_schedule, step.epoch, n_pretrain, steps_per_epoch)
                     record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, None, lr_factor, bar, rt)
@@ -577,8 +573,6 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
 
     final = metrics[-1] if metrics else {}
     pre, warm, refit = last(PRETRAIN), last(WARMUP), last(FINAL)
-    from veil import __version__
-
     return {
         "pretrain_test_accuracy": pre.get("test_accuracy"),
         "undefended_test_psnr": warm.get("test_psnr"),

@@ -1,0 +1,148 @@
+"""The attack's results as files: attack.json/.csv/.md and one PNG per attacker; the Table 3 matrix as CSV and Markdown.
+
+    RUN_DIR/attack/attack.json    every number, the settings, seed and versions (read back by results.read_attack)
+    RUN_DIR/attack/attack.csv     one row per (obfuscator, attacker), the floor first
+    RUN_DIR/attack/attack.md      the side-by-side table: defended | undefended, floor and chance
+    RUN_DIR/attack/<attacker>.png users' images above their reconstructions, with PSNR
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from veil.metrics import psnr
+from veil.plots import plot_image_rows
+from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
+
+
+def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
+    atomic_write_json(out / "attack.json", result)
+    atomic_write_text(out / "attack.csv", to_csv(result))
+    atomic_write_text(out / "attack.md", to_markdown(result))
+    names = list(dict.fromkeys(name for rows in figures.values() for name in rows))
+    for name in names:
+        rows = {which: figures[which][name] for which in OBFUSCATORS if name in figures.get(which, {})}
+        plot_attacker(out / f"{name}.png", originals, rows, name)
+
+
+CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor")
+
+
+def to_csv(result: dict) -> str:
+    floor = result[FLOOR]
+    lines = [",".join(CSV_FIELDS)]
+
+    def row(which: str, name: str, r: dict) -> str:
+        values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
+        return ",".join(values)
+
+    lines.append(row(FLOOR, "mean_image", floor))
+    for which in OBFUSCATORS:
+        for name, r in result.get(which, {}).items():
+            lines.append(row(which, name, r))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(r: dict | None, floor: float) -> list[str]:
+    if not r:
+        return ["n/a"] * 4
+    flag = " (!)" if r["psnr_mean"] < floor else ""
+    return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}", f"{r['reid_top5']:.1%}"]
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side table: floor, then each attacker, defended | undefended."""
+    floor = result[FLOOR]
+    header = ["attacker", "defended PSNR (dB)", "SSIM", "top-1", "top-5", "undefended PSNR (dB)", "SSIM", "top-1", "top-5"]
+    floor_cells = _cell(floor, -math.inf)
+    rows = [["floor: mean image", *floor_cells, *floor_cells]]
+    names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
+    for name in names:
+        label = name
+        if name == WHITEBOX:
+            r = result.get("defended", {}).get(name) or result.get("undefended", {}).get(name)
+            label = f"whitebox ({r['n_images']} images)"
+        rows.append([label, *_cell(result.get("defended", {}).get(name), floor["psnr"]), *_cell(result.get("undefended", {}).get(name), floor["psnr"])])
+    return header, rows
+
+
+def _notes(result: dict) -> list[str]:
+    chance = result["chance"]
+    notes = [
+        f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
+        f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
+    ]
+    if result.get("undefended_from"):
+        notes.append(f"Undefended columns: reused from the attack of {result['undefended_from']} (the same undefended obfuscator, data and settings).")
+    if result["under_trained"]:
+        notes.append(
+            "(!) PSNR below the constant-image floor: " + ", ".join(result["under_trained"]) + ". That attacker was under-trained; "
+            "its number is not evidence of privacy."
+        )
+    return notes
+
+
+def to_markdown(result: dict) -> str:
+    header, rows = table_rows(result)
+    s = result["settings"]
+    lines = [
+        f"# Chosen Image Attack: {result['run']}",
+        "",
+        f"{result['dataset']}, training reconstructor {result['training_reconstructor']}, lambda {result['lambda_privacy']}. "
+        f"Attackers trained from scratch on {result['n_attacker_train']} attacker images ({result['n_attacker_val']} more held out "
+        f"for early stopping: at most {s['max_epochs']} epochs, patience {s['patience']}, augmentation {'on' if s['augment'] else 'off'}), "
+        f"width {result['attacker_width']}; scored on {result['n_users']} users' images (PSNR mean ± std over images).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + _notes(result)
+    lines += [
+        "",
+        f"Seed {result['seed']}, {result['device']} ({result['torch_threads']} threads), torch {result['torch_version']}, veil {result['veil_version']}, "
+        f"{result['date']}, {result['seconds']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_table(result: dict) -> str:
+    """The side-by-side table for the terminal."""
+    header, rows = table_rows(result)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), *[fmt(r) for r in rows], "", *_notes(result)])
+
+
+def matrix_csv(matrix: dict) -> str:
+    lines = ["attack," + ",".join(f'"{c}"' for c in matrix["columns"])]
+    for row in matrix["rows"]:
+        lines.append(row + "," + ",".join(f"{matrix['psnr'][row][c]:.6g}" for c in matrix["columns"]))
+    lines.append("floor," + ",".join(f"{matrix['floor'][c]:.6g}" for c in matrix["columns"]))
+    return "\n".join(lines) + "\n"
+
+
+def matrix_markdown(matrix: dict) -> str:
+    cols = matrix["columns"]
+    lines = [
+        "# Attack x training reconstructor: users' PSNR (dB) against the defended obfuscator",
+        "",
+        "| attack \\ training | " + " | ".join(f"{c}, lambda {matrix['lambda_privacy'][c]}" for c in cols) + " |",
+        "| --- | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for row in matrix["rows"]:
+        cells = [f"{matrix['psnr'][row][c]:.2f}" + (" (!)" if matrix["psnr"][row][c] < matrix["floor"][c] else "") for c in cols]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| floor: mean image | " + " | ".join(f"{matrix['floor'][c]:.2f}" for c in cols) + " |")
+    lines += ["", "(!) below the constant-image floor: an under-trained attacker, not privacy.", "Runs: " + ", ".join(matrix["runs"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_attacker(path: Path, originals: torch.Tensor, rows: dict[str, torch.Tensor], name: str) -> None:
+    """Originals above each obfuscator's reconstructions, with each reconstruction's PSNR."""
+    grid = [("original", originals, None)] + [(which, images, psnr(originals[: len(images)], images).tolist()) for which, images in rows.items()]
+    atomic_write_bytes(path, plot_image_rows(grid, f"{name}: users' images (top) and their reconstructions, with PSNR"))

@@ -1,0 +1,140 @@
+"""The utility-privacy frontier of a sweep directory: one row per point, dominance, table and plot.
+
+    DIR/frontier.csv/.json  test accuracy against the strongest attacker's PSNR and re-identification
+    DIR/frontier.png        the same as a plot
+
+Written by `veil sweep` at the end of a sweep and drawn again by `veil report` (one sweep, or
+several overlaid). A point is dominated when another is at least as accurate and at most as
+reconstructable, better in one of the two.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from veil.defences import point_symbol, strength_label
+from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from veil.plots import line_style, new_figure, png_bytes
+from veil.results import ATTACKER_NAMES, db, pct, read_attack, strongest
+from veil.sweepdir import STORE_CLASSIFIER, read_sweep
+
+
+def frontier_rows(sweep_dir: Path) -> list[dict]:
+    """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification."""
+    rows = []
+    for p in read_sweep(sweep_dir)["points"]:
+        run_dir = Path(sweep_dir) / p.name
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
+        store_summary = run_dir / STORE_CLASSIFIER / "summary.json"
+        row = {
+            "name": p.name, "defence": p.defence, "strength": p.strength,
+            "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
+            "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
+            "psnr": None, "psnr_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
+            "floor_psnr": None, "undefended_psnr": None,
+        }
+        if attack and attack["defended"]:
+            row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
+            row["reid_attacker"], row["reid_top1"] = strongest(attack["defended"], "reid_top1")
+            row["n_candidates"] = attack["defended"][row["reid_attacker"]]["n_candidates"]
+            row["floor_psnr"] = attack["floor"]["psnr"]
+            top = strongest(attack["undefended"], "psnr_mean")
+            row["undefended_psnr"] = top[1] if top else None
+        rows.append(row)
+    mark_dominated(rows)
+    return rows
+
+
+def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
+    """Set each row's `dominated_by`: the attacked points at least as accurate and at most as
+    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier.
+    `store_dominated_by`: the same with the store classifier's accuracy."""
+    for key, field in (("test_accuracy", "dominated_by"), ("store_accuracy", "store_dominated_by")):
+        measured = [r for r in rows if r["psnr"] is not None and r.get(key) is not None]
+        ids = {id(r) for r in measured}
+        for r in rows:
+            r[field] = [
+                label(o) for o in measured
+                if id(r) in ids and o is not r and o[key] >= r[key] and o["psnr"] <= r["psnr"]
+                and (o[key] > r[key] or o["psnr"] < r["psnr"])
+            ]
+
+
+def frontier_table(rows: list[dict]) -> list[list[str]]:
+    """Header and rows as text, for frontier.csv readers and the report."""
+    def who(name: str | None) -> str:
+        return f" ({ATTACKER_NAMES.get(name, name)})" if name else ""
+
+    def dominated(r: dict, field: str, key: str) -> str:
+        return ", ".join(r.get(field) or []) or ("none" if r["psnr"] is not None and r.get(key) is not None else "n/a")
+
+    stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
+    out = [["defence", "strength", "in-run test accuracy" if stored else "test accuracy"] + (["store classifier accuracy"] if stored else [])
+           + ["strongest attacker PSNR (dB)", "re-identification top-1", "chance", "constant-image floor (dB)",
+              "undefended attacker PSNR (dB)", "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
+    for r in rows:
+        out.append(
+            [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}",
+             pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
+            + [db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
+               pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
+               dominated(r, "dominated_by", "test_accuracy")]
+            + ([dominated(r, "store_dominated_by", "store_accuracy")] if stored else []))
+    return out
+
+
+def plot_frontier(rows: list[dict]) -> bytes:
+    """Accuracy (%) against the strongest attacker's PSNR (dB) and re-identification rate (%): solid lines
+    for the in-run classifier, dotted with hollow markers for the store classifier where there is one."""
+    fig = new_figure(10.0, 4.2)
+    left, right = fig.subplots(1, 2, sharey=True)
+    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
+    for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in done)):  # one line per defence (and sweep)
+        pts = sorted((r for r in done if r.get("line", r["defence"]) == line), key=lambda r: r["strength"])
+        sym = point_symbol(pts[0]["defence"])
+        for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):
+            xs, ys = [scale * r[key] for r in pts], [100 * r["test_accuracy"] for r in pts]
+            ax.plot(xs, ys, label=line, markersize=7, linewidth=1.6, **line_style(i))
+            for x, y, r in zip(xs, ys, pts):
+                ax.annotate(f"{sym}={r['strength']:g}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+            stored = [(scale * r[key], 100 * r["store_accuracy"]) for r in pts if r.get("store_accuracy") is not None]
+            if stored:  # the same points, with a classifier trained on their stored features: hollow markers, dotted
+                style = dict(line_style(i), linestyle=":", markerfacecolor="none")
+                ax.plot(*zip(*stored), label=f"{line}, store classifier", markersize=7, linewidth=1.2, **style)
+    floors = {r["floor_psnr"] for r in done}
+    for j, f in enumerate(sorted(floors)):
+        left.axvline(f, color="#555555", linestyle=":", linewidth=1.2, label="constant-image floor" if j == 0 else None)
+    ceilings = [r["undefended_psnr"] for r in done if r["undefended_psnr"] is not None]
+    if ceilings:
+        left.axvline(max(ceilings), color="#555555", linestyle="--", linewidth=1.2, label="undefended (best attacker)")
+    chances = {r["n_candidates"] for r in done}
+    for j, n in enumerate(sorted(chances)):
+        right.axvline(100 / n, color="#555555", linestyle=":", linewidth=1.2, label="chance (1/N)" if j == 0 else None)
+    base = [r["pretrain_test_accuracy"] for r in done if r["pretrain_test_accuracy"] is not None]
+    for ax in (left, right):
+        if base:
+            ax.axhline(100 * base[0], color="#888888", linestyle="-.", linewidth=1.0, label="pretrained baseline")
+        ax.margins(x=0.12, y=0.08)  # room for the point labels
+        ax.grid(True, color="#cccccc", linewidth=0.6)
+        ax.legend(fontsize=8)
+    left.set_xlabel("strongest attacker's PSNR on users' images (dB)")
+    right.set_xlabel("strongest attacker's re-identification top-1 (%)")
+    left.set_ylabel("test accuracy (%)")
+    return png_bytes(fig)
+
+
+def write_frontier(sweep_dir: Path, rows: list[dict]) -> None:
+    sweep_dir = Path(sweep_dir)
+    atomic_write_json(sweep_dir / "frontier.json", rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "frontier.csv", buf.getvalue())
+    if any(r["psnr"] is not None and r["test_accuracy"] is not None for r in rows):
+        atomic_write_bytes(sweep_dir / "frontier.png", plot_frontier(rows))
