@@ -175,3 +175,23 @@ def test_sweep_trains_a_classifier_on_each_points_stored_features(tmp_path, monk
     assert json.loads((run / "store-classifier" / "summary.json").read_text())["epochs"] == 1
     with pytest.raises(ConfigError, match="--store-classifier must be >= 0"):
         sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, store_epochs=-1, **QUIET)
+
+
+def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(tmp_path):
+    from veil.frontier import frontier_table
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_mod.to_yaml(tiny_cfg(make_tiny_npz(tmp_path / "tiny.npz"))))
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match="--defence none has no strength: it is one point, give --lambdas 0"):
+        sweep(config, [0.0, 1.0], out, defence="none", attack_settings=TINY_ATTACK, **QUIET)
+    overrides = ["model.bottleneck=orthogonal", "model.bottleneck_channels=3", "model.feature_bits=2"]
+    (row,) = sweep(config, [0.0], out, overrides, defence="none", attack_settings=TINY_ATTACK, **QUIET)
+    summary = json.loads((out / "none" / "summary.json").read_text())
+    assert row["name"] == "none" and row["cut"] == "split 2, orthogonal k=3, 2 bits"
+    assert row["bytes_per_item"] == 3 * 8 * 8 * 2 // 8 == summary["features"]["bytes_per_item"]
+    assert row["client_mflops"] == summary["client"]["mflops"] > 0
+    attack = json.loads((out / "none" / "attack" / "attack.json").read_text())
+    assert row["ssim"] == max(r["ssim_mean"] for r in attack["defended"].values())
+    header, cells = frontier_table([row])
+    assert dict(zip(header, cells))["bytes / stored image"] == "48" and dict(zip(header, cells))["strength"] == ""

@@ -16,7 +16,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from veil.defences import point_symbol, strength_label
+from veil import config as config_mod
+from veil.defences import DEFENCES, point_symbol, strength_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.plots import line_style, new_figure, png_bytes
 from veil.results import ATTACKER_NAMES, db, pct, read_attack, strongest
@@ -31,15 +32,19 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
         store_summary = run_dir / STORE_CLASSIFIER / "summary.json"
+        cut = cut_label(config_mod.load(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else None
+        client, features = summary.get("client", {}), summary.get("features", {})
         row = {
             "name": p.name, "defence": p.defence, "strength": p.strength,
             "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
             "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
-            "psnr": None, "psnr_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
-            "floor_psnr": None, "undefended_psnr": None,
+            "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
+            "floor_psnr": None, "undefended_psnr": None, "cut": cut,
+            "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": features.get("bytes_per_item"),
         }
         if attack and attack["defended"]:
             row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
+            row["ssim_attacker"], row["ssim"] = strongest(attack["defended"], "ssim_mean")
             row["reid_attacker"], row["reid_top1"] = strongest(attack["defended"], "reid_top1")
             row["n_candidates"] = attack["defended"][row["reid_attacker"]]["n_candidates"]
             row["floor_psnr"] = attack["floor"]["psnr"]
@@ -48,6 +53,13 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         rows.append(row)
     mark_dominated(rows)
     return rows
+
+
+def cut_label(cfg: config_mod.Config) -> str:
+    """Where f is cut and what leaves it: 'split 2', 'split 4, learned k=8, 4 bits'."""
+    m = cfg.model
+    parts = [f"split {m.split}"] + ([f"{m.bottleneck} k={m.bottleneck_channels}"] if m.bottleneck != "none" else [])
+    return ", ".join(parts + ([f"{m.feature_bits} bits"] if m.feature_bits else []))
 
 
 def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
@@ -75,14 +87,18 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
 
     stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
     out = [["defence", "strength", "in-run test accuracy" if stored else "test accuracy"] + (["store classifier accuracy"] if stored else [])
-           + ["strongest attacker PSNR (dB)", "re-identification top-1", "chance", "constant-image floor (dB)",
-              "undefended attacker PSNR (dB)", "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
+           + ["strongest attacker PSNR (dB)", "strongest SSIM", "re-identification top-1", "chance", "constant-image floor (dB)",
+              "undefended attacker PSNR (dB)", "cut", "client MFLOPs / image", "bytes / stored image",
+              "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
     for r in rows:
         out.append(
-            [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}",
+            [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}" if r["defence"] not in DEFENCES or DEFENCES[r["defence"]].strength_key else "",
              pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
-            + [db(r["psnr"]) + who(r["psnr_attacker"]), pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
+            + [db(r["psnr"]) + who(r["psnr_attacker"]), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
+               pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
                pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
+               r.get("cut") or "n/a", f"{r['client_mflops']:.1f}" if r.get("client_mflops") is not None else "n/a",
+               f"{r['bytes_per_item']:,}" if r.get("bytes_per_item") is not None else "n/a",
                dominated(r, "dominated_by", "test_accuracy")]
             + ([dominated(r, "store_dominated_by", "store_accuracy")] if stored else []))
     return out
@@ -101,7 +117,7 @@ def plot_frontier(rows: list[dict]) -> bytes:
             xs, ys = [scale * r[key] for r in pts], [100 * r["test_accuracy"] for r in pts]
             ax.plot(xs, ys, label=line, markersize=7, linewidth=1.6, **line_style(i))
             for x, y, r in zip(xs, ys, pts):
-                ax.annotate(f"{sym}={r['strength']:g}", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+                ax.annotate(f"{sym}={r['strength']:g}" if sym else r["defence"], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
             stored = [(scale * r[key], 100 * r["store_accuracy"]) for r in pts if r.get("store_accuracy") is not None]
             if stored:  # the same points, with a classifier trained on their stored features: hollow markers, dotted
                 style = dict(line_style(i), linestyle=":", markerfacecolor="none")

@@ -49,8 +49,8 @@ from veil.train import train
 SWEEP_MAY_CHANGE = ("device", "progress")  # how a run executes, not what it trains: a resumed point may differ in these
 
 def sweepable() -> list[str]:
-    """The defences with a strength to sweep (in the registry's order)."""
-    return [name for name, d in DEFENCES.items() if d.strength_key]
+    """Every defence of the registry; one without a strength (none) is one point, swept at --lambdas 0."""
+    return list(DEFENCES)
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -169,8 +169,8 @@ def sweep(
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
     out = Path(out)
     d = get_defence(defence)
-    if not d.strength_key:
-        raise ConfigError(f"--defence {defence} has no strength to sweep; valid: {', '.join(sweepable())}")
+    if not d.strength_key and strengths != [0.0]:
+        raise ConfigError(f"--defence {defence} has no strength: it is one point, give --lambdas 0")
     overrides = list(overrides or [])
     asked = [Point(defence, s, point_name(defence, s)) for s in strengths]
     settings = None if attack else dict(attack_settings or {})

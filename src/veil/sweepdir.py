@@ -30,7 +30,9 @@ class Point:
 
 
 def point_name(defence: str, strength: float) -> str:
-    return f"{get_defence(defence).strength_label}-{strength:g}"
+    """'lambda-0.1'; a defence without a strength is one point named after it ('none')."""
+    d = get_defence(defence)
+    return f"{d.strength_label}-{strength:g}" if d.strength_key else d.name
 
 
 def read_sweep(sweep_dir: Path) -> dict:

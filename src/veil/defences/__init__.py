@@ -61,9 +61,10 @@ def describe(cfg: object) -> str:
 
 
 def point_symbol(name: str) -> str:
-    """The strength's symbol for plot labels ('λ'), or its label, or 'strength' for an unknown defence."""
+    """The strength's symbol for plot labels ('λ'), or its label, or 'strength' for an unknown defence;
+    '' for a defence without a strength (none)."""
     d = DEFENCES.get(name)
-    return (d.symbol or d.strength_label) if d else "strength"
+    return ((d.symbol or d.strength_label) if d.strength_key else "") if d else "strength"
 
 
 def strength_label(name: str) -> str:
