@@ -405,3 +405,33 @@ def test_fingerprint_covers_the_noise_defence_sigma():
     before = fingerprint(f)
     set_noise(f, 0.5)  # a 0-d buffer: the stored features' noise level is part of the obfuscator
     assert fingerprint(f) != before
+
+
+def test_a_quantising_obfuscator_is_stored_as_its_codes_and_read_back_exactly(tiny, tmp_path):
+    """model.feature_bits=2 with a 3-channel bottleneck: one byte per code on disk, f's values when read,
+    and the store trains a classifier like any other."""
+    cfg = config_mod.from_dict({**config_mod.to_dict(tiny["cfg"]), "model": {**config_mod.to_dict(tiny["cfg"])["model"],
+                                "bottleneck": "learned", "bottleneck_channels": 3, "feature_bits": 2}})
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir, log=lambda *_: None)
+    run, test = load_run(run_dir), load_splits(cfg.data, cfg.seed).test
+    codes = tmp_path / "codes"
+    obfuscate(run_dir, "run:test", codes, device="cpu", progress=False, log=lambda *_: None)
+    floats = tmp_path / "floats"
+    obfuscate(run_dir, "run:test", floats, dtype="float16", device="cpu", progress=False, log=lambda *_: None)
+    m = verify(codes, fingerprint=fingerprint(run.obfuscator))
+    assert m["features"] == {"shape": [3, 8, 8], "dtype": "uint8", "bits": 2}
+    assert m["obfuscator"]["out_channels"] == 3 and m["obfuscator"]["feature_bits"] == 2
+    assert load_tensors(codes / m["shards"][0]["file"])["features"].max() <= 3  # codes 0..3
+    with torch.no_grad():
+        expected = run.obfuscator(to_float(test.images))
+    assert torch.equal(read_all(codes)["features"], expected)  # k / 3 exactly, back from the codes
+    assert not read_all(floats)["features"].float().equal(expected)  # float16 cannot hold 2/3 exactly; the codes can
+    bytes_codes = sum(s["bytes"] for s in m["shards"])
+    bytes_floats = sum(s["bytes"] for s in read_manifest(floats)["shards"])
+    assert bytes_codes < bytes_floats  # 192 feature bytes per item instead of 384
+    head = HeadConfig(head="vgg16", epochs=1, batch_size=16, device="cpu", progress=False)
+    train_store = tmp_path / "train"
+    obfuscate(run_dir, "run:defender", train_store, device="cpu", progress=False, log=lambda *_: None)
+    summary = train_classifier(train_store, tmp_path / "clf", head, test_store=codes, log=lambda *_: None)
+    assert 0 <= summary["final_test_accuracy"] <= 1 and summary["test_items"] == len(test)

@@ -189,9 +189,9 @@ def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(
     (row,) = sweep(config, [0.0], out, overrides, defence="none", attack_settings=TINY_ATTACK, **QUIET)
     summary = json.loads((out / "none" / "summary.json").read_text())
     assert row["name"] == "none" and row["cut"] == "split 2, orthogonal k=3, 2 bits"
-    assert row["bytes_per_item"] == 3 * 8 * 8 * 2 // 8 == summary["features"]["bytes_per_item"]
+    assert row["bytes_per_item"] == 3 * 8 * 8 == summary["features"]["bytes_per_item"]  # one byte per 2-bit code
     assert row["client_mflops"] == summary["client"]["mflops"] > 0
     attack = json.loads((out / "none" / "attack" / "attack.json").read_text())
     assert row["ssim"] == max(r["ssim_mean"] for r in attack["defended"].values())
     header, cells = frontier_table([row])
-    assert dict(zip(header, cells))["bytes / stored image"] == "48" and dict(zip(header, cells))["strength"] == ""
+    assert dict(zip(header, cells))["bytes / stored image"] == "192" and dict(zip(header, cells))["strength"] == ""

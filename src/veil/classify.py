@@ -42,7 +42,7 @@ from veil.version import __version__
 
 def vgg16_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
     """The paper's classifier g: the rest of VGG16-BN and its 512-512-classes head (veil.models.Classifier)."""
-    return init_xavier(Classifier(num_classes, width, split, dropout))
+    return init_xavier(Classifier(num_classes, width, split, dropout, channels))
 
 
 def small_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
@@ -117,7 +117,8 @@ def shard_groups(store: Path, manifest: dict, memory_mb: int, generator: torch.G
 
 
 def _dtype(manifest: dict) -> torch.dtype:
-    return DTYPES[manifest["features"]["dtype"]]
+    """The features' type once read (a quantised store's codes are read back as float32)."""
+    return torch.float32 if manifest["features"].get("bits") else DTYPES[manifest["features"]["dtype"]]
 
 
 def random_shift(features: torch.Tensor, cells: int, generator: torch.Generator) -> torch.Tensor:

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory whose obfuscator to use")
     p.add_argument("--data", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--out", required=True, metavar="STORE", help="store directory to create (or to finish, after an interruption)")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="how features are kept (default float16)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="how features are kept (default auto: a quantising obfuscator's integer codes, else float16)")
     p.add_argument("--shard-size", type=int, default=4096, help="items per shard file (default 4096); memory holds one shard")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
     p.add_argument("--name", default="", help="dataset name for the manifest (default: the named dataset, or 'npz'/'folder')")

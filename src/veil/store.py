@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.io import atomic_write_json, save_tensors, sha256_file
-from veil.models.obfuscator import feature_shape, fingerprint
+from veil.models.obfuscator import Quantise, feature_shape, fingerprint
 from veil.rundir import load_run
 from veil.train import resolve_device
 from veil.version import __version__
@@ -49,6 +49,18 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ID_BYTES = 16  # 128-bit random ids: opaque, and collisions are out of the question
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# A quantising obfuscator's (model.feature_bits) features are stored as their integer codes, b bits in
+# the smallest integer type that holds them; read_shard turns them back into the values f gave.
+CODES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
+
+
+def code_dtype(bits: int) -> str:
+    return "uint8" if bits <= 8 else "int16" if bits <= 15 else "int32"
+
+
+def quantised_bits(obfuscator: torch.nn.Module) -> int:
+    """b when the obfuscator's output is its quantiser's (every value k / (2^b - 1)), else 0 (e.g. noise after it)."""
+    return obfuscator[-1].bits if isinstance(obfuscator[-1], Quantise) else 0
 NAMED = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 SPLITS = ("all", "defender", "attacker", "test")
 SPEC_HELP = (
@@ -244,13 +256,16 @@ def read_shard(store: Path, manifest: dict, index: int) -> dict[str, torch.Tenso
         tensors = load(data)
     except (SafetensorError, ValueError) as e:
         raise StoreError(f"{path}: not a readable safetensors shard ({e})") from None
-    n, shape, dtype = entry["count"], tuple(manifest["features"]["shape"]), DTYPES.get(manifest["features"]["dtype"])
+    n, shape, dtype = entry["count"], tuple(manifest["features"]["shape"]), {**DTYPES, **CODES}.get(manifest["features"]["dtype"])
     expected = {"features": ((n, *shape), dtype), "labels": ((n,), torch.int64), "ids": ((n, ID_BYTES), torch.uint8)}
     for key, (want_shape, want_dtype) in expected.items():
         t = tensors.get(key)
         if t is None or tuple(t.shape) != want_shape or t.dtype != want_dtype:
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
             raise StoreError(f"{path}: '{key}' should be {want_shape} {want_dtype}, got {got}")
+    bits = manifest["features"].get("bits")
+    if bits:  # integer codes -> the values in [0, 1] the obfuscator gave
+        tensors["features"] = tensors["features"].float() / (2**bits - 1)
     return tensors
 
 
@@ -310,9 +325,11 @@ def _new_manifest(source: Source, obfuscator: torch.nn.Module, fingerprint: str,
             "width": obfuscator.width,
             "split": obfuscator.split,
             "image_size": image_size,
+            "out_channels": obfuscator.out_channels,
+            "feature_bits": obfuscator.bits,
         },
         "dataset": {"name": source.name, "split": source.split, "classes": list(source.classes)},
-        "features": {"shape": list(shape), "dtype": dtype},
+        "features": {"shape": list(shape), "dtype": dtype, **({"bits": obfuscator.bits} if dtype in CODES else {})},
         "shard_size": shard_size,
         "count": len(source),
         "labels_sha256": labels_digest(source.labels),
@@ -333,12 +350,13 @@ def _resume_point(store: Path, manifest: dict, log) -> int:  # noqa: ANN001
 
 
 def obfuscate(
-    run_dir: str | Path, data: str, out: str | Path, dtype: str = "float16", shard_size: int = 4096, batch_size: int = 500,
+    run_dir: str | Path, data: str, out: str | Path, dtype: str = "auto", shard_size: int = 4096, batch_size: int = 500,
     name: str = "", device: str = "auto", progress: bool = True, bench: bool = False, log=print,  # noqa: ANN001
 ) -> dict:
-    """Images -> a store of obfuscated features (resumes an interrupted store at `out`). Returns counts and timings."""
-    if dtype not in DTYPES:
-        raise StoreError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    """Images -> a store of obfuscated features (resumes an interrupted store at `out`). Returns counts and timings.
+    dtype auto: a quantising obfuscator's integer codes, else float16."""
+    if dtype not in ("auto", *DTYPES):
+        raise StoreError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got '{dtype}'")
     if shard_size < 1 or batch_size < 1:
         raise StoreError(f"--shard-size and --batch-size must be >= 1, got {shard_size} and {batch_size}")
     dev = resolve_device(device)
@@ -352,6 +370,9 @@ def obfuscate(
         raise DataError(f"--data {data}: images have {source.channels} channel(s), the obfuscator of {run_dir} takes {run.channels}")
     if len(source) == 0:
         raise DataError(f"--data {data}: no images")
+    bits = quantised_bits(run.obfuscator)
+    if dtype == "auto":
+        dtype = code_dtype(bits) if bits else "float16"
     m = run.config.model
     shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
     manifest = _new_manifest(source, run.obfuscator, fingerprint(run.obfuscator), run.config.data.image_size, shape, dtype, shard_size)
@@ -381,12 +402,16 @@ def obfuscate(
     with torch.inference_mode(), tqdm(total=len(source), initial=first * shard_size, desc="obfuscate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for index in range(first, n_shards):
             a, b = index * shard_size, min(len(source), (index + 1) * shard_size)
-            features = torch.empty((b - a, *shape), dtype=DTYPES[dtype])  # one shard, filled batch by batch
+            stored = {**DTYPES, **CODES}[dtype]
+            features = torch.empty((b - a, *shape), dtype=stored)  # one shard, filled batch by batch
             for s in range(a, b, batch_size):
                 e = min(b, s + batch_size)
                 out_batch = run.obfuscator(to_float(source.read(s, e).to(dev)))  # N x C x H x W
-                _check_representable(out_batch, dtype, data, s)
-                features[s - a : e - a] = out_batch.to(DTYPES[dtype]).cpu()
+                if dtype in CODES:
+                    out_batch = torch.round(out_batch * (2**bits - 1))  # the codes, exactly
+                else:
+                    _check_representable(out_batch, dtype, data, s)
+                features[s - a : e - a] = out_batch.to(stored).cpu()
                 bar.update(e - s)
             ids = torch.frombuffer(bytearray(secrets.token_bytes(ID_BYTES * (b - a))), dtype=torch.uint8).reshape(b - a, ID_BYTES)
             path = out / shard_name(index)

@@ -533,11 +533,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
 
 def costs(obfuscator: nn.Module, cfg: Config) -> dict:
     """What the client pays per image (MFLOPs, parameters) and what the store pays per item: the feature
-    map's shape and bits (float16, the store's default, unless model.feature_bits quantises it), packed bytes."""
+    map's shape and bits, and the bytes `veil obfuscate` writes for it by default (float16 values, or a
+    quantising obfuscator's integer codes: 1 byte each up to 8 bits), labels and ids aside."""
     c, h, w = feature_shape(obfuscator.in_channels, cfg.data.image_size, cfg.model.width, cfg.model.split, obfuscator.out_channels)
-    bits = cfg.model.feature_bits or 16
+    bits = cfg.model.feature_bits
+    item = 2 if not bits else 1 if bits <= 8 else 2 if bits <= 15 else 4
     return {"client": client_cost(obfuscator, cfg.data.image_size),
-            "features": {"shape": [c, h, w], "bits": bits, "bytes_per_item": math.ceil(c * h * w * bits / 8)}}
+            "features": {"shape": [c, h, w], "bits": bits or 16, "bytes_per_item": c * h * w * item}}
 
 
 @contextlib.contextmanager
