@@ -26,6 +26,7 @@ from veil.attack import (
 from veil.attack_tables import format_table, to_markdown
 from veil.cli import main
 from veil.config import ConfigError
+from veil.errors import AttackError
 from veil.data import read_npz, to_float, to_tensor_images
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
 from veil.train import feature_maps, train
@@ -158,6 +159,16 @@ def test_early_stopping_keeps_the_best_weights(demo_images):
         assert curve[-1]["val_psnr"] <= max(c["val_psnr"] for c in curve) + s.min_delta
     val = psnr(to_float(data.val), reconstruct(reconstructor, feature_maps(Unshuffle(), data.val, 500), 500)).mean().item()
     assert val == pytest.approx(max(c["val_psnr"] for c in curve), abs=1e-4)
+
+
+def test_an_attacker_never_finite_on_its_held_out_images_fails_naming_itself(demo_images, monkeypatch):
+    import veil.attack as attack_mod
+
+    s = small_settings(max_epochs=3, patience=5)
+    data = attack_data(demo_images[:100], demo_images[100:120], True, s)
+    monkeypatch.setattr(attack_mod, "reconstruct", lambda r, features, b: torch.full((len(features), 3, 32, 32), math.nan))
+    with pytest.raises(AttackError, match=r"attacker simrec: held-out PSNR was not finite in any of its 3 epochs; lower --lr"):
+        fit_attacker("simrec", Unshuffle(), data, s, 0.0625, 1, seed=0)
 
 
 def test_attack_data_is_disjoint_and_seeded(demo_images):

@@ -253,6 +253,8 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
             bar.set_postfix(epoch=epoch, val_psnr=f"{val:.2f}", best=f"{best:.2f}")
         if waited >= s.patience:
             break
+    if best_state is None:  # every held-out PSNR was NaN: no weights to keep
+        raise AttackError(f"attacker {name}: held-out PSNR was not finite in any of its {len(curve)} epochs; lower --lr")
     reconstructor.load_state_dict(best_state)
     return reconstructor.eval(), curve
 
