@@ -1,6 +1,7 @@
 """The attack harness must be able to succeed (a recoverable obfuscator) and to fail (a constant one),
 and its metrics must match hand-computed values."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -26,8 +27,9 @@ from veil.attack import (
 from veil.attack_tables import format_table, to_markdown
 from veil.cli import main
 from veil.config import ConfigError
-from veil.errors import AttackError
 from veil.data import read_npz, to_float, to_tensor_images
+from veil.defences import GaussianNoise
+from veil.errors import AttackError
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
 from veil.train import feature_maps, train
 from veil.whitebox import invert
@@ -171,6 +173,36 @@ def test_an_attacker_never_finite_on_its_held_out_images_fails_naming_itself(dem
         fit_attacker("simrec", Unshuffle(), data, s, 0.0625, 1, seed=0)
 
 
+class NoisySpy(nn.Module):
+    """Unshuffle, then Gaussian noise (a random f, as the noise defence's); records every feature map it
+    hands out for each image (keyed by the image's bytes)."""
+
+    def __init__(self, sigma: float = 0.1):
+        super().__init__()
+        self.noise = GaussianNoise(sigma)
+        self.seen: dict[int, set[int]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.noise(F.pixel_unshuffle(x, 2))
+        for image, features in zip(x, z):
+            self.seen.setdefault(hash(image.numpy().tobytes()), set()).add(hash(features.numpy().tobytes()))
+        return z
+
+
+def test_the_attacker_draws_a_random_obfuscator_afresh_for_every_batch(demo_images):
+    s = small_settings(max_epochs=2, patience=5, batch_size=30)
+    data = attack_data(demo_images[:100], demo_images[100:120], True, s)  # 90 training images: three whole batches
+    spy = NoisySpy()
+    fit_attacker("simrec", spy, data, s, 0.0625, 1, seed=0)
+    draws = [len(spy.seen[hash(to_float(image).numpy().tobytes())]) for image in data.train]
+    assert min(draws) == 2  # two epochs, a new noise draw each (not one draw stored once)
+    # Each fit is seeded: the same seed sees the same draws, another seed others.
+    again, other = NoisySpy(), NoisySpy()
+    fit_attacker("simrec", again, data, s, 0.0625, 1, seed=0)
+    fit_attacker("simrec", other, data, s, 0.0625, 1, seed=1)
+    assert again.seen == spy.seen and other.seen != spy.seen
+
+
 def test_attack_data_is_disjoint_and_seeded(demo_images):
     s = small_settings()
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
@@ -287,6 +319,24 @@ def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_pat
     assert matrix["psnr"]["simrec"][a] == pytest.approx(matrix["psnr"]["simrec"][b], abs=1e-4)
     assert (tmp_path / "table3" / "matrix.md").read_text().count("|") > 10
     assert (tmp_path / "table3" / "matrix.csv").read_text().splitlines()[0].startswith("attack,")
+
+
+def numbers(result: dict) -> dict:
+    """attack.json's numbers, less timings."""
+    drop = {"seconds", "date", "settings", "seed", "curve"}
+    return {k: numbers(v) if isinstance(v, dict) else v for k, v in result.items() if k not in drop}
+
+
+def test_attacks_of_a_noise_run_are_seeded_by_the_attack_seed(tiny_config, tmp_path):
+    tiny_config.train.defence, tiny_config.train.noise_sigma = "noise", 0.5
+    train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    s = resolve_settings({"attackers": "simrec", "max_epochs": 2, "batch_size": 16, "n_candidates": 10, "whitebox_images": 8,
+                          "whitebox_steps": 3, "n_show": 4, "progress": False, "undefended": False})
+    first = numbers(attack(tmp_path / "run", s, log=lambda *_: None))
+    torch.manual_seed(123)  # the global generator's state before an attack must not matter
+    assert numbers(attack(tmp_path / "run", s, log=lambda *_: None)) == first
+    other = numbers(attack(tmp_path / "run", resolve_settings({**dataclasses.asdict(s), "seed": 1}), log=lambda *_: None))
+    assert other["defended"]["simrec"]["psnr_mean"] != first["defended"]["simrec"]["psnr_mean"]
 
 
 def test_veil_attack_errors_are_one_line(tmp_path, capsys):

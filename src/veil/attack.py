@@ -78,7 +78,8 @@ class AttackConfig:
     eval_batch_size: int = 500
     """Images per forward pass when obfuscating, reconstructing and inverting."""
     augment: bool = False
-    """Random crop/flip on attacker batches (off: features are computed once, which is ~2x faster)."""
+    """Random crop/flip on attacker batches (off: features are computed once, which is ~2x faster; a random
+    obfuscator, e.g. the noise defence, is applied afresh to every batch either way)."""
     n_candidates: int = 100
     """Re-identification: candidates per reconstruction (the true user image and N-1 others at random)."""
     whitebox_images: int = 200
@@ -93,7 +94,7 @@ class AttackConfig:
     n_show: int = 8
     """Users' images shown in each attacker's PNG (the first ones of the test split)."""
     seed: int = 0
-    """Seed of the held-out split, attacker initialisation, batch order and candidate sets."""
+    """Seed of the held-out split, attacker initialisation, batch order, candidate sets and a random obfuscator's draws."""
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     progress: bool = True
@@ -161,7 +162,7 @@ def resolve_settings(overrides: dict) -> AttackConfig:
 
 def seed_for(seed: int, *names: str) -> int:
     """A stable seed per (seed, attacker): the same attacker starts alike against both obfuscators."""
-    return seed * 1_000_003 + zlib.crc32("/".join(names).encode()) % 1_000_003
+    return (seed * 1_000_003 + zlib.crc32("/".join(names).encode()) % 1_000_003) % 2**63  # within torch.manual_seed's range
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,6 +191,17 @@ def attack_data(attacker: torch.Tensor, users: torch.Tensor, natural: bool, s: A
     return AttackData(attacker[order[n_val:]], attacker[order[:n_val]], users, mean_image, natural)
 
 
+def is_random(obfuscator: nn.Module) -> bool:
+    """f draws noise on every call (a GaussianNoise layer that is on): each use of f is a new draw."""
+    return any(isinstance(m, GaussianNoise) and m.on for m in obfuscator.modules())
+
+
+def stored_features(obfuscator: nn.Module, users: torch.Tensor, s: AttackConfig, label: str) -> torch.Tensor:
+    """The users' stored feature maps f(users), N x C' x H' x W': one draw of a random f, seeded by the attack seed."""
+    torch.manual_seed(seed_for(s.seed, label, "users"))
+    return feature_maps(obfuscator, users, s.eval_batch_size)
+
+
 @torch.no_grad()
 def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int) -> torch.Tensor:
     reconstructor.eval()
@@ -202,13 +214,17 @@ def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: in
 def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None) -> tuple[nn.Module, list[dict]]:
     """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen), with
     early stopping on the held-out part; the learning rate shrinks after each epoch without gain.
+    A random f (the noise defence) is applied afresh to every batch: the threat model grants unlimited
+    use of f, so the attacker sees a new draw of each image's features every epoch. Every draw is seeded.
     Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
     device = data.train.device
     obfuscator.eval().requires_grad_(False)
-    train_features = None if s.augment else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    fresh = s.augment or is_random(obfuscator)  # compute f per batch, else once for all
+    train_features = None if fresh else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    torch.manual_seed(seed_for(seed, "held-out"))  # a random f's draw on the held-out images
     val_features = feature_maps(obfuscator, data.val, s.eval_batch_size)
     val_images = to_float(data.val)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # initialisation, then a random f's draw on every batch
     reconstructor = init_xavier(build_attacker(name, val_features.shape[1], data.train.shape[1], width, split)).to(device)
     opt = torch.optim.Adam(reconstructor.parameters(), lr=s.lr)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -225,6 +241,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
             images = data.train[idx]
             if s.augment:
                 images = augment(images, data.natural, generator)
+            if fresh:
                 with torch.no_grad():
                     features = obfuscator(to_float(images))
             else:
@@ -284,7 +301,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     {attacker: reconstructions of the first n_show users' images} for the figures."""
     users = to_float(data.users)
     all_rows = torch.arange(len(users))
-    user_features = feature_maps(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
+    user_features = stored_features(obfuscator, data.users, s, label)
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     for name in attacker_names(s):
@@ -300,6 +317,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
         m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
         n_batches = math.ceil(m / s.eval_batch_size)
         n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
+        torch.manual_seed(seed_for(s.seed, label, WHITEBOX))  # a random f's draws while tuning and inverting
         with progress_bar((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
             tv_weight, tuning = choose_tv_weight(obfuscator, data.val, data.mean_image, tv_weights(s), s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
             rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
