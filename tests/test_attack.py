@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import DEMO_NPZ
 from torch import nn
 
+from veil import rundir
 from veil.attack import (
     AttackConfig,
     attack,
@@ -23,6 +24,7 @@ from veil.attack import (
     floor_scores,
     reconstruct,
     resolve_settings,
+    saved_attack,
 )
 from veil.attack_tables import format_table, to_markdown
 from veil.cli import main
@@ -31,7 +33,9 @@ from veil.data import read_npz, to_float, to_tensor_images
 from veil.defences import GaussianNoise
 from veil.errors import AttackError
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
-from veil.train import feature_maps, train
+from veil.models.obfuscator import fingerprint
+from veil.rundir import load_run
+from veil.train import feature_maps, plan, train
 from veil.whitebox import invert
 
 # ----------------------------------------------------------------------------- metrics
@@ -337,6 +341,48 @@ def test_attacks_of_a_noise_run_are_seeded_by_the_attack_seed(tiny_config, tmp_p
     assert numbers(attack(tmp_path / "run", s, log=lambda *_: None)) == first
     other = numbers(attack(tmp_path / "run", resolve_settings({**dataclasses.asdict(s), "seed": 1}), log=lambda *_: None))
     assert other["defended"]["simrec"]["psnr_mean"] != first["defended"]["simrec"]["psnr_mean"]
+
+
+def test_an_unfinished_run_is_refused_unless_allowed_and_a_changed_obfuscator_is_attacked_again(tiny_config, tmp_path, monkeypatch, capsys):
+    run, quiet = tmp_path / "run", (lambda *_: None)
+    real_save, calls = rundir.save_checkpoint, {"n": 0}
+
+    def killed_after_three(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, run, log=quiet)
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    n = len(plan(tiny_config.train))
+    assert main(["attack", str(run), *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: training has not finished (step 3 of {n})" in err and "--allow-unfinished" in err and err.count("\n") == 1
+    s = resolve_settings({"attackers": "simrec", "max_epochs": 1, "batch_size": 16, "n_candidates": 10, "whitebox": False, "n_show": 4,
+                          "progress": False, "undefended": False})
+    with pytest.raises(AttackError, match=r"training has not finished \(step 3 of"):
+        attack_matrix([run], s, tmp_path / "table3", log=quiet)
+
+    # Allowed: attack.json says which checkpoint and which obfuscator were attacked, and attack.md flags it.
+    early = attack(run, dataclasses.replace(s, allow_unfinished=True), log=quiet)
+    assert early["step"] == 3 and early["steps"] == n and early["obfuscator_fingerprint"] == fingerprint(load_run(run).obfuscator)
+    assert "had not finished training" in (run / "attack" / "attack.md").read_text()
+
+    # Trained to the end: the same settings, but another obfuscator, so attacked again (not reused).
+    train(tiny_config, run, resume=True, log=quiet)
+    lines: list[str] = []
+    attack_matrix([run], s, tmp_path / "table3", log=lines.append)
+    assert not any("reusing" in line for line in lines) and any("another obfuscator" in line for line in lines)
+    final = json.loads((run / "attack" / "attack.json").read_text())
+    assert final["step"] == n and final["obfuscator_fingerprint"] not in ("", early["obfuscator_fingerprint"])
+    lines = []
+    attack_matrix([run], s, tmp_path / "table3", log=lines.append)  # now the same settings and obfuscator
+    assert any("reusing" in line for line in lines)
+    # allow_unfinished changes no number: an attack.json made with it stands for one made without.
+    assert saved_attack(run, dataclasses.replace(s, allow_unfinished=True), final["obfuscator_fingerprint"])[0] == final
 
 
 def test_veil_attack_errors_are_one_line(tmp_path, capsys):

@@ -15,7 +15,7 @@ from veil.data import load_splits
 from veil.defences import strength_overrides
 from veil.frontier import frontier_rows, mark_dominated
 from veil.report import report
-from veil.sweep import parse_attack_settings, parse_strengths, sweep
+from veil.sweep import attacked_with, parse_attack_settings, parse_strengths, sweep
 from veil.sweepdir import point_name, read_sweep
 from veil.train import plan
 
@@ -104,6 +104,11 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     # Finished and attacked with these settings: a rerun trains and attacks nothing.
     monkeypatch.setattr(sys.modules["veil.sweep"], "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, **QUIET) == rows
+    # An attack.json made against another obfuscator (the run trained on, or was retrained, since) does not count.
+    assert attacked_with(out / "lambda-1", TINY_ATTACK)
+    saved = json.loads((out / "lambda-1" / "attack" / "attack.json").read_text())
+    (out / "lambda-1" / "attack" / "attack.json").write_text(json.dumps({**saved, "obfuscator_fingerprint": "0" * 64}))
+    assert not attacked_with(out / "lambda-1", TINY_ATTACK) and attacked_with(out / "lambda-0", TINY_ATTACK)
     # Other attack settings: attacked again, not retrained.
     logs = []
     sweep(config, [1.0], out, ["t_main=2"], attack_settings={**TINY_ATTACK, "n_candidates": 8}, log=logs.append)

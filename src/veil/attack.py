@@ -43,8 +43,8 @@ from veil.models.obfuscator import fingerprint
 from veil.models.reconstructors import ATTACKERS, build_attacker
 from veil.progress import progress_bar
 from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
-from veil.rundir import load_run
-from veil.train import feature_maps, resolve_device
+from veil.rundir import Run, load_run
+from veil.train import feature_maps, plan, resolve_device
 from veil.version import __version__
 from veil.whitebox import choose_tv_weight, invert
 
@@ -99,10 +99,12 @@ class AttackConfig:
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     progress: bool = True
     """Show progress bars."""
+    allow_unfinished: bool = False
+    """Attack a run whose training has not finished (its latest checkpoint); attack.json records the step."""
 
 
 # Settings that change no number: a saved attack.json made with other values may be reused.
-NOT_RESULTS = ("device", "progress")
+NOT_RESULTS = ("device", "progress", "allow_unfinished")
 
 
 def result_settings(settings: AttackConfig | dict) -> dict:
@@ -376,6 +378,36 @@ def read_ceilings(path: Path) -> dict:
         raise AttackError(f"{path}: not a readable ceilings file ({e}); remove it to attack the undefended obfuscators again") from None
 
 
+def finished_run(run_dir: str | Path, s: AttackConfig, device: str | torch.device = "cpu") -> tuple[Run, int]:
+    """The run loaded, and the number of steps its plan has; refused while its training has not finished
+    (unless s.allow_unfinished): an unfinished obfuscator is not the one the run's numbers are about."""
+    run = load_run(run_dir, device)
+    total = len(plan(run.config.train))
+    if run.step < total and not s.allow_unfinished:
+        raise AttackError(
+            f"{run_dir}: training has not finished (step {run.step} of {total}); finish it with `veil train --resume {run_dir}`, "
+            f"or pass --allow-unfinished to attack it as it is"
+        )
+    return run, total
+
+
+def saved_attack(run_dir: str | Path, s: AttackConfig, obfuscator_fingerprint: str) -> tuple[dict | None, str]:
+    """RUN_DIR/attack/attack.json when it stands for attacking the obfuscator of this fingerprint with settings
+    `s` (the same result settings), else None and the reason it does not."""
+    path = Path(run_dir) / "attack" / "attack.json"
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None, f"{path} is not readable JSON"
+    if result_settings(saved.get("settings", {})) != result_settings(s):
+        return None, f"{path} was made with other settings"
+    if saved.get("obfuscator_fingerprint") != obfuscator_fingerprint:
+        return None, f"{path} was made against another obfuscator (the run trained on, or was retrained, since)"
+    return saved, ""
+
+
 def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path | None = None) -> dict:
     """Attack a run's final (and undefended) obfuscator; write RUN_DIR/attack/ and return the result.
 
@@ -386,7 +418,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     run_dir = Path(run_dir)
     began = time.perf_counter()
     device = resolve_device(s.device)
-    run = load_run(run_dir, device)
+    run, total = finished_run(run_dir, s, device)
     if s.undefended and run.undefended_obfuscator is None:
         raise AttackError(f"{run_dir}: no checkpoints/undefended/obfuscator.safetensors (pretraining not finished?); pass --no-undefended to skip the ceiling")
     cfg = run.config
@@ -407,6 +439,9 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         "dataset": splits.name,
         "training_reconstructor": cfg.model.reconstructor,
         "lambda_privacy": cfg.train.lambda_privacy,
+        "step": run.step,  # the checkpoint attacked: phase-epochs done, of the plan's `steps`
+        "steps": total,
+        "obfuscator_fingerprint": fingerprint(run.obfuscator),  # the defended obfuscator attacked
         "n_attacker_train": len(data.train),
         "n_attacker_val": len(data.val),
         "n_users": len(data.users),
@@ -446,20 +481,20 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
 
 
 def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Path, log=print) -> dict:
-    """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings) and
-    write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3)."""
+    """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings against the
+    same obfuscator) and write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3).
+    Every run must have finished training (unless s.allow_unfinished), before any is attacked."""
     validate_attack(s)
+    fingerprints = [fingerprint(finished_run(run_dir, s)[0].obfuscator) for run_dir in run_dirs]
     results = []
-    wanted = result_settings(s)
-    for run_dir in run_dirs:
-        saved = Path(run_dir) / "attack" / "attack.json"
-        previous = json.loads(saved.read_text()) if saved.is_file() else None
-        if previous and result_settings(previous.get("settings", {})) == wanted:
-            log(f"veil attack: reusing {saved} (same settings)")
+    for run_dir, fp in zip(run_dirs, fingerprints):
+        previous, why = saved_attack(run_dir, s, fp)
+        if previous:
+            log(f"veil attack: reusing {Path(run_dir) / 'attack' / 'attack.json'} (same settings, same obfuscator)")
             results.append(previous)
         else:
-            if previous:
-                log(f"veil attack: {saved} was made with other settings; attacking {run_dir} again")
+            if (Path(run_dir) / "attack" / "attack.json").is_file():
+                log(f"veil attack: {why}; attacking {run_dir} again")
             results.append(attack(run_dir, s, log))
     columns = [f"{r['training_reconstructor']} ({Path(r['run']).name})" for r in results]
     rows = attacker_names(s) + ([WHITEBOX] if s.whitebox else [])

@@ -76,6 +76,8 @@ def _notes(result: dict) -> list[str]:
         f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
         f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
     ]
+    if result.get("step", 0) < result.get("steps", 0):
+        notes.append(f"(!) The run had not finished training: its checkpoint at step {result['step']} of {result['steps']} was attacked (--allow-unfinished).")
     if result.get("undefended_from"):
         notes.append(f"Undefended columns: reused from the attack of {result['undefended_from']} (the same undefended obfuscator, data and settings).")
     if result["under_trained"]:

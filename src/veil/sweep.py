@@ -36,12 +36,14 @@ import torch
 import yaml
 
 from veil import config as config_mod
-from veil.attack import AttackConfig, attack, resolve_settings, result_settings
+from veil.attack import AttackConfig, attack, resolve_settings, saved_attack
 from veil.classify import HeadConfig, train_classifier
 from veil.config import ConfigError
 from veil.defences import DEFENCES, get_defence, strength_overrides
 from veil.frontier import frontier_rows, write_frontier
 from veil.io import atomic_write_json
+from veil.models.obfuscator import fingerprint
+from veil.rundir import load_run
 from veil.store import obfuscate
 from veil.sweepdir import CEILINGS_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
 from veil.train import train
@@ -110,18 +112,12 @@ def harness_attack(settings: dict, log, ceilings: Path | None = None) -> Callabl
 
 
 def attacked_with(run_dir: Path, settings: dict | None) -> bool:
-    """The run has an attack.json; with harness settings given, made with the same ones."""
-    path = run_dir / "attack" / "attack.json"
-    if not path.is_file():
-        return False
+    """The run has an attack.json; with harness settings given, made with the same ones against the run's
+    current obfuscator (a run resumed or retrained since is attacked again)."""
     if settings is None:
-        return True
-    wanted = result_settings(resolve_settings(settings))
-    try:
-        saved = json.loads(path.read_text()).get("settings", {})
-    except json.JSONDecodeError:
-        return False
-    return result_settings(saved) == wanted
+        return (run_dir / "attack" / "attack.json").is_file()
+    saved, _ = saved_attack(run_dir, resolve_settings(settings), fingerprint(load_run(run_dir).obfuscator))
+    return saved is not None
 
 
 def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: ANN001
