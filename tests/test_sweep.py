@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from test_report import QUIET, make_tiny_npz, tiny_cfg
 from veil import config as config_mod
 from veil import rundir
+from veil.cli import main
 from veil.config import ConfigError
 from veil.data import load_splits
 from veil.defences import strength_overrides
@@ -180,3 +183,49 @@ def test_sweep_trains_a_classifier_on_each_points_stored_features(tmp_path, monk
     assert json.loads((run / "store-classifier" / "summary.json").read_text())["epochs"] == 1
     with pytest.raises(ConfigError, match="--store-classifier must be >= 0"):
         sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, store_epochs=-1, **QUIET)
+
+
+def test_a_stopped_sweep_says_to_rerun_it_and_resumes_over_a_moved_data_file(tmp_path, monkeypatch, capsys):
+    npz = make_tiny_npz(tmp_path / "tiny.npz")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_mod.to_yaml(tiny_cfg(npz)))
+    out = tmp_path / "sweep"
+    attack_flags = [f"--attack={k}={v}" for k, v in TINY_ATTACK.items()]
+    args = ["sweep", "--config", str(config), "--lambdas", "0", "--out", str(out), *attack_flags, "t_main=1"]
+
+    # SIGTERM during the sweep's training: the message says to rerun the sweep, and the exit code is 128 + 15.
+    real_save, calls = rundir.save_checkpoint, {"n": 0}
+
+    def terminated_after_three(*a, **k):
+        real_save(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(rundir, "save_checkpoint", terminated_after_three)
+    assert main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    err = capsys.readouterr().err
+    steps = len(plan(tiny_cfg(npz, t_main=1).train))
+    assert f"veil sweep: stopped during lambda-0 after step 3 of {steps} (saved); run the same `veil sweep` command again to continue" in err
+    assert "veil train --resume" not in err
+
+    # The data file moved (and fp32 is asked for): the sweep resumes the run where `veil train --resume` would, and attacks it.
+    moved = tmp_path / "moved" / "tiny.npz"
+    moved.parent.mkdir()
+    npz.rename(moved)
+    config.write_text(config_mod.to_yaml(tiny_cfg(moved)))
+    logs: list[str] = []
+    sweep(config, [0.0], out, ["t_main=1", "train.precision=fp32"], attack_settings=TINY_ATTACK, log=logs.append)
+    assert "veil sweep: resuming lambda-0 (lambda = 0)" in logs and "veil sweep: attacking lambda-0" in logs
+    assert any("the data moved (data.path:" in line for line in logs)
+    assert len(rundir.read_metrics(out / "lambda-0")) == steps
+    assert config_mod.load(out / "lambda-0" / "config.yaml").data.path == str(moved)
+
+    # Moved again, once finished and attacked: nothing to train or attack.
+    again = tmp_path / "again.npz"
+    moved.rename(again)
+    config.write_text(config_mod.to_yaml(tiny_cfg(again)))
+    logs = []
+    sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, log=logs.append)
+    assert "veil sweep: lambda-0 already trained" in logs and "veil sweep: lambda-0 already attacked" in logs
