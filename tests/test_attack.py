@@ -33,6 +33,7 @@ from veil.data import read_npz, to_float, to_tensor_images
 from veil.defences import GaussianNoise
 from veil.errors import AttackError
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
+from veil.models import RECONSTRUCTORS
 from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run
 from veil.train import feature_maps, plan, train
@@ -205,6 +206,18 @@ def test_the_attacker_draws_a_random_obfuscator_afresh_for_every_batch(demo_imag
     fit_attacker("simrec", again, data, s, 0.0625, 1, seed=0)
     fit_attacker("simrec", other, data, s, 0.0625, 1, seed=1)
     assert again.seen == spy.seen and other.seen != spy.seen
+
+
+def test_a_fifth_reconstructor_added_to_the_registry_is_an_attacker_too(demo_images, monkeypatch):
+    def tinyrec(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(in_channels, 4 * out_channels, 3, padding=1), nn.PixelShuffle(2), nn.Sigmoid())
+
+    monkeypatch.setitem(RECONSTRUCTORS, "tinyrec", tinyrec)  # after veil.attack was imported
+    s = resolve_settings({"attackers": "tinyrec", "max_epochs": 1, "batch_size": 30, "whitebox": False, "n_candidates": 10, "progress": False})
+    data = attack_data(demo_images[:100], demo_images[100:140], True, s)
+    cand = draw_candidates(torch.arange(40), 40, s.n_candidates, torch.Generator().manual_seed(0))
+    results, _ = attack_obfuscator(Unshuffle(), data, s, 0.0625, 1, cand, "defended", log=lambda *_: None)
+    assert list(results) == ["tinyrec"] and math.isfinite(results["tinyrec"]["psnr_mean"]) and results["tinyrec"]["epochs"] == 1
 
 
 def test_attack_data_is_disjoint_and_seeded(demo_images):

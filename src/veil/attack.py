@@ -40,7 +40,7 @@ from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate
 from veil.models import init_xavier
 from veil.models.obfuscator import fingerprint
-from veil.models.reconstructors import ATTACKERS, build_attacker
+from veil.models.reconstructors import attackers, build_attacker
 from veil.progress import progress_bar
 from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
 from veil.rundir import Run, load_run
@@ -128,8 +128,9 @@ def validate_attack(s: AttackConfig) -> None:
             raise ConfigError(f"attack settings: {msg}")
 
     names = attacker_names(s)
-    unknown = [n for n in names if n not in ATTACKERS]
-    need(not unknown, f"unknown attacker(s) {', '.join(unknown)} in '{s.attackers}'; valid: {', '.join(ATTACKERS)}")
+    valid = attackers()
+    unknown = [n for n in names if n not in valid]
+    need(not unknown, f"unknown attacker(s) {', '.join(unknown)} in '{s.attackers}'; valid: {', '.join(valid)}")
     need(len(set(names)) == len(names), f"attackers lists a name twice: '{s.attackers}'")
     need(bool(names) or s.whitebox, "no attacker to run: give --attackers or leave --whitebox on")
     need(s.width >= 0, f"width must be >= 0 (0 = the run's width), got {s.width}")
