@@ -22,6 +22,7 @@ from veil.attack import (
     ceiling_key,
     fit_attacker,
     floor_scores,
+    linkage,
     reconstruct,
     resolve_settings,
     saved_attack,
@@ -220,6 +221,17 @@ def test_a_fifth_reconstructor_added_to_the_registry_is_an_attacker_too(demo_ima
     assert list(results) == ["tinyrec"] and math.isfinite(results["tinyrec"]["psnr_mean"]) and results["tinyrec"]["epochs"] == 1
 
 
+def test_linkage_finds_every_user_behind_a_deterministic_f_and_fewer_behind_strong_noise(demo_images):
+    s = small_settings(n_candidates=10)
+    users = demo_images[:60]
+    cand = draw_candidates(torch.arange(60), 60, s.n_candidates, torch.Generator().manual_seed(0))
+    exact = linkage(Unshuffle(), users, cand, s, "defended")
+    assert exact["reid_top1"] == 1.0 and exact["n_candidates"] == 10 and exact["n_images"] == 60  # the stored map is f(image) itself
+    noisy = nn.Sequential(Unshuffle(), GaussianNoise(50.0))  # noise far above the features' scale
+    blurred = linkage(noisy, users, cand, s, "defended")
+    assert blurred["reid_top1"] < 0.5 and blurred == {**linkage(noisy, users, cand, s, "defended"), "seconds": blurred["seconds"]}  # seeded
+
+
 def test_attack_data_is_disjoint_and_seeded(demo_images):
     s = small_settings()
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
@@ -314,9 +326,16 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
             assert r["curve"], name
         assert result[which]["whitebox"]["n_images"] == 12 and result[which]["simrec"]["n_images"] == result["n_users"]
     assert result["settings"]["max_epochs"] == 2 and result["seed"] == 0 and result["settings"]["attackers"] == "simrec,resrec"
+    # Linkage by feature matching, apart from the attackers: a deterministic f links every stored map to its image.
+    for which in ("defended", "undefended"):
+        assert result["linkage"][which]["reid_top1"] == 1.0 and result["linkage"][which]["n_candidates"] == 10
+        assert "linkage" not in result[which]
+    assert "linkage: feature matching (attacker computes f(candidate))" in out
     csv = (folder / "attack.csv").read_text().splitlines()
-    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6
-    assert "| floor: mean image |" in (folder / "attack.md").read_text()
+    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6 + 2
+    assert csv[-2].startswith("defended,linkage,,,,1,1,10,")
+    md = (folder / "attack.md").read_text()
+    assert "| floor: mean image |" in md and "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% |" in md
     for name in ("simrec", "resrec", "whitebox"):
         assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

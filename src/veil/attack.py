@@ -42,7 +42,7 @@ from veil.models import init_xavier
 from veil.models.obfuscator import fingerprint
 from veil.models.reconstructors import attackers, build_attacker
 from veil.progress import progress_bar
-from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
+from veil.results import FLOOR, LINKAGE, OBFUSCATORS, WHITEBOX
 from veil.rundir import Run, load_run
 from veil.train import feature_maps, plan, resolve_device
 from veil.version import __version__
@@ -341,6 +341,20 @@ def _line(r: dict) -> str:
     return f"PSNR {r['psnr_mean']:6.2f} +- {r['psnr_std']:.2f} dB  SSIM {r['ssim_mean']:.3f}  top-1 {r['reid_top1']:6.1%}  top-5 {r['reid_top5']:6.1%}"
 
 
+def linkage(obfuscator: nn.Module, users: torch.Tensor, candidates: torch.Tensor, s: AttackConfig, label: str) -> dict:
+    """Linkage by feature matching: an attacker holding the candidate images, with the use of f, computes
+    f(candidate) itself (its own draw of a random f) and ranks each stored feature map's candidates by the
+    MSE between feature maps. Scored as re-identification (rank of the true image), but no image is rebuilt.
+    users: uint8 P x C x H x W (every candidate is one of them); candidates: P x N, column 0 the true one."""
+    start = time.perf_counter()
+    stored = stored_features(obfuscator, users, s, label)  # the same draws the attackers are given
+    torch.manual_seed(seed_for(s.seed, label, LINKAGE))
+    own = feature_maps(obfuscator, users, s.eval_batch_size)  # the attacker's f(candidate), P x C' x H' x W'
+    ranks = reid_ranks(stored, own, candidates)
+    return {"reid_top1": top_k_rate(ranks, 1), "reid_top5": top_k_rate(ranks, 5), "n_candidates": candidates.shape[1], "n_images": len(candidates),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def floor_scores(data: AttackData, candidates: torch.Tensor) -> dict:
     """The best constant image (the attacker-split mean image) as every user's reconstruction."""
     users = to_float(data.users)
@@ -448,6 +462,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         "n_users": len(data.users),
         "chance": {"top1": 1 / n_candidates, "top5": min(5, n_candidates) / n_candidates},
         FLOOR: floor_scores(data, candidates),
+        LINKAGE: {},
     }
     log(f"  {'floor':10s} {'mean':8s} {_line(result[FLOOR])}")
     figures: dict[str, dict] = {}
@@ -455,6 +470,9 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         if which == "undefended" and not s.undefended:
             result[which] = {}
             continue
+        result[LINKAGE][which] = linkage(obfuscator, data.users, candidates, s, which)
+        log(f"  {which:10s} {LINKAGE:8s} top-1 {result[LINKAGE][which]['reid_top1']:6.1%}  top-5 {result[LINKAGE][which]['reid_top5']:6.1%}  "
+            f"(feature matching: the attacker computes f(candidate))")
         shared = which == "undefended" and ceilings is not None
         if shared:
             key = ceiling_key(obfuscator, data_mod.fingerprint(splits), s, width, cfg.model.split)
