@@ -133,8 +133,10 @@ def harness_attack(settings: dict, log, ceilings: Path | None = None) -> Callabl
 def attacked_with(run_dir: Path, settings: dict | None) -> bool:
     """The run has an attack.json; with harness settings given, made with the same ones against the run's
     current obfuscator (a run resumed or retrained since is attacked again)."""
+    if not (run_dir / "attack" / "attack.json").is_file():
+        return False
     if settings is None:
-        return (run_dir / "attack" / "attack.json").is_file()
+        return True
     saved, _ = saved_attack(run_dir, resolve_settings(settings), fingerprint(load_run(run_dir).obfuscator))
     return saved is not None
 
