@@ -1,6 +1,7 @@
 """The attack harness must be able to succeed (a recoverable obfuscator) and to fail (a constant one),
 and its metrics must match hand-computed values."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import DEMO_NPZ
 from torch import nn
 
+from veil import rundir
 from veil.attack import (
     AttackConfig,
     attack,
@@ -20,15 +22,22 @@ from veil.attack import (
     ceiling_key,
     fit_attacker,
     floor_scores,
+    linkage,
     reconstruct,
     resolve_settings,
+    saved_attack,
 )
 from veil.attack_tables import format_table, to_markdown
 from veil.cli import main
 from veil.config import ConfigError
 from veil.data import read_npz, to_float, to_tensor_images
+from veil.defences import GaussianNoise
+from veil.errors import AttackError
 from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
-from veil.train import feature_maps, train
+from veil.models import RECONSTRUCTORS
+from veil.models.obfuscator import fingerprint
+from veil.rundir import load_run
+from veil.train import feature_maps, plan, train
 from veil.whitebox import invert
 
 # ----------------------------------------------------------------------------- metrics
@@ -160,6 +169,69 @@ def test_early_stopping_keeps_the_best_weights(demo_images):
     assert val == pytest.approx(max(c["val_psnr"] for c in curve), abs=1e-4)
 
 
+def test_an_attacker_never_finite_on_its_held_out_images_fails_naming_itself(demo_images, monkeypatch):
+    import veil.attack as attack_mod
+
+    s = small_settings(max_epochs=3, patience=5)
+    data = attack_data(demo_images[:100], demo_images[100:120], True, s)
+    monkeypatch.setattr(attack_mod, "reconstruct", lambda r, features, b: torch.full((len(features), 3, 32, 32), math.nan))
+    with pytest.raises(AttackError, match=r"attacker simrec: held-out PSNR was not finite in any of its 3 epochs; lower --lr"):
+        fit_attacker("simrec", Unshuffle(), data, s, 0.0625, 1, seed=0)
+
+
+class NoisySpy(nn.Module):
+    """Unshuffle, then Gaussian noise (a random f, as the noise defence's); records every feature map it
+    hands out for each image (keyed by the image's bytes)."""
+
+    def __init__(self, sigma: float = 0.1):
+        super().__init__()
+        self.noise = GaussianNoise(sigma)
+        self.seen: dict[int, set[int]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.noise(F.pixel_unshuffle(x, 2))
+        for image, features in zip(x, z):
+            self.seen.setdefault(hash(image.numpy().tobytes()), set()).add(hash(features.numpy().tobytes()))
+        return z
+
+
+def test_the_attacker_draws_a_random_obfuscator_afresh_for_every_batch(demo_images):
+    s = small_settings(max_epochs=2, patience=5, batch_size=30)
+    data = attack_data(demo_images[:100], demo_images[100:120], True, s)  # 90 training images: three whole batches
+    spy = NoisySpy()
+    fit_attacker("simrec", spy, data, s, 0.0625, 1, seed=0)
+    draws = [len(spy.seen[hash(to_float(image).numpy().tobytes())]) for image in data.train]
+    assert min(draws) == 2  # two epochs, a new noise draw each (not one draw stored once)
+    # Each fit is seeded: the same seed sees the same draws, another seed others.
+    again, other = NoisySpy(), NoisySpy()
+    fit_attacker("simrec", again, data, s, 0.0625, 1, seed=0)
+    fit_attacker("simrec", other, data, s, 0.0625, 1, seed=1)
+    assert again.seen == spy.seen and other.seen != spy.seen
+
+
+def test_a_fifth_reconstructor_added_to_the_registry_is_an_attacker_too(demo_images, monkeypatch):
+    def tinyrec(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(in_channels, 4 * out_channels, 3, padding=1), nn.PixelShuffle(2), nn.Sigmoid())
+
+    monkeypatch.setitem(RECONSTRUCTORS, "tinyrec", tinyrec)  # after veil.attack was imported
+    s = resolve_settings({"attackers": "tinyrec", "max_epochs": 1, "batch_size": 30, "whitebox": False, "n_candidates": 10, "progress": False})
+    data = attack_data(demo_images[:100], demo_images[100:140], True, s)
+    cand = draw_candidates(torch.arange(40), 40, s.n_candidates, torch.Generator().manual_seed(0))
+    results, _ = attack_obfuscator(Unshuffle(), data, s, 0.0625, 1, cand, "defended", log=lambda *_: None)
+    assert list(results) == ["tinyrec"] and math.isfinite(results["tinyrec"]["psnr_mean"]) and results["tinyrec"]["epochs"] == 1
+
+
+def test_linkage_finds_every_user_behind_a_deterministic_f_and_fewer_behind_strong_noise(demo_images):
+    s = small_settings(n_candidates=10)
+    users = demo_images[:60]
+    cand = draw_candidates(torch.arange(60), 60, s.n_candidates, torch.Generator().manual_seed(0))
+    exact = linkage(Unshuffle(), users, cand, s, "defended")
+    assert exact["reid_top1"] == 1.0 and exact["n_candidates"] == 10 and exact["n_images"] == 60  # the stored map is f(image) itself
+    noisy = nn.Sequential(Unshuffle(), GaussianNoise(50.0))  # noise far above the features' scale
+    blurred = linkage(noisy, users, cand, s, "defended")
+    assert blurred["reid_top1"] < 0.5 and blurred == {**linkage(noisy, users, cand, s, "defended"), "seconds": blurred["seconds"]}  # seeded
+
+
 def test_attack_data_is_disjoint_and_seeded(demo_images):
     s = small_settings()
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
@@ -254,9 +326,16 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
             assert r["curve"], name
         assert result[which]["whitebox"]["n_images"] == 12 and result[which]["simrec"]["n_images"] == result["n_users"]
     assert result["settings"]["max_epochs"] == 2 and result["seed"] == 0 and result["settings"]["attackers"] == "simrec,resrec"
+    # Linkage by feature matching, apart from the attackers: a deterministic f links every stored map to its image.
+    for which in ("defended", "undefended"):
+        assert result["linkage"][which]["reid_top1"] == 1.0 and result["linkage"][which]["n_candidates"] == 10
+        assert "linkage" not in result[which]
+    assert "linkage: feature matching (attacker computes f(candidate))" in out
     csv = (folder / "attack.csv").read_text().splitlines()
-    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6
-    assert "| floor: mean image |" in (folder / "attack.md").read_text()
+    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6 + 2
+    assert csv[-2].startswith("defended,linkage,,,,1,1,10,")
+    md = (folder / "attack.md").read_text()
+    assert "| floor: mean image |" in md and "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% |" in md
     for name in ("simrec", "resrec", "whitebox"):
         assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -276,6 +355,66 @@ def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_pat
     assert matrix["psnr"]["simrec"][a] == pytest.approx(matrix["psnr"]["simrec"][b], abs=1e-4)
     assert (tmp_path / "table3" / "matrix.md").read_text().count("|") > 10
     assert (tmp_path / "table3" / "matrix.csv").read_text().splitlines()[0].startswith("attack,")
+
+
+def numbers(result: dict) -> dict:
+    """attack.json's numbers, less timings."""
+    drop = {"seconds", "date", "settings", "seed", "curve"}
+    return {k: numbers(v) if isinstance(v, dict) else v for k, v in result.items() if k not in drop}
+
+
+def test_attacks_of_a_noise_run_are_seeded_by_the_attack_seed(tiny_config, tmp_path):
+    tiny_config.train.defence, tiny_config.train.noise_sigma = "noise", 0.5
+    train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    s = resolve_settings({"attackers": "simrec", "max_epochs": 2, "batch_size": 16, "n_candidates": 10, "whitebox_images": 8,
+                          "whitebox_steps": 3, "n_show": 4, "progress": False, "undefended": False})
+    first = numbers(attack(tmp_path / "run", s, log=lambda *_: None))
+    torch.manual_seed(123)  # the global generator's state before an attack must not matter
+    assert numbers(attack(tmp_path / "run", s, log=lambda *_: None)) == first
+    other = numbers(attack(tmp_path / "run", resolve_settings({**dataclasses.asdict(s), "seed": 1}), log=lambda *_: None))
+    assert other["defended"]["simrec"]["psnr_mean"] != first["defended"]["simrec"]["psnr_mean"]
+
+
+def test_an_unfinished_run_is_refused_unless_allowed_and_a_changed_obfuscator_is_attacked_again(tiny_config, tmp_path, monkeypatch, capsys):
+    run, quiet = tmp_path / "run", (lambda *_: None)
+    real_save, calls = rundir.save_checkpoint, {"n": 0}
+
+    def killed_after_three(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, run, log=quiet)
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    n = len(plan(tiny_config.train))
+    assert main(["attack", str(run), *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: training has not finished (step 3 of {n})" in err and "--allow-unfinished" in err and err.count("\n") == 1
+    s = resolve_settings({"attackers": "simrec", "max_epochs": 1, "batch_size": 16, "n_candidates": 10, "whitebox": False, "n_show": 4,
+                          "progress": False, "undefended": False})
+    with pytest.raises(AttackError, match=r"training has not finished \(step 3 of"):
+        attack_matrix([run], s, tmp_path / "table3", log=quiet)
+
+    # Allowed: attack.json says which checkpoint and which obfuscator were attacked, and attack.md flags it.
+    early = attack(run, dataclasses.replace(s, allow_unfinished=True), log=quiet)
+    assert early["step"] == 3 and early["steps"] == n and early["obfuscator_fingerprint"] == fingerprint(load_run(run).obfuscator)
+    assert "had not finished training" in (run / "attack" / "attack.md").read_text()
+
+    # Trained to the end: the same settings, but another obfuscator, so attacked again (not reused).
+    train(tiny_config, run, resume=True, log=quiet)
+    lines: list[str] = []
+    attack_matrix([run], s, tmp_path / "table3", log=lines.append)
+    assert not any("reusing" in line for line in lines) and any("another obfuscator" in line for line in lines)
+    final = json.loads((run / "attack" / "attack.json").read_text())
+    assert final["step"] == n and final["obfuscator_fingerprint"] not in ("", early["obfuscator_fingerprint"])
+    lines = []
+    attack_matrix([run], s, tmp_path / "table3", log=lines.append)  # now the same settings and obfuscator
+    assert any("reusing" in line for line in lines)
+    # allow_unfinished changes no number: an attack.json made with it stands for one made without.
+    assert saved_attack(run, dataclasses.replace(s, allow_unfinished=True), final["obfuscator_fingerprint"])[0] == final
 
 
 def test_veil_attack_errors_are_one_line(tmp_path, capsys):

@@ -43,3 +43,12 @@ def test_every_config_in_repo_loads():
     assert len(files) >= 6
     for f in files:
         config_mod.load(f)
+
+
+def test_readme_names_every_key_that_may_change_on_resume():
+    from tests.conftest import ROOT
+
+    readme = ROOT.joinpath("README.md").read_text()
+    sentence = readme[readme.index("may be overridden on `--resume`") - 400 : readme.index("may be overridden on `--resume`")]
+    missing = [k for k in config_mod.RESUME_MAY_CHANGE if f"`{k}`" not in sentence]
+    assert not missing, f"README's --resume sentence does not name {missing}"

@@ -73,9 +73,9 @@ def test_unknown_reconstructor_lists_valid_names():
 
 
 def test_unet_attacker_is_bigger_and_reconstructs_full_size():
-    from veil.models.reconstructors import ATTACKERS, build_attacker
+    from veil.models.reconstructors import attackers, build_attacker
 
-    assert set(RECONSTRUCTORS) < set(ATTACKERS)
+    assert set(RECONSTRUCTORS) < set(attackers())
     for split in (1, 2, 3):
         f = Obfuscator(3, 0.125, split).eval()
         a = build_attacker("unet", f.out_channels, 3, 0.125, split).eval()

@@ -52,9 +52,11 @@ def attacker_entry(psnr: float, top1: float = 0.05) -> dict:
     return {"psnr_mean": psnr, "psnr_std": 1.5, "ssim_mean": 0.25, "reid_top1": top1, "reid_top5": min(1.0, top1 + 0.15), "n_candidates": 100}
 
 
-def write_attack(run_dir: Path, defended: dict, undefended: dict, floor: float = 11.0) -> dict:
+def write_attack(run_dir: Path, defended: dict, undefended: dict, floor: float = 11.0, linkage: dict | None = None) -> dict:
     """An attack.json as `veil attack` writes it (the harness's contract), plus one PNG per attacker."""
     data = {"floor": {"psnr": floor, "ssim": 0.05}, "defended": defended, "undefended": undefended, "seed": 0, "settings": {"epochs": 1}}
+    if linkage is not None:
+        data["linkage"] = linkage
     (run_dir / "attack").mkdir(exist_ok=True)
     (run_dir / "attack" / "attack.json").write_text(json.dumps(data))
     for i, name in enumerate(defended):
@@ -74,7 +76,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         train(tiny_cfg(npz, **overrides), root / name, **QUIET)
         out[name] = root / name
     write_attack(out["simrec-l1"], {"simrec": attacker_entry(12.5), "urec2": attacker_entry(13.25), "whitebox": attacker_entry(9.5, 0.01)},
-                 {"simrec": attacker_entry(21.0, 0.9), "urec2": attacker_entry(22.0, 0.95), "whitebox": attacker_entry(18.0, 0.5)})
+                 {"simrec": attacker_entry(21.0, 0.9), "urec2": attacker_entry(22.0, 0.95), "whitebox": attacker_entry(18.0, 0.5)},
+                 linkage={side: {"reid_top1": 1.0, "reid_top5": 1.0, "n_candidates": 100, "n_images": 400} for side in ("defended", "undefended")})
     write_attack(out["urec2-l0"], {"simrec": attacker_entry(20.5), "urec2": attacker_entry(21.75)},
                  {"simrec": attacker_entry(21.0), "urec2": attacker_entry(22.0)})
     return out
@@ -165,6 +168,9 @@ def test_report_of_two_runs_holds_every_section(runs, tmp_path):
     assert "9.50 ± 1.50" in whitebox and "18.00 ± 1.50" in whitebox and "below floor" in whitebox
     simrec = next(line for line in attacks if line.startswith("| SimRec |"))
     assert "12.50 ± 1.50" in simrec and "below floor" not in simrec
+    # Linkage (feature matching) has its own row, and is never the strongest attacker (it has no PSNR).
+    assert "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% | — | — | 100.0% | 100.0% |" in "\n".join(attacks)
+    assert "13.25 (URec#2)" in md
 
     # Table 3 from the two attacked runs: rows attackers, columns training reconstructors.
     t3 = md.split("Table 3 style")[1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 
 import pytest
@@ -10,12 +12,13 @@ import pytest
 from test_report import QUIET, make_tiny_npz, tiny_cfg
 from veil import config as config_mod
 from veil import rundir
+from veil.cli import main
 from veil.config import ConfigError
 from veil.data import load_splits
 from veil.defences import strength_overrides
 from veil.frontier import frontier_rows, mark_dominated
 from veil.report import report
-from veil.sweep import parse_attack_settings, parse_strengths, sweep
+from veil.sweep import attacked_with, parse_attack_settings, parse_strengths, sweep
 from veil.sweepdir import point_name, read_sweep
 from veil.train import plan
 
@@ -104,6 +107,11 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     # Finished and attacked with these settings: a rerun trains and attacks nothing.
     monkeypatch.setattr(sys.modules["veil.sweep"], "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, **QUIET) == rows
+    # An attack.json made against another obfuscator (the run trained on, or was retrained, since) does not count.
+    assert attacked_with(out / "lambda-1", TINY_ATTACK)
+    saved = json.loads((out / "lambda-1" / "attack" / "attack.json").read_text())
+    (out / "lambda-1" / "attack" / "attack.json").write_text(json.dumps({**saved, "obfuscator_fingerprint": "0" * 64}))
+    assert not attacked_with(out / "lambda-1", TINY_ATTACK) and attacked_with(out / "lambda-0", TINY_ATTACK)
     # Other attack settings: attacked again, not retrained.
     logs = []
     sweep(config, [1.0], out, ["t_main=2"], attack_settings={**TINY_ATTACK, "n_candidates": 8}, log=logs.append)
@@ -195,3 +203,49 @@ def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(
     assert row["ssim"] == max(r["ssim_mean"] for r in attack["defended"].values())
     header, cells = frontier_table([row])
     assert dict(zip(header, cells))["bytes / stored image"] == "192" and dict(zip(header, cells))["strength"] == ""
+
+
+def test_a_stopped_sweep_says_to_rerun_it_and_resumes_over_a_moved_data_file(tmp_path, monkeypatch, capsys):
+    npz = make_tiny_npz(tmp_path / "tiny.npz")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_mod.to_yaml(tiny_cfg(npz)))
+    out = tmp_path / "sweep"
+    attack_flags = [f"--attack={k}={v}" for k, v in TINY_ATTACK.items()]
+    args = ["sweep", "--config", str(config), "--lambdas", "0", "--out", str(out), *attack_flags, "t_main=1"]
+
+    # SIGTERM during the sweep's training: the message says to rerun the sweep, and the exit code is 128 + 15.
+    real_save, calls = rundir.save_checkpoint, {"n": 0}
+
+    def terminated_after_three(*a, **k):
+        real_save(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(rundir, "save_checkpoint", terminated_after_three)
+    assert main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
+    err = capsys.readouterr().err
+    steps = len(plan(tiny_cfg(npz, t_main=1).train))
+    assert f"veil sweep: stopped during lambda-0 after step 3 of {steps} (saved); run the same `veil sweep` command again to continue" in err
+    assert "veil train --resume" not in err
+
+    # The data file moved (and fp32 is asked for): the sweep resumes the run where `veil train --resume` would, and attacks it.
+    moved = tmp_path / "moved" / "tiny.npz"
+    moved.parent.mkdir()
+    npz.rename(moved)
+    config.write_text(config_mod.to_yaml(tiny_cfg(moved)))
+    logs: list[str] = []
+    sweep(config, [0.0], out, ["t_main=1", "train.precision=fp32"], attack_settings=TINY_ATTACK, log=logs.append)
+    assert "veil sweep: resuming lambda-0 (lambda = 0)" in logs and "veil sweep: attacking lambda-0" in logs
+    assert any("the data moved (data.path:" in line for line in logs)
+    assert len(rundir.read_metrics(out / "lambda-0")) == steps
+    assert config_mod.load(out / "lambda-0" / "config.yaml").data.path == str(moved)
+
+    # Moved again, once finished and attacked: nothing to train or attack.
+    again = tmp_path / "again.npz"
+    moved.rename(again)
+    config.write_text(config_mod.to_yaml(tiny_cfg(again)))
+    logs = []
+    sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, log=logs.append)
+    assert "veil sweep: lambda-0 already trained" in logs and "veil sweep: lambda-0 already attacked" in logs

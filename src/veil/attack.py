@@ -40,11 +40,11 @@ from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate
 from veil.models import init_xavier
 from veil.models.obfuscator import fingerprint
-from veil.models.reconstructors import ATTACKERS, build_attacker
+from veil.models.reconstructors import attackers, build_attacker
 from veil.progress import progress_bar
-from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
-from veil.rundir import load_run
-from veil.train import feature_maps, resolve_device
+from veil.results import FLOOR, LINKAGE, OBFUSCATORS, WHITEBOX
+from veil.rundir import Run, load_run
+from veil.train import feature_maps, plan, resolve_device
 from veil.version import __version__
 from veil.whitebox import choose_tv_weight, invert
 
@@ -78,7 +78,8 @@ class AttackConfig:
     eval_batch_size: int = 500
     """Images per forward pass when obfuscating, reconstructing and inverting."""
     augment: bool = False
-    """Random crop/flip on attacker batches (off: features are computed once, which is ~2x faster)."""
+    """Random crop/flip on attacker batches (off: features are computed once, which is ~2x faster; a random
+    obfuscator, e.g. the noise defence, is applied afresh to every batch either way)."""
     n_candidates: int = 100
     """Re-identification: candidates per reconstruction (the true user image and N-1 others at random)."""
     whitebox_images: int = 200
@@ -93,15 +94,17 @@ class AttackConfig:
     n_show: int = 8
     """Users' images shown in each attacker's PNG (the first ones of the test split)."""
     seed: int = 0
-    """Seed of the held-out split, attacker initialisation, batch order and candidate sets."""
+    """Seed of the held-out split, attacker initialisation, batch order, candidate sets and a random obfuscator's draws."""
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     progress: bool = True
     """Show progress bars."""
+    allow_unfinished: bool = False
+    """Attack a run whose training has not finished (its latest checkpoint); attack.json records the step."""
 
 
 # Settings that change no number: a saved attack.json made with other values may be reused.
-NOT_RESULTS = ("device", "progress")
+NOT_RESULTS = ("device", "progress", "allow_unfinished")
 
 
 def result_settings(settings: AttackConfig | dict) -> dict:
@@ -125,8 +128,9 @@ def validate_attack(s: AttackConfig) -> None:
             raise ConfigError(f"attack settings: {msg}")
 
     names = attacker_names(s)
-    unknown = [n for n in names if n not in ATTACKERS]
-    need(not unknown, f"unknown attacker(s) {', '.join(unknown)} in '{s.attackers}'; valid: {', '.join(ATTACKERS)}")
+    valid = attackers()
+    unknown = [n for n in names if n not in valid]
+    need(not unknown, f"unknown attacker(s) {', '.join(unknown)} in '{s.attackers}'; valid: {', '.join(valid)}")
     need(len(set(names)) == len(names), f"attackers lists a name twice: '{s.attackers}'")
     need(bool(names) or s.whitebox, "no attacker to run: give --attackers or leave --whitebox on")
     need(s.width >= 0, f"width must be >= 0 (0 = the run's width), got {s.width}")
@@ -161,7 +165,7 @@ def resolve_settings(overrides: dict) -> AttackConfig:
 
 def seed_for(seed: int, *names: str) -> int:
     """A stable seed per (seed, attacker): the same attacker starts alike against both obfuscators."""
-    return seed * 1_000_003 + zlib.crc32("/".join(names).encode()) % 1_000_003
+    return (seed * 1_000_003 + zlib.crc32("/".join(names).encode()) % 1_000_003) % 2**63  # within torch.manual_seed's range
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,6 +194,17 @@ def attack_data(attacker: torch.Tensor, users: torch.Tensor, natural: bool, s: A
     return AttackData(attacker[order[n_val:]], attacker[order[:n_val]], users, mean_image, natural)
 
 
+def is_random(obfuscator: nn.Module) -> bool:
+    """f draws noise on every call (a GaussianNoise layer that is on): each use of f is a new draw."""
+    return any(isinstance(m, GaussianNoise) and m.on for m in obfuscator.modules())
+
+
+def stored_features(obfuscator: nn.Module, users: torch.Tensor, s: AttackConfig, label: str) -> torch.Tensor:
+    """The users' stored feature maps f(users), N x C' x H' x W': one draw of a random f, seeded by the attack seed."""
+    torch.manual_seed(seed_for(s.seed, label, "users"))
+    return feature_maps(obfuscator, users, s.eval_batch_size)
+
+
 @torch.no_grad()
 def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int) -> torch.Tensor:
     reconstructor.eval()
@@ -202,13 +217,17 @@ def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: in
 def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None) -> tuple[nn.Module, list[dict]]:
     """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen), with
     early stopping on the held-out part; the learning rate shrinks after each epoch without gain.
+    A random f (the noise defence) is applied afresh to every batch: the threat model grants unlimited
+    use of f, so the attacker sees a new draw of each image's features every epoch. Every draw is seeded.
     Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
     device = data.train.device
     obfuscator.eval().requires_grad_(False)
-    train_features = None if s.augment else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    fresh = s.augment or is_random(obfuscator)  # compute f per batch, else once for all
+    train_features = None if fresh else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
+    torch.manual_seed(seed_for(seed, "held-out"))  # a random f's draw on the held-out images
     val_features = feature_maps(obfuscator, data.val, s.eval_batch_size)
     val_images = to_float(data.val)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # initialisation, then a random f's draw on every batch
     reconstructor = init_xavier(build_attacker(name, val_features.shape[1], data.train.shape[1], width, split)).to(device)
     opt = torch.optim.Adam(reconstructor.parameters(), lr=s.lr)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -225,6 +244,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
             images = data.train[idx]
             if s.augment:
                 images = augment(images, data.natural, generator)
+            if fresh:
                 with torch.no_grad():
                     features = obfuscator(to_float(images))
             else:
@@ -253,6 +273,8 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
             bar.set_postfix(epoch=epoch, val_psnr=f"{val:.2f}", best=f"{best:.2f}")
         if waited >= s.patience:
             break
+    if best_state is None:  # every held-out PSNR was NaN: no weights to keep
+        raise AttackError(f"attacker {name}: held-out PSNR was not finite in any of its {len(curve)} epochs; lower --lr")
     reconstructor.load_state_dict(best_state)
     return reconstructor.eval(), curve
 
@@ -282,7 +304,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     {attacker: reconstructions of the first n_show users' images} for the figures."""
     users = to_float(data.users)
     all_rows = torch.arange(len(users))
-    user_features = feature_maps(obfuscator, data.users, s.eval_batch_size)  # the stored feature maps
+    user_features = stored_features(obfuscator, data.users, s, label)
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     for name in attacker_names(s):
@@ -298,6 +320,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
         m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
         n_batches = math.ceil(m / s.eval_batch_size)
         n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
+        torch.manual_seed(seed_for(s.seed, label, WHITEBOX))  # a random f's draws while tuning and inverting
         with progress_bar((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
             tv_weight, tuning = choose_tv_weight(obfuscator, data.val, data.mean_image, tv_weights(s), s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
             rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
@@ -316,6 +339,20 @@ def _best_epoch(curve: list[dict]) -> int:
 
 def _line(r: dict) -> str:
     return f"PSNR {r['psnr_mean']:6.2f} +- {r['psnr_std']:.2f} dB  SSIM {r['ssim_mean']:.3f}  top-1 {r['reid_top1']:6.1%}  top-5 {r['reid_top5']:6.1%}"
+
+
+def linkage(obfuscator: nn.Module, users: torch.Tensor, candidates: torch.Tensor, s: AttackConfig, label: str) -> dict:
+    """Linkage by feature matching: an attacker holding the candidate images, with the use of f, computes
+    f(candidate) itself (its own draw of a random f) and ranks each stored feature map's candidates by the
+    MSE between feature maps. Scored as re-identification (rank of the true image), but no image is rebuilt.
+    users: uint8 P x C x H x W (every candidate is one of them); candidates: P x N, column 0 the true one."""
+    start = time.perf_counter()
+    stored = stored_features(obfuscator, users, s, label)  # the same draws the attackers are given
+    torch.manual_seed(seed_for(s.seed, label, LINKAGE))
+    own = feature_maps(obfuscator, users, s.eval_batch_size)  # the attacker's f(candidate), P x C' x H' x W'
+    ranks = reid_ranks(stored, own, candidates)
+    return {"reid_top1": top_k_rate(ranks, 1), "reid_top5": top_k_rate(ranks, 5), "n_candidates": candidates.shape[1], "n_images": len(candidates),
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def floor_scores(data: AttackData, candidates: torch.Tensor) -> dict:
@@ -356,6 +393,36 @@ def read_ceilings(path: Path) -> dict:
         raise AttackError(f"{path}: not a readable ceilings file ({e}); remove it to attack the undefended obfuscators again") from None
 
 
+def finished_run(run_dir: str | Path, s: AttackConfig, device: str | torch.device = "cpu") -> tuple[Run, int]:
+    """The run loaded, and the number of steps its plan has; refused while its training has not finished
+    (unless s.allow_unfinished): an unfinished obfuscator is not the one the run's numbers are about."""
+    run = load_run(run_dir, device)
+    total = len(plan(run.config.train))
+    if run.step < total and not s.allow_unfinished:
+        raise AttackError(
+            f"{run_dir}: training has not finished (step {run.step} of {total}); finish it with `veil train --resume {run_dir}`, "
+            f"or pass --allow-unfinished to attack it as it is"
+        )
+    return run, total
+
+
+def saved_attack(run_dir: str | Path, s: AttackConfig, obfuscator_fingerprint: str) -> tuple[dict | None, str]:
+    """RUN_DIR/attack/attack.json when it stands for attacking the obfuscator of this fingerprint with settings
+    `s` (the same result settings), else None and the reason it does not."""
+    path = Path(run_dir) / "attack" / "attack.json"
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None, f"{path} is not readable JSON"
+    if result_settings(saved.get("settings", {})) != result_settings(s):
+        return None, f"{path} was made with other settings"
+    if saved.get("obfuscator_fingerprint") != obfuscator_fingerprint:
+        return None, f"{path} was made against another obfuscator (the run trained on, or was retrained, since)"
+    return saved, ""
+
+
 def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path | None = None) -> dict:
     """Attack a run's final (and undefended) obfuscator; write RUN_DIR/attack/ and return the result.
 
@@ -366,7 +433,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     run_dir = Path(run_dir)
     began = time.perf_counter()
     device = resolve_device(s.device)
-    run = load_run(run_dir, device)
+    run, total = finished_run(run_dir, s, device)
     if s.undefended and run.undefended_obfuscator is None:
         raise AttackError(f"{run_dir}: no checkpoints/undefended/obfuscator.safetensors (pretraining not finished?); pass --no-undefended to skip the ceiling")
     cfg = run.config
@@ -387,11 +454,15 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         "dataset": splits.name,
         "training_reconstructor": cfg.model.reconstructor,
         "lambda_privacy": cfg.train.lambda_privacy,
+        "step": run.step,  # the checkpoint attacked: phase-epochs done, of the plan's `steps`
+        "steps": total,
+        "obfuscator_fingerprint": fingerprint(run.obfuscator),  # the defended obfuscator attacked
         "n_attacker_train": len(data.train),
         "n_attacker_val": len(data.val),
         "n_users": len(data.users),
         "chance": {"top1": 1 / n_candidates, "top5": min(5, n_candidates) / n_candidates},
         FLOOR: floor_scores(data, candidates),
+        LINKAGE: {},
     }
     log(f"  {'floor':10s} {'mean':8s} {_line(result[FLOOR])}")
     figures: dict[str, dict] = {}
@@ -399,6 +470,9 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         if which == "undefended" and not s.undefended:
             result[which] = {}
             continue
+        result[LINKAGE][which] = linkage(obfuscator, data.users, candidates, s, which)
+        log(f"  {which:10s} {LINKAGE:8s} top-1 {result[LINKAGE][which]['reid_top1']:6.1%}  top-5 {result[LINKAGE][which]['reid_top5']:6.1%}  "
+            f"(feature matching: the attacker computes f(candidate))")
         shared = which == "undefended" and ceilings is not None
         if shared:
             key = ceiling_key(obfuscator, data_mod.fingerprint(splits), s, width, cfg.model.split)
@@ -426,20 +500,20 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
 
 
 def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Path, log=print) -> dict:
-    """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings) and
-    write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3)."""
+    """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings against the
+    same obfuscator) and write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3).
+    Every run must have finished training (unless s.allow_unfinished), before any is attacked."""
     validate_attack(s)
+    fingerprints = [fingerprint(finished_run(run_dir, s)[0].obfuscator) for run_dir in run_dirs]
     results = []
-    wanted = result_settings(s)
-    for run_dir in run_dirs:
-        saved = Path(run_dir) / "attack" / "attack.json"
-        previous = json.loads(saved.read_text()) if saved.is_file() else None
-        if previous and result_settings(previous.get("settings", {})) == wanted:
-            log(f"veil attack: reusing {saved} (same settings)")
+    for run_dir, fp in zip(run_dirs, fingerprints):
+        previous, why = saved_attack(run_dir, s, fp)
+        if previous:
+            log(f"veil attack: reusing {Path(run_dir) / 'attack' / 'attack.json'} (same settings, same obfuscator)")
             results.append(previous)
         else:
-            if previous:
-                log(f"veil attack: {saved} was made with other settings; attacking {run_dir} again")
+            if (Path(run_dir) / "attack" / "attack.json").is_file():
+                log(f"veil attack: {why}; attacking {run_dir} again")
             results.append(attack(run_dir, s, log))
     columns = [f"{r['training_reconstructor']} ({Path(r['run']).name})" for r in results]
     rows = attacker_names(s) + ([WHITEBOX] if s.whitebox else [])

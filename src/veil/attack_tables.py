@@ -16,7 +16,7 @@ import torch
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.plots import plot_image_rows
-from veil.results import FLOOR, OBFUSCATORS, WHITEBOX
+from veil.results import FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX
 
 
 def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
@@ -44,6 +44,8 @@ def to_csv(result: dict) -> str:
     for which in OBFUSCATORS:
         for name, r in result.get(which, {}).items():
             lines.append(row(which, name, r))
+    for which, r in result.get(LINKAGE, {}).items():  # no image rebuilt: no PSNR, SSIM or floor
+        lines.append(",".join([which, LINKAGE, "", "", "", f"{r['reid_top1']:.6g}", f"{r['reid_top5']:.6g}", str(r["n_candidates"]), str(r["n_images"]), ""]))
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +69,13 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             r = result.get("defended", {}).get(name) or result.get("undefended", {}).get(name)
             label = f"whitebox ({r['n_images']} images)"
         rows.append([label, *_cell(result.get("defended", {}).get(name), floor["psnr"]), *_cell(result.get("undefended", {}).get(name), floor["psnr"])])
+    if result.get(LINKAGE):
+        rows.append([LINKAGE_LABEL, *_linkage_cell(result[LINKAGE].get("defended")), *_linkage_cell(result[LINKAGE].get("undefended"))])
     return header, rows
+
+
+def _linkage_cell(r: dict | None) -> list[str]:
+    return ["—", "—", f"{r['reid_top1']:.1%}", f"{r['reid_top5']:.1%}"] if r else ["n/a"] * 4
 
 
 def _notes(result: dict) -> list[str]:
@@ -76,6 +84,13 @@ def _notes(result: dict) -> list[str]:
         f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
         f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
     ]
+    if result.get(LINKAGE):
+        notes.append(
+            "Linkage: the attacker computes f of each candidate image itself and ranks the candidates by the MSE between its feature map "
+            "and the stored one; it rebuilds no image, so it has no PSNR and is not one of the attackers above. A deterministic f cannot hide it."
+        )
+    if result.get("step", 0) < result.get("steps", 0):
+        notes.append(f"(!) The run had not finished training: its checkpoint at step {result['step']} of {result['steps']} was attacked (--allow-unfinished).")
     if result.get("undefended_from"):
         notes.append(f"Undefended columns: reused from the attack of {result['undefended_from']} (the same undefended obfuscator, data and settings).")
     if result["under_trained"]:

@@ -37,6 +37,8 @@ from veil.page import Figure, Page, Table, render_html, render_markdown
 from veil.plots import line_style, new_figure, plot_image_rows, png_bytes
 from veil.results import (
     ATTACKER_NAMES,
+    LINKAGE,
+    LINKAGE_LABEL,
     RunResults,
     accuracy_by_round,
     attacker_order,
@@ -246,6 +248,13 @@ def attack_section(run: RunResults, page: Page, figures: list[Figure]) -> None:
             pct(d["reid_top1"], 1) if d else "n/a", pct(d["reid_top5"], 1) if d else "n/a",
             db(u["psnr_mean"], u["psnr_std"]) if u else "n/a", f"{u['ssim_mean']:.3f}" if u else "n/a",
             pct(u["reid_top1"], 1) if u else "n/a", pct(u["reid_top5"], 1) if u else "n/a", note,
+        ])
+    if a.get(LINKAGE):  # feature matching: re-identification only, apart from the attackers above
+        d, u = a[LINKAGE].get("defended"), a[LINKAGE].get("undefended")
+        rows.append([
+            LINKAGE_LABEL, "—", "—", pct(d["reid_top1"], 1) if d else "n/a", pct(d["reid_top5"], 1) if d else "n/a",
+            "—", "—", pct(u["reid_top1"], 1) if u else "n/a", pct(u["reid_top5"], 1) if u else "n/a",
+            "rebuilds no image: not one of the PSNR attackers; a deterministic f cannot hide it",
         ])
     rows.append(["constant image (floor)", db(floor["psnr"]), f"{floor['ssim']:.3f}", "", "", db(floor["psnr"]), f"{floor['ssim']:.3f}", "", "", "the attacker-split mean image"])
     for k in sorted(n):

@@ -26,6 +26,11 @@ FLOOR = "floor"
 OBFUSCATORS = ("defended", "undefended")
 WHITEBOX = "whitebox"
 ATTACK_FIELDS = ("psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates")
+# attack.json's "linkage": {obfuscator: re-identification by feature matching}, apart from the attackers'
+# tables: it rebuilds no image, so it has no PSNR and is never the strongest attacker of a frontier.
+LINKAGE = "linkage"
+LINKAGE_FIELDS = ("reid_top1", "reid_top5", "n_candidates")
+LINKAGE_LABEL = "linkage: feature matching (attacker computes f(candidate))"
 
 ATTACKER_ORDER = ("simrec", "urec1", "urec2", "resrec", WHITEBOX)  # display order; others follow
 ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", WHITEBOX: "white-box"}
@@ -66,6 +71,13 @@ def read_attack(path: Path) -> dict:
             missing = [k for k in ATTACK_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
             if missing:
                 raise ReportError(f"{path}: {side}['{attacker}'] lacks numeric {', '.join(missing)} (expected {', '.join(ATTACK_FIELDS)})")
+    linkage = data.get(LINKAGE, {})  # absent from an attack.json made before it existed
+    if not isinstance(linkage, dict):
+        raise ReportError(f"{path}: '{LINKAGE}' must map obfuscators to their feature-matching scores, got {linkage!r}")
+    for side, row in linkage.items():
+        missing = [k for k in LINKAGE_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
+        if missing:
+            raise ReportError(f"{path}: {LINKAGE}['{side}'] lacks numeric {', '.join(missing)} (expected {', '.join(LINKAGE_FIELDS)})")
     return data
 
 

@@ -259,6 +259,7 @@ class Run:
     channels: int = 3
     num_classes: int = 10
     class_names: list[str] = field(default_factory=list)
+    step: int = 0  # phase-epochs the loaded checkpoint covers (len(train.plan(config.train)) once training finished)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -300,4 +301,5 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         channels=info["channels"],
         num_classes=info["num_classes"],
         class_names=info.get("class_names", []),
+        step=int(info["step"]),
     )

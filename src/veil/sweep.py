@@ -36,17 +36,22 @@ import torch
 import yaml
 
 from veil import config as config_mod
-from veil.attack import AttackConfig, attack, resolve_settings, result_settings
+from veil.attack import AttackConfig, attack, resolve_settings, saved_attack
 from veil.classify import HeadConfig, train_classifier
 from veil.config import ConfigError
 from veil.defences import DEFENCES, get_defence, strength_overrides
 from veil.frontier import frontier_rows, write_frontier
-from veil.io import atomic_write_json
+from veil.io import atomic_write_json, atomic_write_text
+from veil.models.obfuscator import fingerprint
+from veil.rundir import load_run, read_metrics
 from veil.store import obfuscate
 from veil.sweepdir import CEILINGS_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
-from veil.train import train
+from veil.train import Stopped, plan, train
 
-SWEEP_MAY_CHANGE = ("device", "progress")  # how a run executes, not what it trains: a resumed point may differ in these
+# How a run executes and where its data live, not what it trains: an existing point may differ in
+# these, as `veil train --resume` allows.
+SWEEP_MAY_CHANGE = config_mod.RESUME_MAY_CHANGE
+DATA_LOCATION = tuple(k for k in SWEEP_MAY_CHANGE if k.startswith("data."))  # data.path, data.data_dir, ...
 
 def sweepable() -> list[str]:
     """Every defence of the registry; one without a strength (none) is one point, swept at --lambdas 0."""
@@ -99,6 +104,22 @@ def check_same_config(run_dir: Path, cfg: config_mod.Config) -> None:
         raise ConfigError(f"{run_dir} was trained with another config (run -> sweep: {'; '.join(differ)}); use another --out or remove that run")
 
 
+def follow_moved_data(run_dir: Path, cfg: config_mod.Config, log) -> None:  # noqa: ANN001
+    """Point an existing run's config.yaml at where the sweep's config says the data live now (DATA_LOCATION),
+    so that its attack and store classifier, which read config.yaml, find them."""
+    existing = config_mod.load(run_dir / "config.yaml")
+    moved = []
+    for key in DATA_LOCATION:
+        name = key.split(".")[1]
+        old, new = getattr(existing.data, name), getattr(cfg.data, name)
+        if old != new:
+            moved.append(f"{key}: {old!r} -> {new!r}")
+            setattr(existing.data, name, new)
+    if moved:
+        atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(existing))
+        log(f"veil sweep: {run_dir.name}: the data moved ({'; '.join(moved)}); its config.yaml now says so")
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -110,18 +131,14 @@ def harness_attack(settings: dict, log, ceilings: Path | None = None) -> Callabl
 
 
 def attacked_with(run_dir: Path, settings: dict | None) -> bool:
-    """The run has an attack.json; with harness settings given, made with the same ones."""
-    path = run_dir / "attack" / "attack.json"
-    if not path.is_file():
+    """The run has an attack.json; with harness settings given, made with the same ones against the run's
+    current obfuscator (a run resumed or retrained since is attacked again)."""
+    if not (run_dir / "attack" / "attack.json").is_file():
         return False
     if settings is None:
         return True
-    wanted = result_settings(resolve_settings(settings))
-    try:
-        saved = json.loads(path.read_text()).get("settings", {})
-    except json.JSONDecodeError:
-        return False
-    return result_settings(saved) == wanted
+    saved, _ = saved_attack(run_dir, resolve_settings(settings), fingerprint(load_run(run_dir).obfuscator))
+    return saved is not None
 
 
 def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: ANN001
@@ -193,12 +210,20 @@ def sweep(
 
     for p in asked:
         cfg, run_dir = configs[p.name], out / p.name
+        if (run_dir / "config.yaml").is_file():
+            follow_moved_data(run_dir, cfg, log)
         if (run_dir / "summary.json").is_file():
             log(f"veil sweep: {p.name} already trained")
         else:
             resume = (run_dir / "config.yaml").is_file()
             log(f"veil sweep: {'resuming' if resume else 'training'} {p.name} ({d.strength_label} = {p.strength:g})")
-            if not train(cfg, run_dir, resume=resume, log=log):
+            try:
+                trained = train(cfg, run_dir, resume=resume, log=log)
+            except Stopped as e:  # SIGTERM/SIGINT: the sweep, not `veil train --resume`, continues it
+                done, total = len(read_metrics(run_dir)), len(plan(cfg.train))
+                raise Stopped(f"stopped during {p.name} after step {done} of {total} (saved); run the same `veil sweep` command again to continue",
+                              e.signum) from None
+            if not trained:
                 log(f"veil sweep: stopped during {p.name}; run the same command again to continue")
                 return []
         if attacked_with(run_dir, settings):

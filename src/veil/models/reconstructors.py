@@ -6,7 +6,7 @@ written for split 2 (8x8 maps, two 2x upsamplings); for other splits the second 
 scales by 2**(split-1) so the output is always the input image's size.
 
 To add a fifth reconstructor, write a function with the same signature and add it to
-RECONSTRUCTORS.
+RECONSTRUCTORS: training may then use it, and `veil attack --attackers NAME` too (attackers()).
 """
 
 from __future__ import annotations
@@ -133,11 +133,18 @@ def unet(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2
     return UNetDecoder(in_channels, out_channels, width, split)
 
 
-# Attackers for `veil attack`: Table 1's four plus decoders used only to attack.
-ATTACKERS = {**RECONSTRUCTORS, "unet": unet}
+# Decoders used only to attack (training never uses them).
+ATTACK_ONLY = {"unet": unet}
+
+
+def attackers() -> dict:
+    """The attackers of `veil attack`: every reconstructor of RECONSTRUCTORS (one added after import
+    included, read at call time) and ATTACK_ONLY's decoders."""
+    return {**RECONSTRUCTORS, **ATTACK_ONLY}
 
 
 def build_attacker(name: str, in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
-    if name not in ATTACKERS:
-        raise ValueError(f"unknown attacker '{name}'; valid: {', '.join(ATTACKERS)}")
-    return ATTACKERS[name](in_channels, out_channels, width, split)
+    table = attackers()
+    if name not in table:
+        raise ValueError(f"unknown attacker '{name}'; valid: {', '.join(table)}")
+    return table[name](in_channels, out_channels, width, split)
