@@ -201,6 +201,8 @@ def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(
     assert row["client_mflops"] == summary["client"]["mflops"] > 0
     attack = json.loads((out / "none" / "attack" / "attack.json").read_text())
     assert row["ssim"] == max(r["ssim_mean"] for r in attack["defended"].values())
+    # A deterministic f finds every stored map unless two users' 2-bit codes collide (a tie counts against the attacker).
+    assert row["linkage_top1"] == attack["linkage"]["defended"]["reid_top1"] > 0.5
     header, cells = frontier_table([row])
     assert dict(zip(header, cells))["bytes / stored image"] == "192" and dict(zip(header, cells))["strength"] == ""
 
