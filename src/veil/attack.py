@@ -34,7 +34,7 @@ from torch import nn
 from veil import data as data_mod
 from veil.attack_tables import matrix_csv, matrix_markdown, write_outputs
 from veil.data import augment, load_splits, to_float
-from veil.defences import GaussianNoise
+from veil.defences import GaussianNoise, describe
 from veil.errors import AttackError, ConfigError
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import draw_candidates, psnr, reid_ranks, ssim, top_k_rate
@@ -42,7 +42,7 @@ from veil.models import init_xavier
 from veil.models.obfuscator import fingerprint
 from veil.models.reconstructors import attackers, build_attacker
 from veil.progress import progress_bar
-from veil.results import FLOOR, LINKAGE, OBFUSCATORS, WHITEBOX
+from veil.results import FLOOR, LINKAGE, OBFUSCATORS, WHITEBOX, defence_label
 from veil.rundir import Run, load_run
 from veil.train import feature_maps, plan, resolve_device
 from veil.version import __version__
@@ -445,7 +445,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     candidates = draw_candidates(torch.arange(len(data.users)), len(data.users), n_candidates, torch.Generator().manual_seed(s.seed))
     width = s.width or cfg.model.width
     log(
-        f"veil attack: {run_dir} ({splits.name}, training reconstructor {cfg.model.reconstructor}, lambda {cfg.train.lambda_privacy}): "
+        f"veil attack: {run_dir} ({splits.name}, training reconstructor {cfg.model.reconstructor}, defence {describe(cfg)}): "
         f"attackers train on {len(data.train)} of their own images ({len(data.val)} held out), users' images {len(data.users)}, "
         f"re-identification among {n_candidates}, device {device}"
     )
@@ -453,6 +453,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         "run": str(run_dir),
         "dataset": splits.name,
         "training_reconstructor": cfg.model.reconstructor,
+        "defence": describe(cfg),
         "lambda_privacy": cfg.train.lambda_privacy,
         "step": run.step,  # the checkpoint attacked: phase-epochs done, of the plan's `steps`
         "steps": total,
@@ -525,6 +526,7 @@ def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Pa
         "undefended": {row: {col: r["undefended"][row]["psnr_mean"] if row in r.get("undefended", {}) else None for col, r in zip(columns, results)} for row in rows},
         "runs": [r["run"] for r in results],
         "lambda_privacy": {col: r["lambda_privacy"] for col, r in zip(columns, results)},
+        "defence": {col: defence_label(r) for col, r in zip(columns, results)},
         "settings": dataclasses.asdict(s),
         "seed": s.seed,
     }

@@ -16,7 +16,7 @@ import torch
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.plots import plot_image_rows
-from veil.results import FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX
+from veil.results import FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX, defence_label
 
 
 def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
@@ -107,7 +107,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"# Chosen Image Attack: {result['run']}",
         "",
-        f"{result['dataset']}, training reconstructor {result['training_reconstructor']}, lambda {result['lambda_privacy']}. "
+        f"{result['dataset']}, training reconstructor {result['training_reconstructor']}, defence {defence_label(result)}. "
         f"Attackers trained from scratch on {result['n_attacker_train']} attacker images ({result['n_attacker_val']} more held out "
         f"for early stopping: at most {s['max_epochs']} epochs, patience {s['patience']}, augmentation {'on' if s['augment'] else 'off'}), "
         f"width {result['attacker_width']}; scored on {result['n_users']} users' images (PSNR mean ± std over images).",
@@ -146,7 +146,7 @@ def matrix_markdown(matrix: dict) -> str:
     lines = [
         "# Attack x training reconstructor: users' PSNR (dB) against the defended obfuscator",
         "",
-        "| attack \\ training | " + " | ".join(f"{c}, lambda {matrix['lambda_privacy'][c]}" for c in cols) + " |",
+        "| attack \\ training | " + " | ".join(f"{c}, {matrix.get('defence', {}).get(c, 'λ=' + str(matrix['lambda_privacy'][c]))}" for c in cols) + " |",
         "| --- | " + " | ".join("---:" for _ in cols) + " |",
     ]
     for row in matrix["rows"]:

@@ -278,7 +278,7 @@ def attack_section(run: RunResults, page: Page, figures: list[Figure]) -> None:
 def matrix_table(directory: Path, m: dict, page: Page) -> None:
     """Table 3 as `veil attack --matrix` computed it (rows: attackers; columns: trained runs)."""
     cols, floor = m["columns"], m.get("floor", {})
-    lam = m.get("lambda_privacy", {})
+    lam, defences = m.get("lambda_privacy", {}), m.get("defence", {})
     rows = [[ATTACKER_NAMES.get(r, r)] + [db(m["psnr"][r][c]) + (" (below floor)" if c in floor and m["psnr"][r][c] < floor[c] else "") for c in cols]
             for r in m["rows"]]
     if floor:
@@ -288,7 +288,7 @@ def matrix_table(directory: Path, m: dict, page: Page) -> None:
         if any((undefended.get(r) or {}).get(c) is not None for c in cols):
             rows.append([f"{ATTACKER_NAMES.get(r, r)} against undefended"] + [db((undefended.get(r) or {}).get(c)) for c in cols])
     page.add("table", Table(
-        ["attack \\ training"] + [f"{c}, λ={lam[c]:g}" if c in lam else c for c in cols], rows,
+        ["attack \\ training"] + [f"{c}, {defences[c]}" if c in defences else f"{c}, λ={lam[c]:g}" if c in lam else c for c in cols], rows,
         f"Mean PSNR (dB) on the users' images of each attack reconstructor (rows) against the defended obfuscator trained with each "
         f"training reconstructor (columns), from {directory / 'matrix.json'}; floor and undefended ceiling below.",
     ))

@@ -81,6 +81,11 @@ def read_attack(path: Path) -> dict:
     return data
 
 
+def defence_label(result: dict) -> str:
+    """An attack.json's defence ('λ=1', 'NoPeek α=2', 'none'); 'λ=<lambda>' for one made before it was recorded."""
+    return result.get("defence") or f"λ={result['lambda_privacy']:g}"
+
+
 def strongest(table: dict, key: str) -> tuple[str, float] | None:
     """(attacker, value) of the attacker with the highest `key` (PSNR or re-identification)."""
     if not table:

@@ -216,7 +216,7 @@ def sweep(
             log(f"veil sweep: {p.name} already trained")
         else:
             resume = (run_dir / "config.yaml").is_file()
-            log(f"veil sweep: {'resuming' if resume else 'training'} {p.name} ({d.strength_label} = {p.strength:g})")
+            log(f"veil sweep: {'resuming' if resume else 'training'} {p.name}" + (f" ({d.strength_label} = {p.strength:g})" if d.strength_key else ""))
             try:
                 trained = train(cfg, run_dir, resume=resume, log=log)
             except Stopped as e:  # SIGTERM/SIGINT: the sweep, not `veil train --resume`, continues it
