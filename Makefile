@@ -5,7 +5,7 @@ VEIL := $(VENV)/bin/veil
 # torch/torchvision pinned to the releases this project is tested with (a CUDA build; runs on CPU too).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint format clean chromium
+.PHONY: install demo test lint format clean chromium
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)

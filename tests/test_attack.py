@@ -158,15 +158,45 @@ def test_whitebox_from_mean_image_is_the_floor_when_features_carry_nothing(demo_
     assert torch.allclose(images, data.mean_image.expand_as(images).clamp(0, 1))
 
 
-def test_early_stopping_keeps_the_best_weights(demo_images):
-    s = small_settings(max_epochs=6, patience=1, lr=2e-2)
+def _epoch_patience_runs_out(curve: list[dict], s: AttackConfig) -> int | None:
+    """The stopping rule replayed on a curve: an epoch whose val_psnr beats the best before it by
+    more than min_delta resets the patience, any other uses one up; the epoch at which `patience`
+    epochs in a row have not improved (None if that never happens)."""
+    best, waited = -math.inf, 0
+    for c in curve:
+        waited = 0 if c["val_psnr"] > best + s.min_delta else waited + 1
+        best = max(best, c["val_psnr"])
+        if waited >= s.patience:
+            return c["epoch"]
+    return None
+
+
+def test_early_stopping_stops_at_the_epoch_patience_runs_out(demo_images):
+    # No gain can reach min_delta, so only epoch 1 (against a best of -inf) counts as an improvement:
+    # training must stop at epoch 1 + patience of the 20 allowed.
+    s = small_settings(max_epochs=20, patience=2, lr=2e-2, min_delta=1e6)
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
-    reconstructor, curve = fit_attacker("resrec", Unshuffle(), data, s, 0.125, 1, seed=0)
-    assert 1 <= len(curve) <= 6
-    if len(curve) < 6:  # stopped early: the last epoch did not improve on the best
-        assert curve[-1]["val_psnr"] <= max(c["val_psnr"] for c in curve) + s.min_delta
-    val = psnr(to_float(data.val), reconstruct(reconstructor, feature_maps(Unshuffle(), data.val, 500), 500)).mean().item()
-    assert val == pytest.approx(max(c["val_psnr"] for c in curve), abs=1e-4)
+    _, curve = fit_attacker("resrec", Unshuffle(), data, s, 0.125, 1, seed=0)
+    assert [c["epoch"] for c in curve] == [1, 2, 3]
+
+
+def test_early_stopping_ends_a_plateau_and_keeps_the_best_weights(demo_images):
+    # Features that carry nothing: the held-out PSNR levels off at the mean image within a few epochs.
+    s = small_settings(max_epochs=40, patience=2, lr=2e-2)
+    data = attack_data(demo_images[:300], demo_images[300:400], True, s)
+    reconstructor, curve = fit_attacker("simrec", Constant(), data, s, 0.25, 2, seed=0)
+    assert len(curve) < s.max_epochs
+    # It stopped where the rule says, not before: the last `patience` epochs did not beat the best
+    # before them by min_delta, and every earlier run of non-improving epochs was shorter.
+    assert _epoch_patience_runs_out(curve, s) == len(curve)
+    best_before = max(c["val_psnr"] for c in curve[: -s.patience])
+    assert all(c["val_psnr"] <= best_before + s.min_delta for c in curve[-s.patience :])
+    # Here the best epoch is not the last (seen: epoch 4 of 6, 12.49 dB against 12.47), so the
+    # weights returned must be the best epoch's, restored, not simply the last ones.
+    best = max(curve, key=lambda c: c["val_psnr"])
+    assert best["epoch"] < len(curve)
+    val = psnr(to_float(data.val), reconstruct(reconstructor, feature_maps(Constant(), data.val, 500), 500)).mean().item()
+    assert val == pytest.approx(best["val_psnr"], abs=1e-4)
 
 
 def test_an_attacker_never_finite_on_its_held_out_images_fails_naming_itself(demo_images, monkeypatch):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import tempfile
+import typing
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -228,34 +230,175 @@ raw_configs = st.one_of(values, st.dictionaries(keys, values | sections, max_siz
 def test_any_mapping_gives_a_config_or_config_error(raw):
     try:
         cfg = config_mod.from_dict(raw)
-    except ConfigError:
+    except ConfigError as e:
         event("ConfigError")
+        assert str(e).startswith("config: "), e  # says where
         return
     event("valid config")
-    assert isinstance(cfg, Config)
     assert config_mod.from_dict(yaml.safe_load(config_mod.to_yaml(cfg))) == cfg  # what is valid survives a round trip
 
 
-@SETTINGS
-@given(st.lists(st.text(max_size=30) | st.builds("{}={}".format, st.sampled_from(config_mod.valid_keys() + LEAVES), st.text(max_size=12)), max_size=4))
-def test_any_override_gives_a_config_or_config_error(overrides):
+def _field_types() -> dict[str, str]:
+    """Dotted key -> the name of its annotated type (int, float, bool, str)."""
+    out = {}
+    for key in config_mod.valid_keys():
+        *section, leaf = key.split(".")
+        cls = type(getattr(Config(), section[0])) if section else Config
+        out[key] = typing.get_type_hints(cls)[leaf].__name__
+    return out
+
+
+FIELD_TYPES = _field_types()
+# A bare leaf name is accepted where exactly one section has it (`lambda_privacy=0`).
+ACCEPTED_KEYS = sorted(set(FIELD_TYPES) | {leaf for leaf, n in Counter(k.split(".")[-1] for k in FIELD_TYPES).items() if n == 1})
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+# What an error message calls a key, where it does not use the key's own name.
+KEY_IN_MESSAGES = {"warmup_epochs": "warm-ups"}
+
+
+def _dotted(key: str) -> str:
+    return key if key in FIELD_TYPES else next(k for k in FIELD_TYPES if k.endswith("." + key))
+
+
+def _put(cfg: Config, dotted: str, value: object) -> None:
+    *section, leaf = dotted.split(".")
+    setattr(getattr(cfg, section[0]) if section else cfg, leaf, value)
+
+
+def _get(cfg: Config, dotted: str) -> object:
+    *section, leaf = dotted.split(".")
+    return getattr(getattr(cfg, section[0]) if section else cfg, leaf)
+
+
+def _names_a_key(message: str, dotted_keys) -> bool:  # noqa: ANN001
+    return any(leaf in message or KEY_IN_MESSAGES.get(leaf, leaf) in message for leaf in (k.split(".")[-1] for k in dotted_keys))
+
+
+def _reads_back(text: str) -> bool:
+    return yaml.safe_load(text) == text  # YAML reads the text as this very string (not a number, bool or null)
+
+
+# A value of each field type with its text on the command line, read by YAML as that type.
+TYPED_VALUES = {
+    "int": st.integers(-(10**7), 10**7).map(lambda v: (v, str(v))),
+    "float": st.floats(-1e6, 1e6, allow_nan=False).map(lambda v: (v, repr(v))),
+    "bool": st.sampled_from(sorted(BOOL_WORDS)).map(lambda w: (BOOL_WORDS[w], w)),
+    "str": st.builds(str.__add__, st.sampled_from("abcdefghijklmnopqrstuvwxyz"), st.text("abcdefghijklmnopqrstuvwxyz0123456789_-./", max_size=11))
+    .filter(_reads_back)
+    .map(lambda s: (s, s)),
+}
+# Words that are no int, float or bool (float() takes nan and inf).
+NOT_A_NUMBER = st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8).filter(
+    lambda w: _reads_back(w) and w not in BOOL_WORDS and w not in ("nan", "inf", "infinity")
+)
+
+
+def _direct(settings_: dict[str, object], where: str) -> Config | str:
+    """The expected outcome, without YAML or key lookup: the values set on a default Config, then
+    validated; the Config, or the ConfigError's message."""
+    cfg = Config()
+    for dotted, value in settings_.items():
+        _put(cfg, dotted, value)
     try:
-        cfg = config_mod.apply_overrides(Config(), overrides)
-    except ConfigError:
-        return
-    assert isinstance(cfg, Config)
+        config_mod.validate(cfg, where)
+    except ConfigError as e:
+        return str(e)
+    return cfg
+
+
+@SETTINGS
+@given(st.sampled_from(ACCEPTED_KEYS).flatmap(lambda k: st.tuples(st.just(k), TYPED_VALUES[FIELD_TYPES[_dotted(k)]])))
+def test_an_override_sets_exactly_its_key_or_its_error_names_the_key(key_value):
+    key, (value, text) = key_value
+    dotted = _dotted(key)
+    expected = _direct({dotted: value}, "override")
+    if isinstance(expected, str):
+        event("out of range")
+        with pytest.raises(ConfigError) as e:
+            config_mod.apply_overrides(Config(), [f"{key}={text}"])
+        assert str(e.value) == expected
+        assert _names_a_key(expected, [dotted]), expected
+    else:
+        event("set")
+        cfg = config_mod.apply_overrides(Config(), [f"{key}={text}"])
+        assert cfg == expected  # that key, and nothing else, changed
+        assert _get(cfg, dotted) == value and type(_get(cfg, dotted)) is type(value)
+
+
+@SETTINGS
+@given(st.sampled_from([k for k in ACCEPTED_KEYS if FIELD_TYPES[_dotted(k)] != "str"]), NOT_A_NUMBER)
+def test_an_override_of_the_wrong_type_names_key_type_and_value(key, word):
+    with pytest.raises(ConfigError) as e:
+        config_mod.apply_overrides(Config(), [f"{key}={word}"])
+    assert str(e.value) == f"override: '{_dotted(key)}' must be {FIELD_TYPES[_dotted(key)]}, got {word!r}"
+
+
+@SETTINGS
+@given(st.text(max_size=12).filter(lambda k: "=" not in k and k.strip() not in ACCEPTED_KEYS), st.text(max_size=12))
+def test_an_override_of_an_unknown_key_names_it(key, value):
+    with pytest.raises(ConfigError) as e:
+        config_mod.apply_overrides(Config(), [f"{key}={value}"])
+    assert str(e.value).startswith(f"override: unknown config key '{key.strip()}'."), e.value
+
+
+@SETTINGS
+@given(st.text(max_size=30).filter(lambda s: "=" not in s))
+def test_an_override_without_equals_sign_says_what_it_should_look_like(item):
+    with pytest.raises(ConfigError) as e:
+        config_mod.apply_overrides(Config(), [item])
+    assert str(e.value) == f"override '{item}' must look like KEY=VALUE, e.g. train.lambda_privacy=0"
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(sorted(FIELD_TYPES)), st.just(None), min_size=1, max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: TYPED_VALUES[FIELD_TYPES[k]] for k in keys})
+))
+def test_a_config_file_sets_exactly_its_keys_or_its_error_names_file_and_key(items):
+    values = {k: v for k, (v, _) in items.items()}
+    raw: dict = {}
+    for dotted, value in values.items():
+        *section, leaf = dotted.split(".")
+        (raw.setdefault(section[0], {}) if section else raw)[leaf] = value
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        expected = _direct(values, str(path))
+        if isinstance(expected, str):
+            with pytest.raises(ConfigError) as e:
+                config_mod.load(path)
+            assert str(e.value) == expected
+            assert expected.startswith(f"{path}: ") and _names_a_key(expected, values), expected
+        else:
+            assert config_mod.load(path) == expected
 
 
 @SETTINGS
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
-def test_any_file_gives_a_config_or_config_error(content):
+def test_any_file_gives_its_config_or_an_error_naming_it(content):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "c.yaml"
         path.write_bytes(content)
         try:
-            assert isinstance(config_mod.load(path), Config)
-        except ConfigError:
-            pass
+            raw = yaml.safe_load(content.decode("utf-8"))
+        except UnicodeDecodeError:
+            event("not UTF-8")
+            expected: Config | str = f"{path}: not a text file ("
+        except yaml.YAMLError:
+            event("not YAML")
+            expected = f"{path}: not valid YAML: "
+        else:
+            try:
+                expected = config_mod.from_dict(raw, str(path))
+                event("a config")
+            except ConfigError as e:
+                event("not a config")
+                expected = str(e)
+        if isinstance(expected, Config):
+            assert config_mod.load(path) == expected
+        else:
+            with pytest.raises(ConfigError) as e:
+                config_mod.load(path)
+            assert str(e.value).startswith(expected) and expected.startswith(f"{path}: "), e.value
 
 
 # ----------------------------------------------------------------------------- property-based: data loaders

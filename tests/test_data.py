@@ -6,7 +6,7 @@ import torch
 from tests.conftest import DEMO_NPZ, shared_data_dir
 
 from veil.config import DataConfig
-from veil.data import DataError, augment, batches, load_splits, read_npz, to_tensor_images
+from veil.data import DataError, apply_augmentation, augment, batches, load_splits, read_npz, to_tensor_images
 
 
 def _ids(images: torch.Tensor) -> set[bytes]:
@@ -46,9 +46,13 @@ def test_augment_crops_and_flips_whole_batch():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).to(torch.uint8)
     out = augment(x, flip=True, generator=g)
     assert out.shape == x.shape and out.dtype == torch.uint8
-    # Every output pixel comes from the padded input; no flip and no shift gives the input back.
-    ident = augment(x, flip=False, generator=torch.Generator().manual_seed(0))
-    assert ident.shape == x.shape
+    # A crop at offset 4 (the padding: no shift) without a flip gives the images back, bit for bit;
+    # a mirror flag flips its image alone. (Random pixels: x above repeats every 8 rows.)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    four = torch.full((2,), 4)
+    assert torch.equal(apply_augmentation(images, four, four, None), images)
+    assert torch.equal(apply_augmentation(images, four, four, torch.tensor([False, False])), images)
+    assert torch.equal(apply_augmentation(images, four, four, torch.tensor([True, False])), torch.stack([images[0].flip(-1), images[1]]))
     g2 = torch.Generator().manual_seed(1)
     several = [augment(x, True, g2) for _ in range(20)]
     assert any(not torch.equal(s, x) for s in several)

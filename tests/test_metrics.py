@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from veil.metrics import MSE_FLOOR, accuracy, psnr, ssim
+from veil.metrics import MSE_FLOOR, psnr, ssim
 
 
 def test_psnr_hand_computed():
@@ -48,8 +48,3 @@ def test_ssim_of_constant_images_hand_computed():
     c1 = 0.01**2
     expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)
     assert abs(ssim(x, y).item() - expected) < 1e-5
-
-
-def test_accuracy():
-    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
-    assert accuracy(logits, torch.tensor([0, 1, 1])) == 2 / 3

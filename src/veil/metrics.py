@@ -22,10 +22,6 @@ def psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     return -10.0 * torch.log10(mse.clamp_min(MSE_FLOOR))
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).sum().item() / len(labels)
-
-
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
