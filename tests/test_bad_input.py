@@ -253,7 +253,7 @@ FIELD_TYPES = _field_types()
 ACCEPTED_KEYS = sorted(set(FIELD_TYPES) | {leaf for leaf, n in Counter(k.split(".")[-1] for k in FIELD_TYPES).items() if n == 1})
 BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 # What an error message calls a key, where it does not use the key's own name.
-KEY_IN_MESSAGES = {"warmup_epochs": "warm-ups"}
+KEY_IN_MESSAGES: dict[str, str] = {}
 
 
 def _dotted(key: str) -> str:

@@ -327,8 +327,10 @@ def validate(cfg: Config, where: str = "config") -> None:
     for k in ("pretrain_epochs", "t_main", "t_sub"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
-    n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + 3 * t.t_main * t.t_sub
-    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + warm-ups + 3 * t_main * t_sub); at most {MAX_PHASE_EPOCHS} are allowed")
+    per_round = len(DEFENCES[t.defence].round_phases) if t.defence in DEFENCES else 3
+    n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + per_round * t.t_main * t.t_sub
+    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + {per_round} phases * t_main * t_sub); "
+         f"at most {MAX_PHASE_EPOCHS} are allowed")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size and train.eval_batch_size must be >= 1")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
     need(t.pretrain_schedule in SCHEDULES, f"train.pretrain_schedule must be one of {', '.join(SCHEDULES)}, got '{t.pretrain_schedule}'")
