@@ -454,3 +454,17 @@ def test_veil_attack_errors_are_one_line(tmp_path, capsys):
     assert "valid: simrec, urec1, urec2, resrec" in capsys.readouterr().err
     assert main(["attack", str(tmp_path)]) == 2
     assert "not a Veil run directory" in capsys.readouterr().err
+
+
+def test_defence_none_is_attacked_once_for_both_columns(tiny_config, tmp_path, monkeypatch):
+    """With no defence the undefended obfuscator is the defended one: its attack is not run twice."""
+    import veil.attack as attack_mod
+
+    tiny_config.train.defence = "none"
+    train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    calls = []
+    real = attack_mod.attack_obfuscator
+    monkeypatch.setattr(attack_mod, "attack_obfuscator", lambda *a, **k: calls.append(a[-2]) or real(*a, **k))
+    s = resolve_settings({"attackers": "simrec", "max_epochs": 1, "batch_size": 16, "whitebox": False, "n_candidates": 10, "progress": False, "device": "cpu"})
+    result = attack(tmp_path / "run", s, log=lambda *_: None)
+    assert calls == ["defended"] and result["undefended"] == result["defended"] and "same weights" in result["undefended_from"]

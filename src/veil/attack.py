@@ -18,6 +18,7 @@ The files written from the results are attack_tables.py's.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -482,7 +483,13 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
                 result[which], result["undefended_from"] = known[key]["result"], known[key]["run"]
                 log(f"  undefended: the same obfuscator, data and settings as {known[key]['run']}; its results reused")
                 continue
-        result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, cfg.model.split, candidates, which, log)
+        same = which == "undefended" and fingerprint(without_idle_noise(obfuscator)) == fingerprint(without_idle_noise(run.obfuscator))
+        if same:  # defence none: the undefended obfuscator is the defended one, attacked already with these settings
+            result[which], result["undefended_from"] = copy.deepcopy(result["defended"]), f"{run_dir} (its defended obfuscator: the same weights)"
+            figures[which] = figures["defended"]
+            log("  undefended: the same weights as the defended obfuscator; its results reused")
+        else:
+            result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, cfg.model.split, candidates, which, log)
         if shared:
             known = read_ceilings(Path(ceilings))  # re-read: the file is only ever added to
             known[key] = {"run": str(run_dir), "result": result[which]}
