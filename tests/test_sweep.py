@@ -251,3 +251,12 @@ def test_a_stopped_sweep_says_to_rerun_it_and_resumes_over_a_moved_data_file(tmp
     logs = []
     sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, log=logs.append)
     assert "veil sweep: lambda-0 already trained" in logs and "veil sweep: lambda-0 already attacked" in logs
+
+
+def test_stored_bytes_reads_old_and_new_summaries():
+    from veil.frontier import stored_bytes
+
+    assert stored_bytes({"shape": [8, 2, 2], "bits": 4, "stored_as": "uint8", "bytes_per_item": 32}) == 32
+    assert stored_bytes({"shape": [8, 2, 2], "bits": 4, "bytes_per_item": 16}) == 32  # an earlier summary counted packed bits
+    assert stored_bytes({"shape": [32, 8, 8], "bits": 16, "bytes_per_item": 4096}) == 4096  # float16
+    assert stored_bytes({}) is None

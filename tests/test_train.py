@@ -170,7 +170,7 @@ def test_bottleneck_run_records_what_client_and_store_pay(tiny_config, tmp_path)
     cfg = tiny_config
     cfg.model.bottleneck, cfg.model.bottleneck_channels, cfg.model.feature_bits = "learned", 3, 2
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
-    assert summary["features"] == {"shape": [3, 8, 8], "bits": 2, "bytes_per_item": 3 * 8 * 8}  # one byte per 2-bit code
+    assert summary["features"] == {"shape": [3, 8, 8], "bits": 2, "stored_as": "uint8", "bytes_per_item": 3 * 8 * 8}  # one byte per 2-bit code
     run = rundir.load_run(tmp_path / "run")
     assert run.obfuscator.out_channels == 3 and summary["client"]["parameters"] == sum(p.numel() for p in run.obfuscator.parameters())
     # MFLOPs per image: the convolutions of the first two VGG blocks at width 1/16 (4, 4, 8, 8 channels) and the 1x1 projection.

@@ -13,12 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 from veil import config as config_mod
 from veil.defences import DEFENCES, point_symbol, strength_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from veil.models.obfuscator import code_bytes
 from veil.plots import line_style, new_figure, png_bytes
 from veil.results import ATTACKER_NAMES, LINKAGE, db, pct, read_attack, strongest
 from veil.sweepdir import STORE_CLASSIFIER, read_sweep
@@ -40,7 +42,7 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
             "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
             "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "cut": cut,
-            "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": features.get("bytes_per_item"),
+            "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
         }
         if attack and attack["defended"]:
             row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
@@ -54,6 +56,15 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         rows.append(row)
     mark_dominated(rows)
     return rows
+
+
+def stored_bytes(features: dict) -> int | None:
+    """Feature bytes per stored item, from summary.json. A summary that does not say how the store keeps
+    the values (written before `stored_as` existed, where bits 16 meant float16) gets them from shape and bits."""
+    if "stored_as" in features or "shape" not in features:
+        return features.get("bytes_per_item")
+    bits = features.get("bits", 16)
+    return math.prod(features["shape"]) * code_bytes(0 if bits == 16 else bits)
 
 
 def cut_label(cfg: config_mod.Config) -> str:

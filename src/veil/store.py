@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.io import atomic_write_json, save_tensors, sha256_file
-from veil.models.obfuscator import Quantise, feature_shape, fingerprint
+from veil.models.obfuscator import Quantise, code_dtype, feature_shape, fingerprint
 from veil.rundir import load_run
 from veil.train import resolve_device
 from veil.version import __version__
@@ -52,10 +52,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # A quantising obfuscator's (model.feature_bits) features are stored as their integer codes, b bits in
 # the smallest integer type that holds them; read_shard turns them back into the values f gave.
 CODES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
-
-
-def code_dtype(bits: int) -> str:
-    return "uint8" if bits <= 8 else "int16" if bits <= 15 else "int32"
 
 
 def quantised_bits(obfuscator: torch.nn.Module) -> int:
@@ -372,7 +368,7 @@ def obfuscate(
         raise DataError(f"--data {data}: no images")
     bits = quantised_bits(run.obfuscator)
     if dtype == "auto":
-        dtype = code_dtype(bits) if bits else "float16"
+        dtype = code_dtype(bits)
     m = run.config.model
     shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
     manifest = _new_manifest(source, run.obfuscator, fingerprint(run.obfuscator), run.config.data.image_size, shape, dtype, shard_size)

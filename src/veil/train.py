@@ -58,6 +58,7 @@ from veil.defences import (
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks, client_cost, feature_shape
+from veil.models.obfuscator import code_bytes, code_dtype
 from veil.progress import progress_bar
 from veil.runtime import Runtime
 from veil.version import __version__
@@ -533,13 +534,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
 
 def costs(obfuscator: nn.Module, cfg: Config) -> dict:
     """What the client pays per image (MFLOPs, parameters) and what the store pays per item: the feature
-    map's shape and bits, and the bytes `veil obfuscate` writes for it by default (float16 values, or a
-    quantising obfuscator's integer codes: 1 byte each up to 8 bits), labels and ids aside."""
+    map's shape and bits (0: float features), and how and in how many bytes `veil obfuscate` stores it by
+    default (float16 values, or a quantising obfuscator's integer codes: 1 byte each up to 8 bits), labels and ids aside."""
     c, h, w = feature_shape(obfuscator.in_channels, cfg.data.image_size, cfg.model.width, cfg.model.split, obfuscator.out_channels)
     bits = cfg.model.feature_bits
-    item = 2 if not bits else 1 if bits <= 8 else 2 if bits <= 15 else 4
     return {"client": client_cost(obfuscator, cfg.data.image_size),
-            "features": {"shape": [c, h, w], "bits": bits or 16, "bytes_per_item": c * h * w * item}}
+            "features": {"shape": [c, h, w], "bits": bits, "stored_as": code_dtype(bits), "bytes_per_item": c * h * w * code_bytes(bits)}}
 
 
 @contextlib.contextmanager

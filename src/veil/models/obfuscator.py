@@ -111,6 +111,16 @@ def feature_shape(in_channels: int, image_size: int, width: float, split: int, o
     return out_channels or cut_channels(width, split), image_size >> split, image_size >> split
 
 
+def code_dtype(bits: int) -> str:
+    """How `veil obfuscate` stores a value by default: float16 for float features (bits 0), else a
+    quantiser's integer code in the smallest integer type that holds b bits."""
+    return "float16" if not bits else "uint8" if bits <= 8 else "int16" if bits <= 15 else "int32"
+
+
+def code_bytes(bits: int) -> int:
+    return {"float16": 2, "uint8": 1, "int16": 2, "int32": 4}[code_dtype(bits)]
+
+
 def client_cost(obfuscator: nn.Module, image_size: int) -> dict:
     """What the client pays to obfuscate one image: MFLOPs (torch's counter; a multiply-add is 2)
     and parameters (learned weights; fixed buffers such as a projection are not counted)."""
