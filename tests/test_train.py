@@ -163,7 +163,9 @@ def test_privacy_term_lowers_the_frozen_reconstructors_psnr(tiny_config, phase):
             return psnr(images, r(f(images))).mean().item()
 
     plain, private = after_one_epoch(0.0), after_one_epoch(1.0)
-    assert private < plain - 0.5, (plain, private)  # flipping the sign of lambda * PSNR in Eq. 2 raises it instead
+    # Seen on 2026-11-27 (ATEN_CPU_CAPABILITY native, default, avx2 alike to 0.02 dB): (a) 9.91 -> 7.71 dB,
+    # (c) 9.78 -> 8.04 dB; with the sign of lambda * PSNR flipped in Eq. 2, 9.91 -> 11.42 and 9.78 -> 12.03.
+    assert private < plain - 0.5, (plain, private)
 
 
 def test_bottleneck_run_records_what_client_and_store_pay(tiny_config, tmp_path):
