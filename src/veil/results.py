@@ -68,17 +68,19 @@ def read_attack(path: Path) -> dict:
         if not isinstance(table, dict):
             raise ReportError(f"{path}: '{side}' must map attacker names to their metrics, got {table!r}")
         for attacker, row in table.items():
-            missing = [k for k in ATTACK_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
-            if missing:
-                raise ReportError(f"{path}: {side}['{attacker}'] lacks numeric {', '.join(missing)} (expected {', '.join(ATTACK_FIELDS)})")
+            _require_numbers(row, ATTACK_FIELDS, f"{path}: {side}['{attacker}']")
     linkage = data.get(LINKAGE, {})  # absent from an attack.json made before it existed
     if not isinstance(linkage, dict):
         raise ReportError(f"{path}: '{LINKAGE}' must map obfuscators to their feature-matching scores, got {linkage!r}")
     for side, row in linkage.items():
-        missing = [k for k in LINKAGE_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
-        if missing:
-            raise ReportError(f"{path}: {LINKAGE}['{side}'] lacks numeric {', '.join(missing)} (expected {', '.join(LINKAGE_FIELDS)})")
+        _require_numbers(row, LINKAGE_FIELDS, f"{path}: {LINKAGE}['{side}']")
     return data
+
+
+def _require_numbers(row: object, fields: tuple[str, ...], where: str) -> None:
+    missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))]
+    if missing:
+        raise ReportError(f"{where} lacks numeric {', '.join(missing)} (expected {', '.join(fields)})")
 
 
 def defence_label(result: dict) -> str:
