@@ -29,6 +29,7 @@ def test_parse_strengths():
         with pytest.raises(ConfigError, match=msg):
             parse_strengths(bad)
     assert point_name("adversarial", 0.1) == "lambda-0.1" and point_name("adversarial", 3.0) == "lambda-3"
+    assert point_name("reid", 1.0) == "reid-lambda-1" and point_name("noise", 0.5) == "sigma-0.5"  # reid shares adversarial's lambda
     assert strength_overrides("adversarial", 0.3) == ["train.defence=adversarial", "train.lambda_privacy=0.3"]
     assert strength_overrides("noise", 0.5) == ["train.defence=noise", "train.noise_sigma=0.5"]
 

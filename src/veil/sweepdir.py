@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from veil.defences import get_defence
+from veil.defences import DEFENCES, get_defence
 from veil.errors import ConfigError
 
 SWEEP_FILE = "sweep.json"
@@ -30,9 +30,14 @@ class Point:
 
 
 def point_name(defence: str, strength: float) -> str:
-    """'lambda-0.1'; a defence without a strength is one point named after it ('none')."""
+    """'lambda-0.1'; a defence without a strength is one point named after it ('none'); one whose strength
+    label an earlier defence of the registry uses too is prefixed with its name ('reid-lambda-1')."""
     d = get_defence(defence)
-    return f"{d.strength_label}-{strength:g}" if d.strength_key else d.name
+    if not d.strength_key:
+        return d.name
+    earlier = list(DEFENCES)[: list(DEFENCES).index(defence)]
+    shared = any(DEFENCES[e].strength_key and DEFENCES[e].strength_label == d.strength_label for e in earlier)
+    return f"{defence + '-' if shared else ''}{d.strength_label}-{strength:g}"
 
 
 def read_sweep(sweep_dir: Path) -> dict:
