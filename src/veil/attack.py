@@ -376,7 +376,7 @@ def under_trained(result: dict) -> list[str]:
 def without_idle_noise(obfuscator: nn.Module) -> nn.Module:
     """The obfuscator's layers less a noise layer of sigma 0 (it adds nothing), the others under their own
     names: a noise run's undefended obfuscator then fingerprints like any other run's pretrained one."""
-    kept = ((name, m) for name, m in obfuscator.named_children() if not (isinstance(m, GaussianNoise) and float(m.sigma) == 0.0))
+    kept = ((name, m) for name, m in obfuscator.named_children() if not (isinstance(m, GaussianNoise) and not m.on))
     return nn.Sequential(OrderedDict(kept))
 
 

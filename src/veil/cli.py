@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file shared by every run")
     p.add_argument("--lambdas", required=True, metavar="L1,L2,...", help="defence strengths, e.g. 0,0.1,0.3,1,3: the strength key of --defence (lambda of Eq. 2, NoPeek's alpha, the noise sigma, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory: one run directory per strength, frontier.csv/png")
-    from veil.sweep import sweepable
+    from veil.defences import DEFENCES
 
-    p.add_argument("--defence", default="adversarial", choices=sweepable(),
+    p.add_argument("--defence", default="adversarial", choices=list(DEFENCES),
                    help="defence whose strength is swept (veil/defences/; default: adversarial, the paper's); several may share one --out")
     p.add_argument("--attack", action="append", default=[], metavar="KEY=VALUE",
                    help="a veil attack setting for every point, e.g. --attack max_epochs=5 --attack attackers=simrec,resrec (see veil attack --help)")

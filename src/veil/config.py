@@ -327,7 +327,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     for k in ("pretrain_epochs", "t_main", "t_sub"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
-    per_round = len(DEFENCES[t.defence].round_phases) if t.defence in DEFENCES else 3
+    per_round = len(DEFENCES[t.defence].round_phases)  # t.defence was checked above
     n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + per_round * t.t_main * t.t_sub
     need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + {per_round} phases * t_main * t_sub); "
          f"at most {MAX_PHASE_EPOCHS} are allowed")

@@ -13,7 +13,8 @@
 Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
 A point is (defence, strength): the paper's adversarial training (lambda, Eq. 2), NoPeek (alpha)
 or feature noise (sigma); one sweep directory may hold several defences, and its frontier shows
-one line per defence; any defence of the registry (veil/defences/) with a strength can be swept. Points that start from the same pretraining share
+one line per defence. Any defence of the registry (veil/defences/) can be swept; one without a
+strength (none) is a single point, `--lambdas 0`. Points that start from the same pretraining share
 their undefended obfuscator, which is attacked once (CEILINGS_FILE).
 
 Two accuracies, because they answer two questions: the in-run one is the classifier trained
@@ -39,7 +40,7 @@ from veil import config as config_mod
 from veil.attack import AttackConfig, attack, resolve_settings, saved_attack
 from veil.classify import HeadConfig, train_classifier
 from veil.config import ConfigError
-from veil.defences import DEFENCES, get_defence, strength_overrides
+from veil.defences import get_defence, strength_overrides
 from veil.frontier import frontier_rows, write_frontier
 from veil.io import atomic_write_json, atomic_write_text
 from veil.models.obfuscator import fingerprint
@@ -52,11 +53,6 @@ from veil.train import Stopped, plan, train
 # these, as `veil train --resume` allows.
 SWEEP_MAY_CHANGE = config_mod.RESUME_MAY_CHANGE
 DATA_LOCATION = tuple(k for k in SWEEP_MAY_CHANGE if k.startswith("data."))  # data.path, data.data_dir, ...
-
-def sweepable() -> list[str]:
-    """Every defence of the registry; one without a strength (none) is one point, swept at --lambdas 0."""
-    return list(DEFENCES)
-
 
 def parse_strengths(text: str) -> list[float]:
     """'0,0.1,1' -> [0.0, 0.1, 1.0], in the given order, without repeats."""

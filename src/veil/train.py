@@ -255,7 +255,8 @@ def train_obfuscator_classifier(
             features = f(images)  # N x 128w x 8 x 8
             logits = g(features)
             ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-            p = privacy.penalty(images, features, r) if privacy else torch.zeros((), device=images.device)
+            # At strength 0 the penalty is only logged: detached, no backward runs through r (a lambda = 0 sweep point).
+            p = privacy.penalty(images, features if privacy.weight else features.detach(), r) if privacy else torch.zeros((), device=images.device)
             loss = ce + privacy.weight * p if privacy else ce  # Eq. 2, or the defence's
         opt.zero_grad(set_to_none=True)
         loss.backward()
