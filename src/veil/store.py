@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.io import atomic_write_json, save_tensors, sha256_file
-from veil.models.obfuscator import Quantise, code_dtype, feature_shape, fingerprint
+from veil.models.obfuscator import code_dtype, feature_shape, fingerprint, quantised_bits
 from veil.rundir import load_run
 from veil.train import resolve_device
 from veil.version import __version__
@@ -52,11 +52,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # A quantising obfuscator's (model.feature_bits) features are stored as their integer codes, b bits in
 # the smallest integer type that holds them; read_shard turns them back into the values f gave.
 CODES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
-
-
-def quantised_bits(obfuscator: torch.nn.Module) -> int:
-    """b when the obfuscator's output is its quantiser's (every value k / (2^b - 1)), else 0 (e.g. noise after it)."""
-    return obfuscator[-1].bits if isinstance(obfuscator[-1], Quantise) else 0
+STORED_DTYPES = {**DTYPES, **CODES}  # what a shard's features may hold
 NAMED = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 SPLITS = ("all", "defender", "attacker", "test")
 SPEC_HELP = (
@@ -252,7 +248,7 @@ def read_shard(store: Path, manifest: dict, index: int) -> dict[str, torch.Tenso
         tensors = load(data)
     except (SafetensorError, ValueError) as e:
         raise StoreError(f"{path}: not a readable safetensors shard ({e})") from None
-    n, shape, dtype = entry["count"], tuple(manifest["features"]["shape"]), {**DTYPES, **CODES}.get(manifest["features"]["dtype"])
+    n, shape, dtype = entry["count"], tuple(manifest["features"]["shape"]), STORED_DTYPES.get(manifest["features"]["dtype"])
     expected = {"features": ((n, *shape), dtype), "labels": ((n,), torch.int64), "ids": ((n, ID_BYTES), torch.uint8)}
     for key, (want_shape, want_dtype) in expected.items():
         t = tensors.get(key)
@@ -398,7 +394,7 @@ def obfuscate(
     with torch.inference_mode(), tqdm(total=len(source), initial=first * shard_size, desc="obfuscate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for index in range(first, n_shards):
             a, b = index * shard_size, min(len(source), (index + 1) * shard_size)
-            stored = {**DTYPES, **CODES}[dtype]
+            stored = STORED_DTYPES[dtype]
             features = torch.empty((b - a, *shape), dtype=stored)  # one shard, filled batch by batch
             for s in range(a, b, batch_size):
                 e = min(b, s + batch_size)

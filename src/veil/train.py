@@ -58,7 +58,7 @@ from veil.defences import (
 from veil.io import atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.models import build_networks, client_cost, feature_shape
-from veil.models.obfuscator import code_bytes, code_dtype
+from veil.models.obfuscator import code_bytes, code_dtype, quantised_bits
 from veil.progress import progress_bar
 from veil.runtime import Runtime
 from veil.version import __version__
@@ -538,9 +538,9 @@ def costs(obfuscator: nn.Module, cfg: Config) -> dict:
     map's shape and bits (0: float features), and how and in how many bytes `veil obfuscate` stores it by
     default (float16 values, or a quantising obfuscator's integer codes: 1 byte each up to 8 bits), labels and ids aside."""
     c, h, w = feature_shape(obfuscator.in_channels, cfg.data.image_size, cfg.model.width, cfg.model.split, obfuscator.out_channels)
-    bits = cfg.model.feature_bits
+    stored = quantised_bits(obfuscator)  # 0 when noise follows the quantiser: the store then keeps floats
     return {"client": client_cost(obfuscator, cfg.data.image_size),
-            "features": {"shape": [c, h, w], "bits": bits, "stored_as": code_dtype(bits), "bytes_per_item": c * h * w * code_bytes(bits)}}
+            "features": {"shape": [c, h, w], "bits": cfg.model.feature_bits, "stored_as": code_dtype(stored), "bytes_per_item": c * h * w * code_bytes(stored)}}
 
 
 @contextlib.contextmanager

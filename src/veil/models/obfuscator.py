@@ -111,6 +111,12 @@ def feature_shape(in_channels: int, image_size: int, width: float, split: int, o
     return out_channels or cut_channels(width, split), image_size >> split, image_size >> split
 
 
+def quantised_bits(obfuscator: nn.Module) -> int:
+    """b when the obfuscator's output is its quantiser's (every value k / (2^b - 1)), else 0 (float
+    features, or noise after the quantiser): what decides how `veil obfuscate` stores them."""
+    return obfuscator[-1].bits if isinstance(obfuscator[-1], Quantise) else 0
+
+
 def code_dtype(bits: int) -> str:
     """How `veil obfuscate` stores a value by default: float16 for float features (bits 0), else a
     quantiser's integer code in the smallest integer type that holds b bits."""
