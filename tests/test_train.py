@@ -194,3 +194,15 @@ def test_a_run_made_before_a_config_key_existed_still_loads(tiny_config, tmp_pat
         del info["config"]["model"][key]
     (step_dir / "info.json").write_text(json.dumps(info))
     assert rundir.load_run(tmp_path / "run").obfuscator.out_channels == 8  # 128 channels at width 1/16
+
+
+def test_costs_count_floats_when_noise_follows_the_quantiser(tiny_config):
+    from veil.defences import GaussianNoise
+    from veil.train import costs
+
+    cfg = tiny_config
+    cfg.model.bottleneck, cfg.model.bottleneck_channels, cfg.model.feature_bits = "learned", 3, 2
+    coded = build_networks(cfg.model, 3, 10)["obfuscator"]
+    noisy = build_networks(cfg.model, 3, 10, tail=GaussianNoise(0.5))["obfuscator"]
+    assert costs(coded, cfg)["features"] == {"shape": [3, 8, 8], "bits": 2, "stored_as": "uint8", "bytes_per_item": 192}
+    assert costs(noisy, cfg)["features"] == {"shape": [3, 8, 8], "bits": 2, "stored_as": "float16", "bytes_per_item": 384}  # as veil obfuscate keeps them
