@@ -251,6 +251,31 @@ def test_a_fifth_reconstructor_added_to_the_registry_is_an_attacker_too(demo_ima
     assert list(results) == ["tinyrec"] and math.isfinite(results["tinyrec"]["psnr_mean"]) and results["tinyrec"]["epochs"] == 1
 
 
+class CountingUnshuffle(Unshuffle):
+    """Unshuffle that counts the images it has been given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return super().forward(x)
+
+
+def test_every_attacker_of_one_fixed_obfuscator_reuses_one_computation_of_its_features(demo_images):
+    s = small_settings(attackers="simrec,resrec", max_epochs=2, whitebox=False, n_candidates=10)
+    data = attack_data(demo_images[:100], demo_images[100:120], True, s)
+    cand = draw_candidates(torch.arange(len(data.users)), len(data.users), s.n_candidates, torch.Generator().manual_seed(0))
+    f = CountingUnshuffle()
+    attack_obfuscator(f, data, s, 0.0625, 1, cand, "defended", log=lambda *_: None)
+    # Once over the attacker's training and held-out images, once over the users' (two attackers, two epochs each).
+    assert f.images == len(data.train) + len(data.val) + len(data.users)
+    f.images = 0
+    attack_obfuscator(f, data, dataclasses.replace(s, augment=True), 0.0625, 1, cand, "defended", log=lambda *_: None)
+    assert f.images > 2 * len(data.train)  # augmented images: f on every batch of every attacker
+
+
 def test_linkage_finds_every_user_behind_a_deterministic_f_and_fewer_behind_strong_noise(demo_images):
     s = small_settings(n_candidates=10)
     users = demo_images[:60]
@@ -354,6 +379,10 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
             assert keys <= set(r), name
             assert r["n_candidates"] == 10 and math.isfinite(r["psnr_mean"]) and 0 <= r["reid_top1"] <= r["reid_top5"] <= 1
             assert r["curve"], name
+            if name != "whitebox":  # what a learned attacker cost: epochs to its early stop, seconds per epoch
+                assert r["epochs"] == len(r["curve"]) <= 2 and 1 <= r["best_epoch"] <= r["epochs"]
+                assert r["seconds_per_epoch"] == pytest.approx(sum(c["seconds"] for c in r["curve"]) / r["epochs"], abs=0.01)
+                assert 0 < r["seconds_per_epoch"] * r["epochs"] <= r["seconds"] + 0.05
         assert result[which]["whitebox"]["n_images"] == 12 and result[which]["simrec"]["n_images"] == result["n_users"]
     assert result["settings"]["max_epochs"] == 2 and result["seed"] == 0 and result["settings"]["attackers"] == "simrec,resrec"
     # Linkage by feature matching, apart from the attackers: a deterministic f links every stored map to its image.
@@ -364,6 +393,9 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
     csv = (folder / "attack.csv").read_text().splitlines()
     assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6 + 2
     assert csv[-2].startswith("defended,linkage,,,,1,1,10,")
+    header = csv[0].split(",")
+    simrec = dict(zip(header, next(line for line in csv if line.startswith("defended,simrec,")).split(",")))
+    assert int(simrec["epochs"]) == result["defended"]["simrec"]["epochs"] and float(simrec["seconds_per_epoch"]) > 0
     md = (folder / "attack.md").read_text()
     assert "| floor: mean image |" in md and "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% |" in md
     for name in ("simrec", "resrec", "whitebox"):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 
 import pytest
+import torch
 
 from test_report import QUIET, make_tiny_npz, tiny_cfg
 from veil import config as config_mod
@@ -18,6 +20,7 @@ from veil.data import load_splits
 from veil.defences import strength_overrides
 from veil.frontier import frontier_rows, mark_dominated
 from veil.report import report
+from veil.rundir import load_run
 from veil.sweep import attacked_with, parse_attack_settings, parse_strengths, sweep
 from veil.sweepdir import point_name, read_sweep
 from veil.train import plan
@@ -78,6 +81,10 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "save_checkpoint", real_save)
     assert "veil sweep: attacking lambda-0" in logs and (out / "lambda-0" / "attack" / "attack.json").is_file()
     assert not (out / "lambda-1" / "summary.json").exists()
+    # lambda-1 pretrains as lambda-0 did: it started from lambda-0's pretraining instead of repeating it.
+    n_pretrain = tiny_cfg(npz).train.pretrain_epochs
+    assert f"veil sweep: training lambda-1 (lambda = 1) from lambda-0's pretraining (its {n_pretrain} epochs not repeated)" in logs
+    assert json.loads((out / "lambda-1" / "forked.json").read_text())["from"] == str(out / "lambda-0")
 
     logs = []
     rows = sweep(config, [0.0, 1.0], out, ["t_main=2"], attack_settings=TINY_ATTACK, log=logs.append)
@@ -98,6 +105,11 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
         assert r["reid_top1"] == max(x["reid_top1"] for x in a["defended"].values())
         assert r["floor_psnr"] == a["floor"]["psnr"] and r["n_candidates"] == 10
     assert json.loads((out / "frontier.json").read_text()) == rows
+    # What each point cost: its parts add up to its total, which the frontier carries.
+    for r in rows:
+        cost = json.loads((out / r["name"] / "cost.json").read_text())
+        assert set(cost) == {"train", "attack", "total"} and cost["train"] > 0 and cost["attack"] > 0
+        assert cost["total"] == pytest.approx(cost["train"] + cost["attack"], abs=0.11) and r["seconds"] == cost["total"]
     # Both points share their pretraining, so the undefended obfuscator was attacked once (for lambda-0).
     a0, a1 = (json.loads((out / n / "attack" / "attack.json").read_text()) for n in ("lambda-0", "lambda-1"))
     assert "undefended_from" not in a0 and a1["undefended_from"] == str(out / "lambda-0")
@@ -261,3 +273,49 @@ def test_stored_bytes_reads_old_and_new_summaries():
     assert stored_bytes({"shape": [8, 2, 2], "bits": 4, "bytes_per_item": 16}) == 32  # an earlier summary counted packed bits
     assert stored_bytes({"shape": [32, 8, 8], "bits": 16, "bytes_per_item": 4096}) == 4096  # float16
     assert stored_bytes({}) is None
+
+
+def _weights(run_dir):
+    from veil.io import load_tensors
+
+    step_dir = rundir.latest_step_dir(run_dir)
+    return {n: load_tensors(step_dir / f"{n}.safetensors") for n in rundir.NETWORKS}
+
+
+def _without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_a_forked_point_ends_bit_for_bit_where_a_point_that_pretrained_itself_ends(tmp_path):
+    from veil.train import TrainingError, fork, pretrains_alike, train
+
+    npz = make_tiny_npz(tmp_path / "tiny.npz")
+    donor_cfg = tiny_cfg(npz, lambda_privacy=0.0)
+    cfg = tiny_cfg(npz, lambda_privacy=1.0, reconstructor="resrec")  # both act only after pretraining
+    train(donor_cfg, tmp_path / "donor", **QUIET)
+    train(cfg, tmp_path / "scratch", **QUIET)
+
+    record = fork(tmp_path / "donor", cfg, tmp_path / "forked")
+    assert record["from"] == str(tmp_path / "donor") and record["step"] == cfg.train.pretrain_epochs
+    assert json.loads((tmp_path / "forked" / "forked.json").read_text()) == record
+    assert set(record["undefended"]) == {"obfuscator.safetensors", "classifier.safetensors"}
+    train(cfg, tmp_path / "forked", resume=True, **QUIET)
+
+    forked, scratch = _weights(tmp_path / "forked"), _weights(tmp_path / "scratch")
+    for net in rundir.NETWORKS:
+        assert forked[net].keys() == scratch[net].keys()
+        for key in scratch[net]:
+            assert torch.equal(forked[net][key], scratch[net][key]), f"{net}.{key}"
+    assert _without_seconds(rundir.read_metrics(tmp_path / "forked")) == _without_seconds(rundir.read_metrics(tmp_path / "scratch"))
+    # Self-contained: its undefended f and g check against their own sha256s, even with the donor gone.
+    shutil.rmtree(tmp_path / "donor")
+    assert load_run(tmp_path / "forked").undefended_obfuscator is not None
+
+    # Anything that acts during pretraining (here the width, a learning rate), or another defence layer, is refused.
+    train(donor_cfg, tmp_path / "donor", **QUIET)
+    for other in (tiny_cfg(npz, lr_obfuscator=0.01), tiny_cfg(npz, defence="noise", noise_sigma=0.5)):
+        assert not pretrains_alike(donor_cfg, other)
+        with pytest.raises(TrainingError, match="pretrained otherwise"):
+            fork(tmp_path / "donor", other, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert pretrains_alike(donor_cfg, tiny_cfg(npz, defence="nopeek", t_main=5, warmup_epochs=3))

@@ -215,18 +215,31 @@ def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: in
 # ----------------------------------------------------------------------------- learned attackers
 
 
-def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None) -> tuple[nn.Module, list[dict]]:
+def fixed_features(obfuscator: nn.Module, data: AttackData, s: AttackConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """f(attacker's training images), f(held-out images), computed once for every attacker of one
+    obfuscator; None when they cannot be fixed (augmentation, or a random f: new draws per batch)."""
+    obfuscator.eval().requires_grad_(False)
+    if s.augment or is_random(obfuscator):
+        return None
+    return feature_maps(obfuscator, data.train, s.eval_batch_size), feature_maps(obfuscator, data.val, s.eval_batch_size)
+
+
+def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None,
+                 fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, list[dict]]:
     """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen), with
     early stopping on the held-out part; the learning rate shrinks after each epoch without gain.
     A random f (the noise defence) is applied afresh to every batch: the threat model grants unlimited
     use of f, so the attacker sees a new draw of each image's features every epoch. Every draw is seeded.
+    `fixed`: fixed_features, when the caller computed them for several attackers.
     Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
     device = data.train.device
-    obfuscator.eval().requires_grad_(False)
-    fresh = s.augment or is_random(obfuscator)  # compute f per batch, else once for all
-    train_features = None if fresh else feature_maps(obfuscator, data.train, s.eval_batch_size)  # N x C' x H' x W'
-    torch.manual_seed(seed_for(seed, "held-out"))  # a random f's draw on the held-out images
-    val_features = feature_maps(obfuscator, data.val, s.eval_batch_size)
+    fixed = fixed or fixed_features(obfuscator, data, s)
+    fresh = fixed is None  # compute f per batch, else once for all
+    if fresh:
+        torch.manual_seed(seed_for(seed, "held-out"))  # a random f's draw on the held-out images
+        train_features, val_features = None, feature_maps(obfuscator, data.val, s.eval_batch_size)
+    else:
+        train_features, val_features = fixed  # N x C' x H' x W'
     val_images = to_float(data.val)
     torch.manual_seed(seed)  # initialisation, then a random f's draw on every batch
     reconstructor = init_xavier(build_attacker(name, val_features.shape[1], data.train.shape[1], width, split)).to(device)
@@ -308,14 +321,17 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     user_features = stored_features(obfuscator, data.users, s, label)
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
+    fixed = fixed_features(obfuscator, data, s)
     for name in attacker_names(s):
         start = time.perf_counter()
         with progress_bar(steps, f"{label} {name}", s.progress) as bar:
-            reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar)
+            reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar, fixed)
         rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size)
-        results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve), "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+        results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve),
+                         "seconds_per_epoch": round(sum(r["seconds"] for r in curve) / len(curve), 2),
+                         "seconds": round(time.perf_counter() - start, 1), "curve": curve}
         shown[name] = rebuilt[: s.n_show].cpu()
-        log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(curve)} epochs, best {results[name]['best_epoch']}, {results[name]['seconds']:.0f} s)")
+        log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(curve)} epochs, best {results[name]['best_epoch']}, {results[name]['seconds_per_epoch']:.1f} s/epoch, {results[name]['seconds']:.0f} s)")
     if s.whitebox:
         start = time.perf_counter()
         m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))

@@ -29,7 +29,9 @@ def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dic
         plot_attacker(out / f"{name}.png", originals, rows, name)
 
 
-CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor")
+CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor",
+              "epochs", "best_epoch", "seconds_per_epoch", "seconds")
+COST_FIELDS = CSV_FIELDS[10:]  # what an attacker cost (a learned one: epochs to its early stop); empty where it does not apply
 
 
 def to_csv(result: dict) -> str:
@@ -38,14 +40,15 @@ def to_csv(result: dict) -> str:
 
     def row(which: str, name: str, r: dict) -> str:
         values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
-        return ",".join(values)
+        return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS])
 
     lines.append(row(FLOOR, "mean_image", floor))
     for which in OBFUSCATORS:
         for name, r in result.get(which, {}).items():
             lines.append(row(which, name, r))
     for which, r in result.get(LINKAGE, {}).items():  # no image rebuilt: no PSNR, SSIM or floor
-        lines.append(",".join([which, LINKAGE, "", "", "", f"{r['reid_top1']:.6g}", f"{r['reid_top5']:.6g}", str(r["n_candidates"]), str(r["n_images"]), ""]))
+        lines.append(",".join([which, LINKAGE, "", "", "", f"{r['reid_top1']:.6g}", f"{r['reid_top5']:.6g}", str(r["n_candidates"]), str(r["n_images"]), "",
+                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else ""]))
     return "\n".join(lines) + "\n"
 
 

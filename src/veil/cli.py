@@ -176,14 +176,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     settings = parse_attack_settings(args.attack)
     rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings,
-                 store_epochs=args.store_classifier)
+                 store_epochs=args.store_classifier, share_pretraining=not args.no_fork)
     if rows:
         stored = any(r["store_accuracy"] is not None for r in rows)
         print()
-        print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}")
+        print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}"
+              f"{'cost':>9}")
         for r in rows:
+            cost = "n/a" if r["seconds"] is None else f"{r['seconds']:.0f} s"
             print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "")
-                  + f"{db(r['psnr'], unit=' dB'):>26}{pct(r['reid_top1'], 1):>14}")
+                  + f"{db(r['psnr'], unit=' dB'):>26}{pct(r['reid_top1'], 1):>14}{cost:>9}")
     return 0
 
 
@@ -317,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store each point's defender and test images as features and train a classifier from scratch "
                         "on them for EPOCHS epochs (veil obfuscate + veil train-classifier): the accuracy a feature store's "
                         "user gets, beside the in-run one (default 0: not done; 30 is train-classifier's default)")
+    p.add_argument("--no-fork", action="store_true",
+                   help="pretrain every point itself (default: a point whose pretraining another point of the sweep already did "
+                        "starts from that one's, bit for bit the same; see forked.json in its run directory)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
     p.set_defaults(func=cmd_sweep)
 

@@ -23,7 +23,7 @@ from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.models.obfuscator import code_bytes
 from veil.plots import line_style, new_figure, png_bytes
 from veil.results import ATTACKER_NAMES, LINKAGE, db, pct, read_attack, strongest
-from veil.sweepdir import STORE_CLASSIFIER, read_sweep
+from veil.sweepdir import COST_FILE, STORE_CLASSIFIER, read_sweep
 
 
 def frontier_rows(sweep_dir: Path) -> list[dict]:
@@ -36,6 +36,7 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         store_summary = run_dir / STORE_CLASSIFIER / "summary.json"
         cut = cut_label(config_mod.load(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else None
         client, features = summary.get("client", {}), summary.get("features", {})
+        cost = json.loads((run_dir / COST_FILE).read_text()) if (run_dir / COST_FILE).is_file() else {}
         row = {
             "name": p.name, "defence": p.defence, "strength": p.strength,
             "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
@@ -43,6 +44,9 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
             "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "cut": cut,
             "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
+            # What the point cost the sweep (wall seconds; a forked point's pretraining was paid by its donor).
+            "train_seconds": cost.get("train"), "attack_seconds": cost.get("attack"), "store_seconds": cost.get("store_classifier"),
+            "seconds": cost.get("total"),
         }
         if attack and attack["defended"]:
             row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")

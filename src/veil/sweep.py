@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 import typing
 from collections.abc import Callable
 from dataclasses import asdict
@@ -46,8 +47,8 @@ from veil.io import atomic_write_json, atomic_write_text
 from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run, read_metrics
 from veil.store import obfuscate
-from veil.sweepdir import CEILINGS_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
-from veil.train import Stopped, plan, train
+from veil.sweepdir import CEILINGS_FILE, COST_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
+from veil.train import Stopped, finished_pretraining, fork, plan, pretrains_alike, train
 
 # How a run executes and where its data live, not what it trains: an existing point may differ in
 # these, as `veil train --resume` allows.
@@ -156,6 +157,37 @@ def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: AN
     return summary
 
 
+def pretraining_donor(out: Path, points: list[Point], point: Point, cfg: config_mod.Config) -> Path | None:
+    """Another point of the sweep whose finished pretraining this point would repeat bit for bit (train.fork)."""
+    for q in points:
+        other = out / q.name
+        if q.name != point.name and (other / "config.yaml").is_file() and finished_pretraining(other) \
+                and pretrains_alike(config_mod.load(other / "config.yaml"), cfg):
+            return other
+    return None
+
+
+def read_cost(run_dir: Path) -> dict:
+    """RUN_DIR/cost.json: wall seconds this point has cost the sweep, per part (train, attack, store_classifier)
+    and in total. Training counts every run of `train` (a resumed point adds up); a forked point's pretraining
+    was paid by its donor."""
+    path = Path(run_dir) / COST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def add_cost(run_dir: Path, part: str, seconds: float, replace: bool = False) -> None:
+    """Count `seconds` of wall time against `part` (replace: a redone attack or store classifier counts once)."""
+    cost = {k: v for k, v in read_cost(run_dir).items() if k != "total"}
+    cost[part] = round(seconds + (0.0 if replace else cost.get(part, 0.0)), 1)
+    cost["total"] = round(sum(cost.values()), 1)
+    atomic_write_json(Path(run_dir) / COST_FILE, cost)
+
+
+def format_cost(cost: dict) -> str:
+    parts = [f"{k.replace('_', ' ')} {cost[k]:.0f} s" for k in ("train", "attack", "store_classifier") if k in cost]
+    return ", ".join(parts) + f"; total {cost.get('total', 0):.0f} s" if parts else "not recorded (made before costs were kept)"
+
+
 def store_classified_with(run_dir: Path, epochs: int) -> bool:
     path = run_dir / STORE_CLASSIFIER / "summary.json"
     return path.is_file() and json.loads(path.read_text()).get("epochs") == epochs
@@ -170,6 +202,7 @@ def sweep(
     attack_settings: dict | None = None,
     attack: Callable[[Path], None] | None = None,
     store_epochs: int = 0,
+    share_pretraining: bool = True,
     log=print,  # noqa: ANN001
 ) -> list[dict]:
     """Train and attack one run per strength into `out` (resumable); write and return the frontier.
@@ -177,6 +210,8 @@ def sweep(
     `attack_settings` are `veil attack`'s settings (AttackConfig field -> value) for every point;
     `attack` replaces the harness by any function that writes RUN_DIR/attack/attack.json.
     `store_epochs` > 0 also trains a classifier on each point's stored features (store_classifier).
+    `share_pretraining`: a point whose pretraining another point of the sweep has already done is forked
+    from it (train.fork) rather than pretrained again.
     """
     if store_epochs < 0:
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
@@ -212,13 +247,23 @@ def sweep(
             log(f"veil sweep: {p.name} already trained")
         else:
             resume = (run_dir / "config.yaml").is_file()
-            log(f"veil sweep: {'resuming' if resume else 'training'} {p.name}" + (f" ({d.strength_label} = {p.strength:g})" if d.strength_key else ""))
+            donor = None if resume or not share_pretraining else pretraining_donor(out, points, p, cfg)
+            what = f"{'resuming' if resume else 'training'} {p.name}" + (f" ({d.strength_label} = {p.strength:g})" if d.strength_key else "")
+            if donor is not None:
+                forked = fork(donor, cfg, run_dir)
+                what += f" from {donor.name}'s pretraining (its {forked['step']} epochs not repeated)"
+                resume = True
+            log(f"veil sweep: {what}")
+            began = time.perf_counter()
             try:
                 trained = train(cfg, run_dir, resume=resume, log=log)
             except Stopped as e:  # SIGTERM/SIGINT: the sweep, not `veil train --resume`, continues it
                 done, total = len(read_metrics(run_dir)), len(plan(cfg.train))
                 raise Stopped(f"stopped during {p.name} after step {done} of {total} (saved); run the same `veil sweep` command again to continue",
                               e.signum) from None
+            finally:
+                if (run_dir / "config.yaml").is_file():
+                    add_cost(run_dir, "train", time.perf_counter() - began)
             if not trained:
                 log(f"veil sweep: stopped during {p.name}; run the same command again to continue")
                 return []
@@ -226,9 +271,15 @@ def sweep(
             log(f"veil sweep: {p.name} already attacked")
         else:
             log(f"veil sweep: attacking {p.name}")
+            began = time.perf_counter()
             attack(run_dir)
+            add_cost(run_dir, "attack", time.perf_counter() - began, replace=True)
         if store_epochs and not store_classified_with(run_dir, store_epochs):
+            began = time.perf_counter()
             store_classifier(run_dir, store_epochs, log)
+            add_cost(run_dir, "store_classifier", time.perf_counter() - began, replace=True)
+        cost = read_cost(run_dir)
+        log(f"veil sweep: {p.name} cost {format_cost(cost)}")
     rows = frontier_rows(out)
     write_frontier(out, rows)
     log(f"veil sweep: wrote {out / 'frontier.csv'}" + (f" and {out / 'frontier.png'}" if (out / "frontier.png").is_file() else ""))

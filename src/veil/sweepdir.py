@@ -3,6 +3,8 @@
     DIR/sweep.json          the points (defence, strength, run directory) and the settings
     DIR/<point>/            one `veil train` run directory each, attacked into its attack/
     DIR/<point>/store-classifier/   a classifier trained on the point's stored features (optional)
+    DIR/<point>/cost.json   the wall seconds the point cost: training, attacking, its store classifier
+    DIR/<point>/forked.json a point that started from another point's pretraining: which, and its sha256s
     DIR/ceilings.json       the undefended attack (the ceiling), made once per pretrained split
 
 Read by the sweep itself (to resume), the frontier and the report.
@@ -20,6 +22,7 @@ from veil.errors import ConfigError
 SWEEP_FILE = "sweep.json"
 CEILINGS_FILE = "ceilings.json"  # the undefended attacks, one per distinct undefended obfuscator
 STORE_CLASSIFIER = "store-classifier"  # in each run: the classifier trained on its stored features
+COST_FILE = "cost.json"  # in each run: what the point cost the sweep, in seconds
 
 
 @dataclass(frozen=True)

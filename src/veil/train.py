@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -55,7 +57,7 @@ from veil.defences import (
     obfuscator_layer,
     strength_of,
 )
-from veil.io import atomic_write_json, atomic_write_text
+from veil.io import atomic_write_json, atomic_write_text, load_module
 from veil.metrics import psnr
 from veil.models import build_networks, client_cost, feature_shape
 from veil.models.obfuscator import code_bytes, code_dtype, quantised_bits
@@ -95,6 +97,88 @@ def plan(t: TrainConfig) -> list[Step]:
     if rounds:
         steps += [Step(FINAL, t.t_main, e + 1) for e in range(warmup)]
     return steps
+
+
+# ----------------------------------------------------------------------------- forking a pretraining
+
+# Keys that act only after pretraining: runs that differ in nothing else pretrain bit for bit alike
+# (every step is seeded by its index; r is built after f and g and unused until the warm-up).
+AFTER_PRETRAINING = ("train.defence", "train.lambda_privacy", "train.nopeek_alpha", "train.noise_sigma", "train.t_main", "train.t_sub",
+                     "train.warmup_epochs", "train.lr_reconstructor", "train.adversarial_lr_scale", "model.reconstructor")
+FORKED = "forked.json"  # in a forked run directory: where its pretraining came from
+
+
+def pretrains_alike(donor: Config, cfg: Config) -> bool:
+    """`cfg` pretrains exactly as `donor` did: the same config but for AFTER_PRETRAINING (and what a resume
+    may change), and the same defence layer in the obfuscator (its weights must load into either)."""
+    if get_defence(donor.train.defence).layer is not get_defence(cfg.train.defence).layer:
+        return False
+    return not config_mod.changed_keys(config_mod.to_dict(donor), config_mod.to_dict(cfg), AFTER_PRETRAINING + config_mod.RESUME_MAY_CHANGE)
+
+
+def finished_pretraining(run_dir: Path) -> bool:
+    """The run's pretraining is done: its undefended f and g are saved and its log covers every pretraining step."""
+    run_dir = Path(run_dir)
+    if not (rundir.checkpoints(run_dir) / "undefended" / "classifier.safetensors").is_file():
+        return False
+    n = sum(s.phase == PRETRAIN for s in plan(config_mod.load(run_dir / "config.yaml").train))
+    return len(rundir.read_metrics(run_dir)) >= n
+
+
+def fork(donor_dir: str | Path, cfg: Config, run_dir: str | Path) -> dict:
+    """Start a new run directory at the end of `donor_dir`'s pretraining instead of pretraining again.
+
+    The new run holds what its own pretraining would have left: a checkpoint at the last pretraining
+    step (f and g from the donor's undefended checkpoint, r and every optimiser of the later phases as
+    built fresh from cfg.seed), the donor's log lines of those steps, and its own copy (a hard link where
+    the file system allows) of the donor's undefended f and g, whose sha256s FORKED records with the
+    donor's path. `train(cfg, run_dir, resume=True)` then continues it as if it had pretrained itself;
+    only the pretraining optimiser's moments, never used again, are not carried over. The directory
+    appears by one rename, so a kill leaves either nothing or a resumable run.
+    """
+    donor_dir, run_dir = Path(donor_dir), Path(run_dir)
+    donor = config_mod.load(donor_dir / "config.yaml")
+    if not pretrains_alike(donor, cfg):
+        differ = config_mod.changed_keys(config_mod.to_dict(donor), config_mod.to_dict(cfg), AFTER_PRETRAINING + config_mod.RESUME_MAY_CHANGE)
+        raise TrainingError(f"cannot fork {donor_dir}: it pretrained otherwise ({'; '.join(differ) or 'another defence layer'})")
+    if not finished_pretraining(donor_dir):
+        raise TrainingError(f"cannot fork {donor_dir}: its pretraining has not finished")
+    if run_dir.exists():
+        raise TrainingError(f"cannot fork into {run_dir}: it exists")
+    n = sum(s.phase == PRETRAIN for s in plan(cfg.train))
+    undefended = rundir.checkpoints(donor_dir) / "undefended"
+    files = rundir.read_info(undefended)["files"]  # checks every sha256
+    saved = rundir.read_info(rundir.latest_step_dir(donor_dir), rundir.STEP_INFO)
+    info = {k: v for k, v in saved.items() if k not in ("step", "files")} | {"config": config_mod.to_dict(cfg)}
+    torch.manual_seed(cfg.seed)  # as _train does: r's initial weights are those of a run that pretrained itself
+    nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)
+    kept = {}
+    for name in ("obfuscator", "classifier"):
+        load_module(nets[name], undefended / f"{name}.safetensors")
+        kept[f"{name}.safetensors"] = files[f"{name}.safetensors"]
+
+    tmp = run_dir.with_name(f".{run_dir.name}.fork.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (rundir.checkpoints(tmp) / "undefended").mkdir(parents=True)
+    for name in kept:
+        link_or_copy(undefended / name, rundir.checkpoints(tmp) / "undefended" / name)
+    atomic_write_json(rundir.checkpoints(tmp) / "undefended" / "info.json", {"files": kept})
+    atomic_write_text(tmp / "config.yaml", config_mod.to_yaml(cfg))
+    for record in rundir.read_metrics(donor_dir)[:n]:
+        rundir.append_metrics(tmp, record)
+    rundir.save_checkpoint(tmp, n, nets, make_optimizers(nets, cfg.train), info)
+    record = {"from": str(donor_dir), "step": n, "undefended": kept}
+    atomic_write_json(tmp / FORKED, record)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(run_dir)
+    return record
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(src, dst)
 
 
 def resolve_device(name: str) -> torch.device:
