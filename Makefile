@@ -15,10 +15,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-## The embedded demo: 2,000 bundled CIFAR-10 images, CPU, a few minutes.
+## The embedded demo: 2,000 bundled CIFAR-10 images, CPU, a few minutes. The paper's cut, undefended
+## (the ceiling), and the private configuration; fresh attackers against both, beside the floor.
+DEMO_ATTACK := --attackers simrec,unet --max-epochs 60 --whitebox-images 100 --whitebox-steps 100 --device cpu --no-progress
 demo: install
 	rm -rf runs/demo
-	$(VEIL) train --config configs/demo.yaml --out runs/demo
+	$(VEIL) train --config configs/demo.yaml --out runs/demo/paper-cut train.defence=none progress=false
+	$(VEIL) train --config configs/demo-private.yaml --out runs/demo/private progress=false
+	$(VEIL) attack runs/demo/private --ceiling runs/demo/paper-cut $(DEMO_ATTACK)
 
 ## The test suite (a few minutes on 2 cores; slow end-to-end tests included).
 test: install chromium

@@ -402,6 +402,28 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
         assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_ceiling_from_another_run_of_the_same_images_and_not_of_others(tiny_run, tiny_config, tmp_path, capsys):
+    deeper = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, split=3), train=dataclasses.replace(tiny_config.train, defence="none"))
+    train(deeper, tmp_path / "deeper", log=lambda *_: None)
+    assert main(["attack", str(tmp_path / "deeper"), "--ceiling", str(tiny_run), *TINY_FLAGS]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "deeper" / "attack" / "attack.json").read_text())
+    assert result["ceiling_run"] == str(tiny_run) and f"the undefended (pretrained) obfuscator of {tiny_run} (--ceiling)" in out
+    # The undefended columns are the other run's pretrained split (cut at block 2), not this run's own (block 3).
+    own = attack(tmp_path / "deeper", resolve_settings({"attackers": "simrec", "max_epochs": 2, "batch_size": 16, "n_candidates": 10,
+                                                         "whitebox": False, "progress": False}), log=lambda *_: None)
+    assert own["undefended"]["simrec"]["psnr_mean"] == own["defended"]["simrec"]["psnr_mean"]  # defence none: itself
+    assert result["undefended"]["simrec"]["psnr_mean"] != result["defended"]["simrec"]["psnr_mean"]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert result["accuracy"]["undefended"] == summary["pretrain_test_accuracy"] and "Test accuracy of the run's classifier" in out
+    # A ceiling trained on other images (another seed draws other splits) is refused, naming both runs' data.
+    other_seed = dataclasses.replace(tiny_config, seed=1)
+    train(other_seed, tmp_path / "seed1", log=lambda *_: None)
+    with pytest.raises(AttackError, match="trained on other images"):
+        attack(tmp_path / "deeper", resolve_settings({"attackers": "simrec", "max_epochs": 1, "ceiling": str(tmp_path / "seed1"), "progress": False}),
+               log=lambda *_: None)
+
+
 def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("attack"))

@@ -1,7 +1,7 @@
 """Veil: privacy-preserving image classification with a learnable obfuscator.
 
     import veil
-    run = veil.load_run("runs/demo")
+    run = veil.load_run("runs/demo/paper-cut")
     features = run.obfuscator(images)          # N x 3 x 32 x 32 in [0, 1] -> N x 128w x 8 x 8
     logits = run.classifier(features)
 """

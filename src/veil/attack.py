@@ -60,6 +60,9 @@ class AttackConfig:
     """Also run the white-box attacker (optimise an image so that f(image) matches the stored features)."""
     undefended: bool = True
     """Also attack the run's undefended obfuscator (after pretraining): the ceiling beside each number."""
+    ceiling: str = ""
+    """Another run directory whose undefended obfuscator is the ceiling instead (e.g. the paper's cut, undefended,
+    beside a deeper or narrower one); it must have been trained on the same images (data and seed)."""
     width: float = 0.0
     """Channel multiplier of the attack reconstructors (0 = the run's model.width)."""
     max_epochs: int = 15
@@ -423,6 +426,19 @@ def finished_run(run_dir: str | Path, s: AttackConfig, device: str | torch.devic
     return run, total
 
 
+def ceiling_run(run: Run, s: AttackConfig, data_fingerprint: str, device: torch.device) -> Run:
+    """The run whose undefended obfuscator is the ceiling: `run` itself, or s.ceiling, which must have
+    been trained on the same images (the users, and the attacker's own images, must be the same ones)."""
+    if not s.ceiling or not s.undefended:
+        return run
+    other = load_run(s.ceiling, device)
+    theirs = data_mod.fingerprint(load_splits(other.config.data, other.config.seed))
+    if theirs != data_fingerprint:
+        raise AttackError(f"--ceiling {s.ceiling}: trained on other images than {run.path} (data fingerprint {theirs[:16]}... against "
+                          f"{data_fingerprint[:16]}...); a ceiling must be measured on the same users' and attacker's images")
+    return other
+
+
 def saved_attack(run_dir: str | Path, s: AttackConfig, obfuscator_fingerprint: str) -> tuple[dict | None, str]:
     """RUN_DIR/attack/attack.json when it stands for attacking the obfuscator of this fingerprint with settings
     `s` (the same result settings), else None and the reason it does not."""
@@ -451,16 +467,16 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     began = time.perf_counter()
     device = resolve_device(s.device)
     run, total = finished_run(run_dir, s, device)
-    if s.undefended and run.undefended_obfuscator is None:
-        raise AttackError(f"{run_dir}: no checkpoints/undefended/obfuscator.safetensors (pretraining not finished?); pass --no-undefended to skip the ceiling")
     cfg = run.config
     splits = load_splits(cfg.data, cfg.seed)  # the same three splits the run used
+    reference = ceiling_run(run, s, data_mod.fingerprint(splits), device)
+    if s.undefended and reference.undefended_obfuscator is None:
+        raise AttackError(f"{reference.path}: no checkpoints/undefended/obfuscator.safetensors (pretraining not finished?); pass --no-undefended to skip the ceiling")
     data = attack_data(splits.attacker.images.to(device), splits.test.images.to(device), splits.natural, s)
     if len(data.users) < 2:
         raise AttackError(f"{run_dir}: re-identification needs at least 2 users' (test) images, the run has {len(data.users)}")
     n_candidates = min(s.n_candidates, len(data.users))
     candidates = draw_candidates(torch.arange(len(data.users)), len(data.users), n_candidates, torch.Generator().manual_seed(s.seed))
-    width = s.width or cfg.model.width
     log(
         f"veil attack: {run_dir} ({splits.name}, training reconstructor {cfg.model.reconstructor}, defence {describe(cfg)}): "
         f"attackers train on {len(data.train)} of their own images ({len(data.val)} held out), users' images {len(data.users)}, "
@@ -484,7 +500,8 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     }
     log(f"  {'floor':10s} {'mean':8s} {_line(result[FLOOR])}")
     figures: dict[str, dict] = {}
-    for which, obfuscator in (("defended", run.obfuscator), ("undefended", run.undefended_obfuscator)):
+    for which, obfuscator, model in (("defended", run.obfuscator, cfg.model), ("undefended", reference.undefended_obfuscator, reference.config.model)):
+        width = s.width or model.width  # attackers as wide as the networks they attack; upsampling as deep as their cut
         if which == "undefended" and not s.undefended:
             result[which] = {}
             continue
@@ -493,7 +510,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
             f"(feature matching: the attacker computes f(candidate))")
         shared = which == "undefended" and ceilings is not None
         if shared:
-            key = ceiling_key(obfuscator, data_mod.fingerprint(splits), s, width, cfg.model.split)
+            key = ceiling_key(obfuscator, data_mod.fingerprint(splits), s, width, model.split)
             known = read_ceilings(Path(ceilings))
             if key in known:
                 result[which], result["undefended_from"] = known[key]["result"], known[key]["run"]
@@ -505,14 +522,18 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
             figures[which] = figures["defended"]
             log("  undefended: the same weights as the defended obfuscator; its results reused")
         else:
-            result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, cfg.model.split, candidates, which, log)
+            result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, model.split, candidates, which, log)
         if shared:
             known = read_ceilings(Path(ceilings))  # re-read: the file is only ever added to
             known[key] = {"run": str(run_dir), "result": result[which]}
             atomic_write_json(Path(ceilings), known)
+    if reference is not run:
+        result["ceiling_run"] = str(reference.path)  # the undefended columns are that run's pretrained obfuscator
+    # What each obfuscator's classifier scores, beside what its features give away.
+    result["accuracy"] = {"defended": run.summary.get("final_test_accuracy"), "undefended": reference.summary.get("pretrain_test_accuracy")}
     result["under_trained"] = under_trained(result)
     result.update(
-        settings=dataclasses.asdict(s), seed=s.seed, attacker_width=width, device=str(device), seconds=round(time.perf_counter() - began, 1),
+        settings=dataclasses.asdict(s), seed=s.seed, attacker_width=s.width or cfg.model.width, device=str(device), seconds=round(time.perf_counter() - began, 1),
         date=time.strftime("%Y-%m-%d"), veil_version=__version__, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
     )
     out = run_dir / "attack"

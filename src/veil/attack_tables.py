@@ -87,6 +87,10 @@ def _notes(result: dict) -> list[str]:
         f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
         f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
     ]
+    acc = result.get("accuracy", {})
+    if acc.get("defended") is not None or acc.get("undefended") is not None:
+        shown = lambda a: "n/a" if a is None else f"{a:.2%}"  # noqa: E731
+        notes.append(f"Test accuracy of the run's classifier: defended {shown(acc.get('defended'))}, undefended (after pretraining) {shown(acc.get('undefended'))}.")
     if result.get(LINKAGE):
         notes.append(
             "Linkage: the attacker computes f of each candidate image itself and ranks the candidates by the MSE between its feature map "
@@ -94,6 +98,8 @@ def _notes(result: dict) -> list[str]:
         )
     if result.get("step", 0) < result.get("steps", 0):
         notes.append(f"(!) The run had not finished training: its checkpoint at step {result['step']} of {result['steps']} was attacked (--allow-unfinished).")
+    if result.get("ceiling_run"):
+        notes.append(f"Undefended columns: the undefended (pretrained) obfuscator of {result['ceiling_run']} (--ceiling), attacked on the same images.")
     if result.get("undefended_from"):
         notes.append(f"Undefended columns: reused from the attack of {result['undefended_from']} (the same undefended obfuscator, data and settings).")
     if result["under_trained"]:
