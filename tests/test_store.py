@@ -15,6 +15,7 @@ from veil.io import load_tensors, save_tensors, sha256_file
 from veil.models.obfuscator import fingerprint
 from veil.rundir import latest_step_dir, load_run
 from veil.store import MANIFEST, StoreError, obfuscate, parse_spec, read_manifest, verify
+from veil.store_dataset import open_store
 from veil.train import train
 
 
@@ -221,20 +222,20 @@ def test_store_is_refused_by_a_run_with_another_obfuscator(tiny, tmp_path, capsy
 
 def test_interrupted_obfuscate_leaves_no_whole_looking_half_shard_and_resumes(tiny, tmp_path, monkeypatch):
     reference = read_all(make_store(tiny, tmp_path, name="reference", shard_size=16))
-    real_save = store_mod.save_tensors
+    real_save = store_mod.write_shard
     calls = {"n": 0}
 
-    def killed_while_writing_third(path, tensors, metadata=None):
+    def killed_while_writing_third(loc, name, tensors, index):
         calls["n"] += 1
         if calls["n"] == 3:  # what a kill mid-write leaves: a partial temporary file, never the shard's name
-            (path.parent / f".{path.name}.abc123.tmp").write_bytes(b"\x00" * 100)
+            (tmp_path / "store" / f".{name}.abc123.tmp").write_bytes(b"\x00" * 100)
             raise KeyboardInterrupt("simulated kill")
-        real_save(path, tensors, metadata)
+        return real_save(loc, name, tensors, index)
 
-    monkeypatch.setattr(store_mod, "save_tensors", killed_while_writing_third)
+    monkeypatch.setattr(store_mod, "write_shard", killed_while_writing_third)
     with pytest.raises(KeyboardInterrupt):
         make_store(tiny, tmp_path, shard_size=16)
-    monkeypatch.setattr(store_mod, "save_tensors", real_save)
+    monkeypatch.setattr(store_mod, "write_shard", real_save)
     out = tmp_path / "store"
     assert not (out / "shard-00002.safetensors").exists()
     m = read_manifest(out)
@@ -243,11 +244,11 @@ def test_interrupted_obfuscate_leaves_no_whole_looking_half_shard_and_resumes(ti
         verify(out)
 
     # A kill between the shard's rename and the manifest's update leaves a whole shard the manifest does not list.
-    real_write = store_mod.atomic_write_json
-    monkeypatch.setattr(store_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("kill")))
+    real_write = store_mod.write_manifest
+    monkeypatch.setattr(store_mod, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("kill")))
     with pytest.raises(KeyboardInterrupt):
         make_store(tiny, tmp_path, shard_size=16)
-    monkeypatch.setattr(store_mod, "atomic_write_json", real_write)
+    monkeypatch.setattr(store_mod, "write_manifest", real_write)
     assert (out / "shard-00002.safetensors").exists() and len(read_manifest(out)["shards"]) == 2
 
     result = obfuscate(tiny["run"], "run:test", out, shard_size=16, device="cpu", progress=False, log=lambda *_: None)
@@ -300,7 +301,7 @@ def test_train_classifier_from_store_alone_and_predict_with_it(tiny, tmp_path, c
         assert len(metrics) == 8 and metrics[-1]["loss"] < metrics[0]["loss"]
         clf, meta = load_classifier(out, torch.device("cpu"))
         assert meta["obfuscator"]["fingerprint"] == read_manifest(train_store)["obfuscator"]["fingerprint"]
-        acc = store_accuracy(clf, test_store, read_manifest(test_store), torch.device("cpu"))
+        acc = store_accuracy(clf, open_store(test_store, dtype=None), torch.device("cpu"))
         assert acc == summary["final_test_accuracy"] == metrics[-1]["test_accuracy"]
         preds = predict(tiny["run"], store=test_store, classifier=out, device="cpu")
         assert sum(p.label == p.true_label for p in preds) / len(preds) == pytest.approx(acc)
