@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tests.conftest import DEMO_NPZ
+from tests.conftest import make_store, read_all
 
 from veil import config as config_mod
 from veil import store as store_mod
@@ -20,34 +20,10 @@ from veil.train import train
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny trained run (width 1/16, 240 real CIFAR-10 images) and its config, shared by this module."""
-    root = tmp_path_factory.mktemp("store")
-    images, labels, classes = read_npz(DEMO_NPZ, root / "cache")
-    idx = np.sort(np.random.default_rng(0).choice(len(labels), 240, replace=False))
-    npz = root / "tiny.npz"
-    np.savez(npz, images=images[idx], labels=labels[idx], classes=np.array(classes))
-    cfg = config_mod.from_dict({
-        "data": {"dataset": "npz", "path": str(npz), "test_fraction": 0.25, "attacker_fraction": 0.25},
-        "model": {"width": 0.0625, "dropout": 0.0},
-        "train": {"pretrain_epochs": 2, "warmup_epochs": 0, "t_main": 1, "t_sub": 1, "batch_size": 32, "eval_batch_size": 64},
-        "seed": 0, "device": "cpu", "progress": False,
-    })
-    torch.manual_seed(0)
-    train(cfg, root / "run", log=lambda *_: None)
-    return {"root": root, "run": root / "run", "npz": npz, "cfg": cfg}
+def tiny(store_run):
+    return store_run
 
 
-def make_store(tiny, tmp_path, data="run:test", name="store", **kw):
-    out = tmp_path / name
-    obfuscate(tiny["run"], data, out, device="cpu", progress=False, log=lambda *_: None, **kw)
-    return out
-
-
-def read_all(store):
-    m = read_manifest(store)
-    shards = [store_mod.read_shard(store, m, i) for i in range(len(m["shards"]))]
-    return {k: torch.cat([s[k] for s in shards]) for k in ("features", "labels", "ids")}
 
 
 # ----------------------------------------------------------------------------- data specs
