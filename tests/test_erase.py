@@ -251,3 +251,15 @@ def test_id_map_survives_an_interrupted_obfuscate(store_run, tmp_path, monkeypat
     out = make_store(store_run, tmp_path, shard_size=16, id_map=id_map)
     entries = idmap.read(id_map)[1]
     assert [i for i, _ in entries] == ids_of(out) and [item for _, item in entries] == [f"run:test#{i}" for i in range(60)]
+
+
+def test_a_format_1_store_is_read_and_erased(store):
+    """A store written before erase and append existed (no store id, log or pending lists) still verifies and erases."""
+    m = json.loads((store / MANIFEST).read_text())
+    old = {k: v for k, v in m.items() if k not in ("store_id", "created_utc", "erasures", "appends", "pending", "retired")}
+    (store / MANIFEST).write_text(json.dumps({**old, "format_version": 1}))
+    verify(store)
+    ids = ids_of(store)
+    erase(store, [ids[9]], log=lambda *_: None)
+    m = verify(store)
+    assert m["format_version"] == 2 and m["count"] == 239 and set(erased_ids(m)) == {ids[9]}

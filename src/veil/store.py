@@ -589,6 +589,8 @@ def _append(loc: Location, old: dict, new: dict, enc: Encoder, source: Source, d
         if a != b:
             raise StoreError(f"{loc.url}: {what} {a} differ from what --data {data} gives with this run ({b}); items appended must match")
     check_listing(loc, old)
+    if id_map is not None and "store_id" not in old:
+        raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
     labels, ids = [], []
     for _, shard in checked_shards(loc, old, progress):  # the whole store checked before anything is added
         labels.append(shard["labels"])
