@@ -1,13 +1,15 @@
 """Fault injection for the kill/resume tests: run `veil train` in a subprocess and stop it at an exact point.
 
     python tests/faults.py SPEC train --config FILE --out RUN ...
+    python tests/faults.py SPEC erase STORE --ids ID ...      (any veil command)
 
 SPEC says when this process signals itself (a real signal, so nothing of Python's cleanup runs on SIGKILL):
     none                      run normally
     kill@opt:N                SIGKILL right after the N-th optimiser step of this process (mid-phase)
     term@opt:N[,M]            SIGTERM after optimiser steps N (and M: a second signal)
     kill@replace:SUFFIX:N     SIGKILL just before the N-th os.replace onto a path ending in SUFFIX
-                              (a checkpoint half written, latest.json not yet moved, summary not yet written)
+                              (a checkpoint half written, latest.json not yet moved, summary not yet written);
+                              an empty SUFFIX (kill@replace::N) counts every rename
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ def env() -> dict[str, str]:
 
 
 def run_train(spec: str, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(Path(__file__)), spec, "train", *args]
+    return run_veil(spec, ["train", *args], timeout)
+
+
+def run_veil(spec: str, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(Path(__file__)), spec, *args]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

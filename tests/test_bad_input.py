@@ -9,6 +9,7 @@ loaders: the answer is a valid object or ConfigError/DataError, never another ex
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import tempfile
 import typing
@@ -479,3 +480,73 @@ def test_folders_of_random_files_give_images_or_data_error(blobs, on_bad_image):
         except DataError:
             return
         assert images.shape[1:] == (32, 32, 3) and classes == ["a", "b"] and set(labels.tolist()) == {0, 1}
+
+
+# ----------------------------------------------------------------------------- the feature store
+
+
+def store_cli_error(capsys, argv: list[str], *watched: Path) -> str:
+    """A store command that must fail with code 2 and one line, every watched file byte for byte unchanged."""
+    before = snapshot(*watched)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"veil {argv[0]}: error: "), err
+    assert snapshot(*watched) == before
+    return err
+
+
+def test_store_commands_refuse_bad_input_in_one_line_and_change_nothing(capsys, tmp_path, store_run):
+    from tests.conftest import make_store, read_all
+
+    from veil.store import id_hex
+
+    private = tmp_path / "private"
+    private.mkdir()
+    store = make_store(store_run, tmp_path, shard_size=16, id_map=private / "ids.jsonl")
+    other = make_store(store_run, tmp_path, name="other", id_map=private / "other.jsonl")
+    ids = id_hex(read_all(store)["ids"])
+    watched = (store, private)
+
+    # An id the store never held.
+    err = store_cli_error(capsys, ["erase", str(store), "--ids", ids[0], "0" * 32, "--no-progress"], *watched)
+    assert f"{store}: 1 id(s) not in the store and never erased from it: {'0' * 32}; nothing was erased" in err
+    err = store_cli_error(capsys, ["erase", str(store), "--ids", "12ab", "--no-progress"], *watched)
+    assert "--ids '12ab': neither an id (32 hex digits) nor a file of ids" in err
+    # An id map of another store, a file that is no id map, an item the map does not hold, --items without a map.
+    err = store_cli_error(capsys, ["erase", str(store), "--id-map", str(private / "other.jsonl"), "--items", "run:test#0"], *watched)
+    assert "other.jsonl: id map of store" in err and f"but {store} is store" in err
+    (private / "notes.txt").write_text("hello\n")
+    err = store_cli_error(capsys, ["erase", str(store), "--id-map", str(private / "notes.txt"), "--items", "run:test#0"], *watched)
+    assert "notes.txt: not a Veil id map" in err
+    err = store_cli_error(capsys, ["erase", str(store), "--id-map", str(private / "ids.jsonl"), "--items", "run:test#600"], *watched)
+    assert "ids.jsonl: no item 'run:test#600'" in err
+    err = store_cli_error(capsys, ["erase", str(store), "--items", "run:test#0"], *watched)
+    assert "--items needs --id-map FILE" in err
+    err = store_cli_error(capsys, ["erase", str(store)], *watched)
+    assert "nothing to erase" in err
+    # An id map inside the store; appending under another --id-map of another store.
+    run = ["obfuscate", "--run", str(store_run["run"]), "--data", "run:test", "--device", "cpu", "--no-progress"]
+    err = store_cli_error(capsys, [*run, "--append", str(store), "--id-map", str(store / "ids.jsonl")], *watched)
+    assert "inside the store" in err
+    err = store_cli_error(capsys, [*run, "--append", str(store), "--id-map", str(private / "other.jsonl")], *watched)
+    assert "id map of store" in err
+    # A damaged store: erase and append name the shard; nothing is written.
+    shard = store / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    err = store_cli_error(capsys, ["erase", str(store), "--ids", ids[0], "--no-progress"], *watched)
+    assert "shard-00002.safetensors: shard truncated" in err
+    err = store_cli_error(capsys, [*run, "--append", str(store)], *watched)
+    assert "shard-00002.safetensors: shard truncated" in err
+    (store / "manifest.json").write_text("{")
+    err = store_cli_error(capsys, ["erase", str(store), "--ids", ids[0]], *watched)
+    assert "manifest.json: damaged" in err
+    # A URL whose filesystem package is not installed; a scheme fsspec does not know.
+    if importlib.util.find_spec("s3fs") is None:
+        err = store_cli_error(capsys, ["erase", "s3://bucket/store", "--ids", ids[0]], *watched)
+        assert err.endswith("s3://bucket/store: 's3://' needs the s3fs package, which is not installed (pip install s3fs)")
+        err = store_cli_error(capsys, [*run, "--out", "s3://bucket/store"], *watched)
+        assert "needs the s3fs package" in err
+    err = store_cli_error(capsys, ["verify", "nosuch://bucket/store"], *watched)
+    assert "no filesystem for 'nosuch://'" in err
+    assert snapshot(other)  # the other store was never touched either

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tests.conftest import DEMO_NPZ
+from tests.conftest import make_store, read_all
 
 from veil import config as config_mod
 from veil import store as store_mod
@@ -15,38 +15,15 @@ from veil.io import load_tensors, save_tensors, sha256_file
 from veil.models.obfuscator import fingerprint
 from veil.rundir import latest_step_dir, load_run
 from veil.store import MANIFEST, StoreError, obfuscate, parse_spec, read_manifest, verify
+from veil.store_dataset import open_store
 from veil.train import train
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny trained run (width 1/16, 240 real CIFAR-10 images) and its config, shared by this module."""
-    root = tmp_path_factory.mktemp("store")
-    images, labels, classes = read_npz(DEMO_NPZ, root / "cache")
-    idx = np.sort(np.random.default_rng(0).choice(len(labels), 240, replace=False))
-    npz = root / "tiny.npz"
-    np.savez(npz, images=images[idx], labels=labels[idx], classes=np.array(classes))
-    cfg = config_mod.from_dict({
-        "data": {"dataset": "npz", "path": str(npz), "test_fraction": 0.25, "attacker_fraction": 0.25},
-        "model": {"width": 0.0625, "dropout": 0.0},
-        "train": {"pretrain_epochs": 2, "warmup_epochs": 0, "t_main": 1, "t_sub": 1, "batch_size": 32, "eval_batch_size": 64},
-        "seed": 0, "device": "cpu", "progress": False,
-    })
-    torch.manual_seed(0)
-    train(cfg, root / "run", log=lambda *_: None)
-    return {"root": root, "run": root / "run", "npz": npz, "cfg": cfg}
+def tiny(store_run):
+    return store_run
 
 
-def make_store(tiny, tmp_path, data="run:test", name="store", **kw):
-    out = tmp_path / name
-    obfuscate(tiny["run"], data, out, device="cpu", progress=False, log=lambda *_: None, **kw)
-    return out
-
-
-def read_all(store):
-    m = read_manifest(store)
-    shards = [store_mod.read_shard(store, m, i) for i in range(len(m["shards"]))]
-    return {k: torch.cat([s[k] for s in shards]) for k in ("features", "labels", "ids")}
 
 
 # ----------------------------------------------------------------------------- data specs
@@ -221,20 +198,20 @@ def test_store_is_refused_by_a_run_with_another_obfuscator(tiny, tmp_path, capsy
 
 def test_interrupted_obfuscate_leaves_no_whole_looking_half_shard_and_resumes(tiny, tmp_path, monkeypatch):
     reference = read_all(make_store(tiny, tmp_path, name="reference", shard_size=16))
-    real_save = store_mod.save_tensors
+    real_save = store_mod.write_shard
     calls = {"n": 0}
 
-    def killed_while_writing_third(path, tensors, metadata=None):
+    def killed_while_writing_third(loc, name, tensors, index):
         calls["n"] += 1
         if calls["n"] == 3:  # what a kill mid-write leaves: a partial temporary file, never the shard's name
-            (path.parent / f".{path.name}.abc123.tmp").write_bytes(b"\x00" * 100)
+            (tmp_path / "store" / f".{name}.abc123.tmp").write_bytes(b"\x00" * 100)
             raise KeyboardInterrupt("simulated kill")
-        real_save(path, tensors, metadata)
+        return real_save(loc, name, tensors, index)
 
-    monkeypatch.setattr(store_mod, "save_tensors", killed_while_writing_third)
+    monkeypatch.setattr(store_mod, "write_shard", killed_while_writing_third)
     with pytest.raises(KeyboardInterrupt):
         make_store(tiny, tmp_path, shard_size=16)
-    monkeypatch.setattr(store_mod, "save_tensors", real_save)
+    monkeypatch.setattr(store_mod, "write_shard", real_save)
     out = tmp_path / "store"
     assert not (out / "shard-00002.safetensors").exists()
     m = read_manifest(out)
@@ -243,11 +220,11 @@ def test_interrupted_obfuscate_leaves_no_whole_looking_half_shard_and_resumes(ti
         verify(out)
 
     # A kill between the shard's rename and the manifest's update leaves a whole shard the manifest does not list.
-    real_write = store_mod.atomic_write_json
-    monkeypatch.setattr(store_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("kill")))
+    real_write = store_mod.write_manifest
+    monkeypatch.setattr(store_mod, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("kill")))
     with pytest.raises(KeyboardInterrupt):
         make_store(tiny, tmp_path, shard_size=16)
-    monkeypatch.setattr(store_mod, "atomic_write_json", real_write)
+    monkeypatch.setattr(store_mod, "write_manifest", real_write)
     assert (out / "shard-00002.safetensors").exists() and len(read_manifest(out)["shards"]) == 2
 
     result = obfuscate(tiny["run"], "run:test", out, shard_size=16, device="cpu", progress=False, log=lambda *_: None)
@@ -300,7 +277,7 @@ def test_train_classifier_from_store_alone_and_predict_with_it(tiny, tmp_path, c
         assert len(metrics) == 8 and metrics[-1]["loss"] < metrics[0]["loss"]
         clf, meta = load_classifier(out, torch.device("cpu"))
         assert meta["obfuscator"]["fingerprint"] == read_manifest(train_store)["obfuscator"]["fingerprint"]
-        acc = store_accuracy(clf, test_store, read_manifest(test_store), torch.device("cpu"))
+        acc = store_accuracy(clf, open_store(test_store, dtype=None), torch.device("cpu"))
         assert acc == summary["final_test_accuracy"] == metrics[-1]["test_accuracy"]
         preds = predict(tiny["run"], store=test_store, classifier=out, device="cpu")
         assert sum(p.label == p.true_label for p in preds) / len(preds) == pytest.approx(acc)

@@ -33,7 +33,8 @@ from veil.models import Classifier, init_xavier
 from veil.models.obfuscator import conv_bn_relu, fingerprint
 from veil.progress import progress_bar
 from veil.rundir import load_run
-from veil.store import DTYPES, StoreError, check_fingerprint, iter_shards, load_image, read_shard, verify
+from veil.store import DTYPES, StoreError, check_fingerprint, load_image, verify
+from veil.store_dataset import StoreDataset, open_store
 from veil.train import onecycle_factor, resolve_device
 from veil.version import __version__
 
@@ -104,15 +105,13 @@ def check_head_config(cfg: HeadConfig) -> None:
 # ----------------------------------------------------------------------------- reading a store for training
 
 
-def shard_groups(store: Path, manifest: dict, memory_mb: int, generator: torch.Generator | None):  # noqa: ANN201
+def shard_groups(data: StoreDataset, memory_mb: int, generator: torch.Generator | None):  # noqa: ANN201
     """Yield (features, labels) of groups of whole shards that fit memory_mb, shards in random order if a generator is given."""
-    n = len(manifest["shards"])
-    itemsize = torch.empty((), dtype=_dtype(manifest)).element_size()
-    per_item = itemsize * int(torch.tensor(manifest["features"]["shape"]).prod())
-    per_group = max(1, (memory_mb << 20) // max(1, per_item * manifest["shard_size"]))
+    manifest, n = data.manifest, data.num_shards
+    per_group = max(1, (memory_mb << 20) // max(1, _item_bytes(manifest) * manifest["shard_size"]))
     order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
     for g in range(0, n, per_group):
-        shards = [read_shard(store, manifest, i) for i in order[g : g + per_group]]
+        shards = [data.shard(i) for i in order[g : g + per_group]]
         yield torch.cat([s["features"] for s in shards]), torch.cat([s["labels"] for s in shards])
 
 
@@ -137,10 +136,11 @@ def random_shift(features: torch.Tensor, cells: int, generator: torch.Generator)
 
 
 @torch.no_grad()
-def store_accuracy(head: nn.Module, store: Path, manifest: dict, device: torch.device, batch_size: int = 500) -> float:
+def store_accuracy(head: nn.Module, data: StoreDataset, device: torch.device, batch_size: int = 500) -> float:
     head.eval()
     correct, total = 0, 0
-    for shard in iter_shards(store, manifest):
+    for k in range(data.num_shards):
+        shard = data.shard(k)
         for s in range(0, len(shard["labels"]), batch_size):
             logits = head(shard["features"][s : s + batch_size].to(device).float())
             correct += (logits.argmax(1).cpu() == shard["labels"][s : s + batch_size]).sum().item()
@@ -161,15 +161,16 @@ def _same_store_kind(train: dict, test: dict, test_path: Path) -> None:
 def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_store: str | Path | None = None, log=print) -> dict:  # noqa: ANN001
     """Train a classifier head on a store's features alone; report accuracy on a test store. Returns the summary."""
     check_head_config(cfg)
-    store, out = Path(store), Path(out)
+    out = Path(out)
     if (out / "classifier.safetensors").exists() or (out / "config.yaml").exists():
         raise StoreError(f"{out} already holds a classifier; choose another --out")
     manifest = verify(store, progress=cfg.progress)  # every checksum, before anything is trained on it
-    test_manifest = None
+    data = open_store(store, dtype=None, cache_shards=1)  # the reader users get (veil.open_store), a shard at a time
+    test_manifest = test_data = None
     if test_store is not None:
-        test_store = Path(test_store)
         test_manifest = verify(test_store, progress=cfg.progress)
         _same_store_kind(manifest, test_manifest, test_store)
+        test_data = open_store(test_store, dtype=None, cache_shards=1)
     device = resolve_device(cfg.device)
     classes = manifest["dataset"]["classes"]
     torch.manual_seed(cfg.seed)
@@ -186,12 +187,12 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     # Small stores are read once; larger ones a few shards at a time, every epoch.
     cached = None
     if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
-        cached = next(shard_groups(store, manifest, 1 << 40, None))
+        cached = next(shard_groups(data, 1 << 40, None))
     step, metrics, start = 0, [], time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         head.train()
         sums, seen, t0 = torch.zeros(2), 0, time.perf_counter()
-        groups = [cached] if cached is not None else shard_groups(store, manifest, cfg.memory_mb, generator)
+        groups = [cached] if cached is not None else shard_groups(data, cfg.memory_mb, generator)
         with progress_bar(steps_per_epoch, f"epoch {epoch}", cfg.progress) as bar:
             for features, labels in groups:
                 order = torch.randperm(len(labels), generator=generator)
@@ -218,7 +219,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
                     bar.update(1)
         record = {"epoch": epoch, "loss": sums[0].item() / max(1, seen), "train_accuracy": sums[1].item() / max(1, seen)}
         if test_manifest is not None:
-            record["test_accuracy"] = store_accuracy(head, test_store, test_manifest, device)
+            record["test_accuracy"] = store_accuracy(head, test_data, device)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
@@ -315,11 +316,13 @@ def predict(run_dir: str | Path, images: list[str] | None = None, store: str | P
     head, classes, fp = _classifier_for(run, classifier, dev)
     out: list[Prediction] = []
     if store is not None:
-        manifest = verify(store, fingerprint=fp)  # a store from another obfuscator is refused here
-        for shard in iter_shards(store, manifest):
+        verify(store, fingerprint=fp)  # a store from another obfuscator is refused here
+        data = open_store(store, dtype=None, cache_shards=1)
+        for k in range(data.num_shards):
+            shard = data.shard(k)
             for s in range(0, len(shard["labels"]), batch_size):
                 logits = head(shard["features"][s : s + batch_size].to(dev).float())
-                ids = [bytes(row.tolist()).hex() for row in shard["ids"][s : s + batch_size]]
+                ids = [row.numpy().tobytes().hex() for row in shard["ids"][s : s + batch_size]]
                 out += _predictions(logits, ids, classes, shard["labels"][s : s + batch_size])
         return out
     size = run.config.data.image_size

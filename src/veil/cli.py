@@ -101,8 +101,10 @@ def cmd_obfuscate(args: argparse.Namespace) -> int:
     from veil.store import obfuscate
 
     r = obfuscate(args.run, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
-                  name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench)
-    if r["written"]:
+                  name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench, append=args.append, id_map=args.id_map)
+    if args.append:
+        print(f"appended {r['written']} items to {args.append} in {r['seconds']:.2f} s; it holds {r['items']} items in {r['shards']} shards")
+    elif r["written"]:
         print(f"wrote {r['written']} of {r['items']} items to {args.out} in {r['seconds']:.2f} s ({r['written'] / r['seconds']:.0f} images/s; "
               f"{r['open_seconds']:.2f} s reading the source before); {r['shards']} shards, {r['bytes'] / r['items']:.0f} bytes per item")
     if "bare_seconds" in r and r["written"]:
@@ -147,8 +149,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from veil.erase import erase, parse_ids
+
+    r = erase(args.store, parse_ids(args.ids), id_map=args.id_map, items=args.items, progress=not args.no_progress)
+    for i, utc in sorted(r["already"].items()):
+        print(f"{i}: already erased on {utc}")
+    if r["cleaned"]:
+        print(f"removed {r['cleaned']} file(s) left by an interrupted erase or append")
+    if r["erased"]:
+        print(f"erased {r['erased']} items from {args.store} in {r['seconds']:.2f} s ({r['shards_rewritten']} shards rewritten); "
+              f"{r['items']} items remain; the erasure log in its manifest lists the ids")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from veil.store import store_bytes, verify
+    from veil.store import leftovers, store_bytes, verify
 
     fp = None
     if args.run:
@@ -157,9 +173,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         fp = fingerprint(load_run(args.run).obfuscator)
     m = verify(args.store, fingerprint=fp, progress=not args.no_progress)
-    print(f"{args.store}: OK, {m['count']} items in {len(m['shards'])} shards, {store_bytes(Path(args.store), m) / max(1, m['count']):.0f} bytes per item; "
+    print(f"{args.store}: OK, {m['count']} items in {len(m['shards'])} shards, {store_bytes(args.store, m) / max(1, m['count']):.0f} bytes per item; "
           f"{m['dataset']['name']} ({m['dataset']['split']}), {len(m['dataset']['classes'])} classes, features {'x'.join(map(str, m['features']['shape']))} "
           f"{m['features']['dtype']}, obfuscator {m['obfuscator']['fingerprint'][:16]}...{' (matches ' + args.run + ')' if args.run else ''}")
+    if m["erasures"]:
+        print(f"erasure log: {sum(len(e['ids']) for e in m['erasures'])} ids erased in {len(m['erasures'])} erasures, none of them in a shard")
+    left = leftovers(args.store, m)
+    if left:
+        print(f"note: {len(left)} file(s) left by an interrupted change ({left[0]}{', ...' if len(left) > 1 else ''}), not part of the store; "
+              f"the next veil erase or veil obfuscate --append deletes them")
     return 0
 
 
@@ -245,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("obfuscate", help="images -> a feature store (no pixels, no file names); resumable")
     p.add_argument("--run", required=True, help="run directory whose obfuscator to use")
     p.add_argument("--data", required=True, metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--out", required=True, metavar="STORE", help="store directory to create (or to finish, after an interruption)")
+    p.add_argument("--out", metavar="STORE", help="store to create (a folder or an fsspec URL such as s3://bucket/store), or to finish after an interruption")
+    p.add_argument("--append", metavar="STORE", help="add the images to this existing store instead, as new shards (same obfuscator, classes and feature shape)")
+    p.add_argument("--id-map", metavar="FILE", help="also write which source item (file path, or SPEC#INDEX) got which id, to FILE outside the store "
+                   "(for erasure requests; keep it with the images, not with the store)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="how features are kept (default auto: a quantising obfuscator's integer codes, else float16)")
     p.add_argument("--shard-size", type=int, default=4096, help="items per shard file (default 4096); memory holds one shard")
@@ -281,8 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("erase", help="remove items from a store by id (an erasure request); logged in the manifest")
+    p.add_argument("store", help="store (a folder or an fsspec URL)")
+    p.add_argument("--ids", nargs="+", default=[], metavar="ID|FILE", help="ids (32 hex digits), or files of ids, one per line")
+    p.add_argument("--id-map", metavar="FILE", help="the id map `veil obfuscate --id-map` wrote for this store: resolves --items, and loses the erased items' lines")
+    p.add_argument("--items", nargs="+", default=[], metavar="ITEM", help="source items to erase, as the id map names them (file path, or SPEC#INDEX)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_erase)
+
     p = sub.add_parser("verify", help="recompute a store's checksums and check its manifest")
-    p.add_argument("store", help="store directory")
+    p.add_argument("store", help="store (a folder or an fsspec URL)")
     p.add_argument("--run", help="also check that this run's obfuscator made the store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)

@@ -11,3 +11,7 @@ class AttackError(RuntimeError):
 
 class ReportError(ValueError):
     """A run or result file that cannot be reported; the message names the file and field."""
+
+
+class StoreError(ValueError):
+    """A store that is missing, damaged, incomplete or made by another obfuscator; the message names the file."""

@@ -9,15 +9,23 @@ may. `obfuscate` runs images through a run's frozen obfuscator and keeps only wh
                                    ids       N x 16          uint8, a random opaque id per item
     STORE/shard-00001.safetensors  ...
 
-No pixels and no file names or paths are stored: an item is known by a random 128-bit id.
-The manifest records the obfuscator's fingerprint (sha256 of its weights), Veil's version, the
-dataset's name and class names, and the count, byte size and sha256 of every shard.
+No pixels and no file names or paths are stored: an item is known by a random 128-bit id (the
+optional id map, kept outside the store, says which source item got which id: idmap.py).
+The manifest records the store's own random id, the obfuscator's fingerprint (sha256 of its
+weights), Veil's version, the dataset's name and class names, the count, byte size and sha256 of
+every shard in item order, the sha256 of the label sequence, and the erasure log (erase.py).
 
-Writing is atomic and resumable: each shard is written under a temporary name and renamed, then
-the manifest (with `"complete": false` until the last shard) is replaced atomically. A kill
-leaves at worst a temporary file or a shard the manifest does not list; running the same
-command again checks the listed shards and writes the rest. Memory holds one shard of features
-(`shard_size` items) and one batch at a time, whatever the number of images.
+STORE may be a local folder or any fsspec URL (location.py). Every change follows one rule: new
+shards are written under new names, never over a listed one, and the manifest is replaced last.
+A reader therefore sees the old store or the new one, whole. Shards that a change is writing are
+named in the manifest's `pending` list first, and shards it replaced stay in `retired` until they
+are deleted; verify ignores those two kinds of unlisted file (any other is reported), and the
+next erase or append deletes them.
+
+Writing is resumable: each shard of a new store is written, then the manifest (with `"complete":
+false` until the last shard) is replaced. A kill leaves at worst a temporary file or a shard the
+manifest does not list; running the same command again checks the listed shards and writes the
+rest. Memory holds one shard of features (`shard_size` items) and one batch at a time.
 """
 
 from __future__ import annotations
@@ -25,27 +33,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load
+from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
+from veil import idmap
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
-from veil.io import atomic_write_json, save_tensors, sha256_file
+from veil.errors import StoreError
+from veil.location import Location, exists, is_folder, locate, make_folder, names, read_bytes, remove, where, write_bytes
 from veil.models.obfuscator import code_dtype, feature_shape, fingerprint, quantised_bits
 from veil.rundir import load_run
 from veil.train import resolve_device
 from veil.version import __version__
 
 FORMAT = "veil-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: store id, non-consecutive shard names (erase, append), pending/retired, erasure log
+READS_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ID_BYTES = 16  # 128-bit random ids: opaque, and collisions are out of the question
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -59,14 +72,15 @@ SPEC_HELP = (
     "SOURCE[:SPLIT], SOURCE = run | mnist | fashion-mnist | cifar10 | cifar100 | npz:FILE.npz | folder:DIR, "
     "SPLIT = all | defender | attacker | test (e.g. cifar10:test, run:test, npz:demo/cifar10-2k.npz, folder:photos/)"
 )
-
-
-class StoreError(ValueError):
-    """A store that is missing, damaged, incomplete or made by another obfuscator; the message names the file."""
+SHARD_NAME = re.compile(r"shard-(\d{5,})\.safetensors")
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -108,6 +122,7 @@ class Source:
     labels: torch.Tensor  # int64, all items
     channels: int
     read: object  # (start, stop) -> uint8 images [start, stop)
+    files: list[str] | None = None  # an image folder's files, in item order (only for the id map, never stored)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -155,7 +170,8 @@ def folder_source(path: Path, image_size: int) -> Source:
         batch = np.stack([load_image(f, mode, image_size, False) for f in files[start:stop]])
         return to_tensor_images(batch, image_size, str(path))
 
-    return Source("folder", "all", [d.name for d in class_dirs], torch.tensor(labels, dtype=torch.long), 1 if mode == "L" else 3, read)
+    return Source("folder", "all", [d.name for d in class_dirs], torch.tensor(labels, dtype=torch.long), 1 if mode == "L" else 3, read,
+                  [str(f) for f in files])
 
 
 def open_source(spec: DataSpec, run_data: DataConfig, seed: int, name: str = "") -> Source:
@@ -190,31 +206,42 @@ def open_source(spec: DataSpec, run_data: DataConfig, seed: int, name: str = "")
 
 # ----------------------------------------------------------------------------- manifest
 
+IDENTITY = ("format", "obfuscator", "dataset", "features", "shard_size", "count", "labels_sha256")  # what a resumed run must match
+
 
 def labels_digest(labels: torch.Tensor) -> str:
     """sha256 of the label sequence: a rerun must see the same items in the same order."""
     return hashlib.sha256(labels.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
-def read_manifest(store: Path) -> dict:
-    path = Path(store) / MANIFEST
-    if not Path(store).is_dir():
-        raise StoreError(f"store not found: {store}")
-    if not path.is_file():
-        raise StoreError(f"{store}: not a Veil store (no {MANIFEST})")
+def read_manifest(store: str | Path | Location) -> dict:
+    loc = locate(store)
+    path = where(loc, MANIFEST)
+    if not is_folder(loc):
+        raise StoreError(f"store not found: {loc.url}")
     try:
-        manifest = json.loads(path.read_text())
+        text = read_bytes(loc, MANIFEST).decode()
+        manifest = json.loads(text)
+    except FileNotFoundError:
+        raise StoreError(f"{loc.url}: not a Veil store (no {MANIFEST})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: damaged ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{path}: not a Veil store manifest (format should be '{FORMAT}')")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {manifest.get('format_version')}, this Veil reads version {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READS_VERSIONS:
+        raise StoreError(f"{path}: store format version {manifest.get('format_version')}, this Veil reads versions {', '.join(map(str, READS_VERSIONS))}")
     required = ("veil_version", "obfuscator", "dataset", "features", "shard_size", "count", "labels_sha256", "shards", "complete")
     missing = [k for k in required if k not in manifest]
     if missing:
         raise StoreError(f"{path}: missing fields {', '.join(missing)}")
+    for key in ("erasures", "appends", "pending", "retired"):  # version 1 has none of these
+        manifest.setdefault(key, [])
     return manifest
+
+
+def write_manifest(loc: Location, manifest: dict) -> None:
+    """The commit point of every change: atomic locally, one whole upload on an object store."""
+    write_bytes(loc, MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def _describe_difference(old: dict, new: dict, prefix: str = "") -> str | None:
@@ -229,16 +256,29 @@ def _describe_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     return None
 
 
+def erased_ids(manifest: dict) -> dict[str, str]:
+    """Every id in the erasure log -> when it was erased (UTC)."""
+    return {i: entry["utc"] for entry in manifest["erasures"] for i in entry["ids"]}
+
+
+def id_hex(ids: torch.Tensor) -> list[str]:
+    """N x 16 uint8 ids -> N hex strings."""
+    return [row.tobytes().hex() for row in ids.numpy()]
+
+
 # ----------------------------------------------------------------------------- reading and verifying
 
 
-def read_shard(store: Path, manifest: dict, index: int) -> dict[str, torch.Tensor]:
-    """One shard, checked against the manifest (size, sha256, tensor shapes) before it is used."""
+def read_shard(store: str | Path | Location, manifest: dict, index: int, decode: bool = True) -> dict[str, torch.Tensor]:
+    """One shard, checked against the manifest (size, sha256, tensor shapes) before it is used.
+    decode=False keeps a quantised store's integer codes as stored (to rewrite them bit for bit)."""
+    loc = locate(store)
     entry = manifest["shards"][index]
-    path = Path(store) / entry["file"]
-    if not path.is_file():
-        raise StoreError(f"{path}: shard missing (the manifest lists it with {entry['count']} items)")
-    data = path.read_bytes()
+    path = where(loc, entry["file"])
+    try:
+        data = read_bytes(loc, entry["file"])
+    except FileNotFoundError:
+        raise StoreError(f"{path}: shard missing (the manifest lists it with {entry['count']} items)") from None
     if len(data) != entry["bytes"]:
         what = "truncated" if len(data) < entry["bytes"] else "grown"
         raise StoreError(f"{path}: shard {what}: {len(data)} bytes, the manifest says {entry['bytes']}")
@@ -256,7 +296,7 @@ def read_shard(store: Path, manifest: dict, index: int) -> dict[str, torch.Tenso
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
             raise StoreError(f"{path}: '{key}' should be {want_shape} {want_dtype}, got {got}")
     bits = manifest["features"].get("bits")
-    if bits:  # integer codes -> the values in [0, 1] the obfuscator gave
+    if bits and decode:  # integer codes -> the values in [0, 1] the obfuscator gave
         tensors["features"] = tensors["features"].float() / (2**bits - 1)
     return tensors
 
@@ -269,41 +309,108 @@ def check_fingerprint(manifest: dict, fingerprint: str, where: str, against: str
         )
 
 
-def verify(store: str | Path, fingerprint: str | None = None, progress: bool = False) -> dict:
-    """Recompute every checksum and check the manifest; raise StoreError naming the first bad file."""
-    store = Path(store)
-    manifest = read_manifest(store)
-    if fingerprint is not None:
-        check_fingerprint(manifest, fingerprint, str(store), "this run")
+def check_complete(loc: Location, manifest: dict) -> None:
     if not manifest["complete"]:
         done = sum(s["count"] for s in manifest["shards"])
-        raise StoreError(f"{store}: incomplete ({done} of {manifest['count']} items written; `veil obfuscate` was interrupted); run the same command again to finish it")
-    listed = {s["file"] for s in manifest["shards"]}
-    expected_files = {shard_name(i) for i in range(len(manifest["shards"]))}
-    if listed != expected_files:
-        raise StoreError(f"{store / MANIFEST}: shard list should be {shard_name(0)}..{shard_name(len(listed) - 1)} in order")
-    strays = sorted(p.name for p in store.glob("shard-*.safetensors") if p.name not in listed)
+        raise StoreError(f"{loc.url}: incomplete ({done} of {manifest['count']} items written; `veil obfuscate` was interrupted); run the same command again to finish it")
+
+
+def check_listing(loc: Location, manifest: dict) -> None:
+    """Shard names well formed and listed once; every other shard file in the folder one that a change
+    is writing (`pending`) or has replaced (`retired`), left by a kill: those are ignored."""
+    listed = [s["file"] for s in manifest["shards"]]
+    for name in listed + manifest["pending"] + manifest["retired"]:
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise StoreError(f"{where(loc, MANIFEST)}: '{name}' is not a shard file name (shard-NNNNN.safetensors)")
+    if len(set(listed)) != len(listed):
+        raise StoreError(f"{where(loc, MANIFEST)}: a shard is listed twice")
+    known = set(listed) | set(manifest["pending"]) | set(manifest["retired"])
+    strays = [n for n in names(loc) if SHARD_NAME.fullmatch(n) and n not in known]
     if strays:
-        raise StoreError(f"{store / strays[0]}: not listed in the manifest (left by an interrupted run, or added later)")
+        raise StoreError(f"{where(loc, strays[0])}: not listed in the manifest (left by an interrupted run, or added later)")
+
+
+def checked_shards(loc: Location, manifest: dict, progress: bool = False, decode: bool = True):  # noqa: ANN201
+    """Yield (index, tensors) of every shard, each checked (read_shard; labels in range; no erased id);
+    once the last is read, check the total count and the labels' sha256 against the manifest."""
     digest, count, n_classes = hashlib.sha256(), 0, len(manifest["dataset"]["classes"])
+    erased = erased_ids(manifest)
     for i in tqdm(range(len(manifest["shards"])), desc="verify", disable=not progress, leave=False):
-        labels = read_shard(store, manifest, i)["labels"]  # one shard at a time: memory stays bounded
+        shard = read_shard(loc, manifest, i, decode)  # one shard at a time: memory stays bounded
+        labels, path = shard["labels"], where(loc, manifest["shards"][i]["file"])
         digest.update(labels.numpy().tobytes())
         count += len(labels)
         if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-            raise StoreError(f"{store / manifest['shards'][i]['file']}: labels must be in 0..{n_classes - 1}, found {labels.min().item()}..{labels.max().item()}")
+            raise StoreError(f"{path}: labels must be in 0..{n_classes - 1}, found {labels.min().item()}..{labels.max().item()}")
+        if erased:
+            back = [i for i in id_hex(shard["ids"]) if i in erased]
+            if back:
+                raise StoreError(f"{path}: holds id {back[0]}, which the erasure log says was erased on {erased[back[0]]}")
+        yield i, shard
     if count != manifest["count"]:
-        raise StoreError(f"{store / MANIFEST}: count is {manifest['count']} but the shards hold {count} items")
+        raise StoreError(f"{where(loc, MANIFEST)}: count is {manifest['count']} but the shards hold {count} items")
     if digest.hexdigest() != manifest["labels_sha256"]:
-        raise StoreError(f"{store / MANIFEST}: labels_sha256 does not match the labels in the shards")
+        raise StoreError(f"{where(loc, MANIFEST)}: labels_sha256 does not match the labels in the shards")
+
+
+def verify(store: str | Path | Location, fingerprint: str | None = None, progress: bool = False) -> dict:
+    """Recompute every checksum and check the manifest; raise StoreError naming the first bad file."""
+    loc = locate(store)
+    manifest = read_manifest(loc)
+    if fingerprint is not None:
+        check_fingerprint(manifest, fingerprint, loc.url, "this run")
+    check_complete(loc, manifest)
+    check_listing(loc, manifest)
+    for _ in checked_shards(loc, manifest, progress):
+        pass
     return manifest
 
 
-def store_bytes(store: Path, manifest: dict) -> int:
-    return sum(s["bytes"] for s in manifest["shards"]) + (Path(store) / MANIFEST).stat().st_size
+def leftovers(store: str | Path | Location, manifest: dict) -> list[str]:
+    """Files an interrupted change left (pending or retired shards, temporary files) that are still there."""
+    loc = locate(store)
+    present = set(names(loc))
+    return sorted(n for n in present if n in set(manifest["pending"]) | set(manifest["retired"]) or (n.startswith(".") and n.endswith(".tmp")))
+
+
+def remove_leftovers(loc: Location, manifest: dict) -> int:
+    """Delete what an interrupted change left; the caller's next manifest drops the pending and retired lists."""
+    found = leftovers(loc, manifest)
+    for name in found:
+        remove(loc, name)
+    return len(found)
+
+
+def next_shard_index(loc: Location, manifest: dict) -> int:
+    """A shard number no listed, pending, retired or present file has used: names are never reused while a file may hold them."""
+    used = [s["file"] for s in manifest["shards"]] + manifest["pending"] + manifest["retired"] + names(loc)
+    return 1 + max((int(m.group(1)) for n in used if (m := SHARD_NAME.fullmatch(n))), default=-1)
+
+
+def store_bytes(store: str | Path | Location, manifest: dict) -> int:
+    loc = locate(store)
+    return sum(s["bytes"] for s in manifest["shards"]) + len(read_bytes(loc, MANIFEST))
+
+
+def iter_shards(store: str | Path | Location, manifest: dict):  # noqa: ANN201
+    """Yield each shard's tensors in order, each checked against the manifest."""
+    for i in range(len(manifest["shards"])):
+        yield read_shard(store, manifest, i)
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def write_shard(loc: Location, name: str, tensors: dict[str, torch.Tensor], index: int) -> dict:
+    """One shard under a new name (atomically where the backend can); returns its manifest entry."""
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT, "shard": str(index)})
+    write_bytes(loc, name, data)
+    return {"file": name, "count": len(tensors["labels"]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def new_ids(n: int) -> torch.Tensor:
+    """n random 128-bit ids (N x 16 uint8)."""
+    return torch.frombuffer(bytearray(secrets.token_bytes(ID_BYTES * n)), dtype=torch.uint8).reshape(n, ID_BYTES)
 
 
 def _new_manifest(source: Source, obfuscator: torch.nn.Module, fingerprint: str, image_size: int, shape: tuple[int, ...], dtype: str, shard_size: int) -> dict:
@@ -311,6 +418,8 @@ def _new_manifest(source: Source, obfuscator: torch.nn.Module, fingerprint: str,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "veil_version": __version__,
+        "store_id": secrets.token_hex(16),  # names this store to its id maps; says nothing about its items
+        "created_utc": utc_now(),
         "obfuscator": {
             "fingerprint": fingerprint,
             "in_channels": obfuscator.in_channels,
@@ -327,34 +436,83 @@ def _new_manifest(source: Source, obfuscator: torch.nn.Module, fingerprint: str,
         "labels_sha256": labels_digest(source.labels),
         "shards": [],
         "complete": False,
+        "erasures": [],  # [{"utc": ..., "ids": [hex, ...]}]: ids only (erase.py)
+        "appends": [],  # [{"utc": ..., "dataset": {...}, "count": n}]
+        "pending": [],
+        "retired": [],
     }
 
 
-def _resume_point(store: Path, manifest: dict, log) -> int:  # noqa: ANN001
-    """Check the shards an interrupted run listed and return how many to keep."""
+def _resume_point(loc: Location, manifest: dict, log) -> list[str]:  # noqa: ANN001
+    """Check the shards an interrupted run listed; return their ids (hex), which an id map may keep."""
+    ids: list[str] = []
     for i in range(len(manifest["shards"])):
-        read_shard(store, manifest, i)
-    for tmp in store.glob(".shard-*.tmp"):
-        tmp.unlink(missing_ok=True)  # half-written shards of the interrupted run
-    done = sum(s["count"] for s in manifest["shards"])
-    log(f"resuming {store}: {len(manifest['shards'])} shards ({done} of {manifest['count']} items) checked and kept")
-    return len(manifest["shards"])
+        ids += id_hex(read_shard(loc, manifest, i)["ids"])
+    for name in names(loc):
+        if name.startswith(".shard-") and name.endswith(".tmp"):
+            remove(loc, name)  # half-written shards of the interrupted run
+    log(f"resuming {loc.url}: {len(manifest['shards'])} shards ({len(ids)} of {manifest['count']} items) checked and kept")
+    return ids
+
+
+@dataclass
+class Encoder:
+    """What turns a source's items into stored features: the run's obfuscator and how its output is kept."""
+
+    obfuscator: torch.nn.Module
+    device: torch.device
+    shape: tuple[int, ...]  # C x H x W
+    dtype: str  # a key of STORED_DTYPES
+    bits: int  # > 0: a quantising obfuscator, stored as its integer codes
+    batch_size: int
+    data: str  # the --data spec, for messages
+
+
+def encode(enc: Encoder, source: Source, a: int, b: int, bar) -> torch.Tensor:  # noqa: ANN001
+    """Items [a, b) of the source -> their stored features, (b - a) x C x H x W, batch by batch."""
+    stored = STORED_DTYPES[enc.dtype]
+    features = torch.empty((b - a, *enc.shape), dtype=stored)  # one shard, filled batch by batch
+    for s in range(a, b, enc.batch_size):
+        e = min(b, s + enc.batch_size)
+        out_batch = enc.obfuscator(to_float(source.read(s, e).to(enc.device)))  # N x C x H x W
+        if enc.dtype in CODES:
+            out_batch = torch.round(out_batch * (2**enc.bits - 1))  # the codes, exactly
+        else:
+            _check_representable(out_batch, enc.dtype, enc.data, s)
+        features[s - a : e - a] = out_batch.to(stored).cpu()
+        bar.update(e - s)
+    return features
+
+
+def item_names(source: Source, data: str, a: int, b: int) -> list[str]:
+    """What the id map calls items [a, b): an image folder's file paths, else `SPEC#INDEX` (index in the source as read)."""
+    return source.files[a:b] if source.files is not None else [f"{data}#{i}" for i in range(a, b)]
 
 
 def obfuscate(
-    run_dir: str | Path, data: str, out: str | Path, dtype: str = "auto", shard_size: int = 4096, batch_size: int = 500,
-    name: str = "", device: str = "auto", progress: bool = True, bench: bool = False, log=print,  # noqa: ANN001
+    run_dir: str | Path, data: str, out: str | Path | None = None, dtype: str = "auto", shard_size: int = 4096, batch_size: int = 500,
+    name: str = "", device: str = "auto", progress: bool = True, bench: bool = False, append: str | Path | None = None,
+    id_map: str | Path | None = None, log=print,  # noqa: ANN001
 ) -> dict:
-    """Images -> a store of obfuscated features (resumes an interrupted store at `out`). Returns counts and timings.
-    dtype auto: a quantising obfuscator's integer codes, else float16."""
+    """Images -> a new store at `out` (resuming an interrupted one), or added to the store `append`. Returns counts and timings.
+    dtype auto: a quantising obfuscator's integer codes, else float16. id_map: a file outside the store that
+    records which source item got which id (idmap.py)."""
+    if (out is None) == (append is None):
+        raise StoreError("give --out STORE (a new store) or --append STORE (add to one), not both")
     if dtype not in ("auto", *DTYPES):
         raise StoreError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got '{dtype}'")
     if shard_size < 1 or batch_size < 1:
         raise StoreError(f"--shard-size and --batch-size must be >= 1, got {shard_size} and {batch_size}")
+    loc = locate(out if append is None else append)
+    if id_map is not None:
+        idmap.check_outside(id_map, loc)
+    old = read_manifest(loc) if append is not None else None  # before the run and the images are read: a bad store fails fast
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
     if not run.summary:
         log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
+    if old is not None:
+        check_fingerprint(old, fingerprint(run.obfuscator), loc.url, f"--run {run_dir}")
     t0 = time.perf_counter()
     source = open_source(parse_spec(data), run.config.data, run.config.seed, name)
     open_seconds = time.perf_counter() - t0  # reading (and for named data, decoding) the images held in memory
@@ -368,23 +526,29 @@ def obfuscate(
     m = run.config.model
     shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
     manifest = _new_manifest(source, run.obfuscator, fingerprint(run.obfuscator), run.config.data.image_size, shape, dtype, shard_size)
+    enc = Encoder(run.obfuscator, dev, shape, dtype, bits, batch_size, data)
+    if old is not None:
+        return _append(loc, old, manifest, enc, source, data, id_map, progress, log) | {"open_seconds": open_seconds}
 
-    out = Path(out)
-    first = 0
-    if (out / MANIFEST).is_file():
-        old = read_manifest(out)
-        diff = _describe_difference({k: v for k, v in old.items() if k not in ("shards", "complete", "veil_version")},
-                                    {k: v for k, v in manifest.items() if k not in ("shards", "complete", "veil_version")})
+    first, kept_ids = 0, []
+    if exists(loc, MANIFEST):
+        old = read_manifest(loc)
+        diff = _describe_difference({k: old.get(k) for k in IDENTITY}, {k: manifest.get(k) for k in IDENTITY})
         if diff:
-            raise StoreError(f"{out} already holds another store ({diff}); choose another --out")
+            raise StoreError(f"{loc.url} already holds another store ({diff}); choose another --out")
         if old["complete"]:
-            log(f"{out} is already complete ({old['count']} items); nothing to do")
-            return {"items": old["count"], "written": 0, "shards": len(old["shards"]), "bytes": store_bytes(out, old), "seconds": 0.0}
+            log(f"{loc.url} is already complete ({old['count']} items); nothing to do")
+            return {"items": old["count"], "written": 0, "shards": len(old["shards"]), "bytes": store_bytes(loc, old), "seconds": 0.0}
         manifest = old
-        first = _resume_point(out, manifest, log)
-    elif out.exists() and any(out.iterdir()):
-        raise StoreError(f"{out}: exists, is not empty and holds no {MANIFEST}; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        kept_ids = _resume_point(loc, manifest, log)
+        first = len(manifest["shards"])
+    elif names(loc):
+        raise StoreError(f"{loc.url}: exists, is not empty and holds no {MANIFEST}; choose another --out")
+    if id_map is not None:
+        if "store_id" not in manifest:
+            raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
+        idmap.start(id_map, manifest, kept_ids, resume=first > 0)
+    make_folder(loc)
 
     n_shards = -(-len(source) // shard_size)
     n_bench = min(len(source) - first * shard_size, shard_size)  # one shard's worth: memory stays bounded
@@ -394,26 +558,16 @@ def obfuscate(
     with torch.inference_mode(), tqdm(total=len(source), initial=first * shard_size, desc="obfuscate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for index in range(first, n_shards):
             a, b = index * shard_size, min(len(source), (index + 1) * shard_size)
-            stored = STORED_DTYPES[dtype]
-            features = torch.empty((b - a, *shape), dtype=stored)  # one shard, filled batch by batch
-            for s in range(a, b, batch_size):
-                e = min(b, s + batch_size)
-                out_batch = run.obfuscator(to_float(source.read(s, e).to(dev)))  # N x C x H x W
-                if dtype in CODES:
-                    out_batch = torch.round(out_batch * (2**bits - 1))  # the codes, exactly
-                else:
-                    _check_representable(out_batch, dtype, data, s)
-                features[s - a : e - a] = out_batch.to(stored).cpu()
-                bar.update(e - s)
-            ids = torch.frombuffer(bytearray(secrets.token_bytes(ID_BYTES * (b - a))), dtype=torch.uint8).reshape(b - a, ID_BYTES)
-            path = out / shard_name(index)
-            save_tensors(path, {"features": features, "labels": source.labels[a:b].clone(), "ids": ids}, {"format": FORMAT, "shard": str(index)})
-            manifest["shards"].append({"file": path.name, "count": b - a, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+            features, ids = encode(enc, source, a, b, bar), new_ids(b - a)
+            entry = write_shard(loc, shard_name(index), {"features": features, "labels": source.labels[a:b].clone(), "ids": ids}, index)
+            if id_map is not None:
+                idmap.add(id_map, id_hex(ids), item_names(source, data, a, b))  # before the manifest lists the items
+            manifest["shards"].append(entry)
             manifest["complete"] = index + 1 == n_shards
-            atomic_write_json(out / MANIFEST, manifest)  # after the shard: a listed shard is always whole
+            write_manifest(loc, manifest)  # after the shard: a listed shard is always whole
             written += b - a
     seconds, cpu_seconds = time.perf_counter() - start_time, time.process_time() - start_cpu
-    result = {"items": len(source), "written": written, "shards": n_shards, "bytes": store_bytes(out, manifest),
+    result = {"items": len(source), "written": written, "shards": n_shards, "bytes": store_bytes(loc, manifest),
               "seconds": seconds, "cpu_seconds": cpu_seconds, "open_seconds": open_seconds}
     if bench:
         # Timed before and after the store is written, and averaged, so that a change in machine load
@@ -423,6 +577,51 @@ def obfuscate(
         result["bare_seconds"] = (bare_before[0] + bare_after[0]) / 2
         result["bare_cpu_seconds"] = (bare_before[1] + bare_after[1]) / 2
     return result
+
+
+def _append(loc: Location, old: dict, new: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log) -> dict:  # noqa: ANN001
+    """Add a source's items to a complete store as new shards; the manifest, replaced last, lists them."""
+    check_complete(loc, old)
+    for key, what in (("features", "feature shape and dtype"), ("dataset", "classes")):
+        a, b = old[key], new[key]
+        if key == "dataset":
+            a, b = a["classes"], b["classes"]
+        if a != b:
+            raise StoreError(f"{loc.url}: {what} {a} differ from what --data {data} gives with this run ({b}); items appended must match")
+    check_listing(loc, old)
+    if id_map is not None and "store_id" not in old:
+        raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
+    labels, ids = [], []
+    for _, shard in checked_shards(loc, old, progress):  # the whole store checked before anything is added
+        labels.append(shard["labels"])
+        ids += id_hex(shard["ids"])
+    if id_map is not None:
+        idmap.start(id_map, old, ids, resume=True)  # this store's earlier entries are kept (if the file has them)
+    remove_leftovers(loc, old)
+    first, size = next_shard_index(loc, old), old["shard_size"]
+    n_new = -(-len(source) // size)
+    manifest = {**old, "pending": [shard_name(first + k) for k in range(n_new)], "retired": []}
+    write_manifest(loc, manifest)  # the old store, naming the shards about to be written
+    start, entries = time.perf_counter(), []
+    with torch.inference_mode(), tqdm(total=len(source), desc="append", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for k in range(n_new):
+            a, b = k * size, min(len(source), (k + 1) * size)
+            features, new_id = encode(enc, source, a, b, bar), new_ids(b - a)
+            entries.append(write_shard(loc, shard_name(first + k), {"features": features, "labels": source.labels[a:b].clone(), "ids": new_id}, first + k))
+            if id_map is not None:
+                idmap.add(id_map, id_hex(new_id), item_names(source, data, a, b))
+    manifest = {
+        **old, "veil_version": __version__, "format_version": FORMAT_VERSION,
+        "shards": old["shards"] + entries, "count": old["count"] + len(source),
+        "labels_sha256": labels_digest(torch.cat([*labels, source.labels])),
+        "appends": old["appends"] + [{"utc": utc_now(), "dataset": {k: new["dataset"][k] for k in ("name", "split")}, "count": len(source)}],
+        "pending": [], "retired": [],
+    }
+    write_manifest(loc, manifest)  # the commit: the new store
+    seconds = time.perf_counter() - start
+    log(f"appended {len(source)} items to {loc.url} as {n_new} new shards ({manifest['count']} items now)")
+    return {"items": manifest["count"], "written": len(source), "shards": len(manifest["shards"]), "bytes": store_bytes(loc, manifest),
+            "seconds": seconds, "cpu_seconds": seconds}
 
 
 def _check_representable(features: torch.Tensor, dtype: str, data: str, start: int) -> None:
@@ -447,9 +646,3 @@ def bare_forward_seconds(obfuscator: torch.nn.Module, source: Source, start: int
             torch.cuda.synchronize(device)
         wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
     return wall, cpu
-
-
-def iter_shards(store: str | Path, manifest: dict):  # noqa: ANN201
-    """Yield each shard's tensors in order, each checked against the manifest."""
-    for i in range(len(manifest["shards"])):
-        yield read_shard(Path(store), manifest, i)
