@@ -52,3 +52,14 @@ def test_readme_names_every_key_that_may_change_on_resume():
     sentence = readme[readme.index("may be overridden on `--resume`") - 400 : readme.index("may be overridden on `--resume`")]
     missing = [k for k in config_mod.RESUME_MAY_CHANGE if f"`{k}`" not in sentence]
     assert not missing, f"README's --resume sentence does not name {missing}"
+
+
+def test_a_reconstructor_pool_names_known_members_once():
+    cfg = config_mod.from_dict({"model": {"reconstructor": "simrec, unet,resrec"}, "train": {"defence": "pool", "t_reconstructor": 3}})
+    assert cfg.model.reconstructor == "simrec, unet,resrec"
+    for bad, msg in (("simrec,vae", "a pool's members must be among .* got vae"), ("simrec,simrec", "names each member once"),
+                     ("unet", "must be one of simrec, urec1, urec2, resrec"), ):
+        with pytest.raises(ConfigError, match=f"model.reconstructor.*{msg}|{msg}"):
+            config_mod.from_dict({"model": {"reconstructor": bad}})
+    with pytest.raises(ConfigError, match="train.reinit_every must be >= 0, got -1"):
+        config_mod.from_dict({"train": {"reinit_every": -1}})

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -164,3 +165,75 @@ def test_reid_penalty_is_zero_at_chance_and_log_n_when_every_reconstruction_pick
     p.backward()
     with torch.no_grad():
         assert reid_above_chance(images, blurred - 0.01 * blurred.grad / blurred.grad.norm(), lambda z: z) < p
+
+
+class _Fixed(torch.nn.Module):
+    """A reconstructor that returns what it was built with (a function of the features)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z):
+        return self.fn(z)
+
+
+def test_pool_penalty_takes_the_strongest_member_and_stops_at_the_floor():
+    from veil.defences.adversarial import reconstruction_psnr
+    from veil.defences.pool import strongest_above_floor
+    from veil.metrics import psnr
+    from veil.models.reconstructors import ReconstructorPool
+
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 8, 8)
+    mean = images.mean(0, keepdim=True)
+    constant = _Fixed(lambda z: mean.expand(len(z), -1, -1, -1))
+    noisy = _Fixed(lambda z: (z + 0.1 * torch.randn_like(z)).clamp(0, 1))
+    worse = _Fixed(lambda z: 1 - z)  # below the floor
+    floor = psnr(images, mean.expand_as(images)).mean()
+    assert strongest_above_floor(images, images, constant).item() == 0.0
+    assert strongest_above_floor(images, images, worse).item() == 0.0  # nothing to gain below the floor
+    pool = ReconstructorPool({"constant": constant, "worse": worse})
+    assert strongest_above_floor(images, images, pool).item() == 0.0
+    torch.manual_seed(1)
+    alone = strongest_above_floor(images, images, noisy)
+    torch.manual_seed(1)
+    pooled = strongest_above_floor(images, images, ReconstructorPool({"constant": constant, "noisy": noisy, "worse": worse}))
+    assert alone.item() > 5 and pooled.item() == pytest.approx(alone.item())  # the strongest member decides
+    torch.manual_seed(1)
+    assert reconstruction_psnr(images, images, ReconstructorPool({"worse": worse, "noisy": noisy})).item() == pytest.approx(alone.item() + floor.item())
+
+
+def test_a_pool_trains_every_member_and_reinitialises_when_told(tiny_config, tmp_path, monkeypatch):
+    from veil.models.reconstructors import ReconstructorPool
+
+    train_mod = sys.modules["veil.train"]  # the module (veil.train is also the function's name)
+
+    t = tiny_config.train
+    t.defence, t.t_main, t.t_reconstructor, t.reinit_every = "pool", 3, 2, 2
+    tiny_config.model.reconstructor = "simrec,resrec"
+    assert [(s.phase, s.round) for s in plan(t)].count(("reconstructor", 2)) == 2  # phase (b): t_reconstructor epochs a round
+    seen = []
+    real = train_mod.train_reconstructor
+
+    def spy(nets, *args, **kwargs):
+        step = args[5]
+        seen.append((step.phase, step.round, step.epoch, {k: v.clone() for k, v in nets["reconstructor"].state_dict().items()}))
+        return real(nets, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_reconstructor", spy)
+    train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    run = load_run(tmp_path / "run")
+    assert isinstance(run.reconstructor, ReconstructorPool) and list(run.reconstructor.members) == ["simrec", "resrec"]
+    entering = {(p, r, e): w for p, r, e, w in seen}
+    fresh = train_mod.build_networks(tiny_config.model, 3, 10, 32, None, 0)["reconstructor"]
+    train_mod.reinitialise(fresh, torch.optim.Adam(fresh.parameters()), tiny_config.seed, 3)
+    # Round 3 (reinit_every 2: rounds 3, 5, ...) starts phase (b) from fresh weights; round 2 goes on from round 1's.
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(entering[("reconstructor", 3, 1)][k], v), k
+    after_round_1 = entering[("reconstructor", 2, 1)]
+    assert any(not torch.equal(after_round_1[k], v) for k, v in fresh.state_dict().items() if v.is_floating_point())
+    # Both members trained: each moved away from its state when round 2's phase (b) began.
+    for member in ("simrec", "resrec"):
+        keys = [k for k in after_round_1 if k.startswith(f"members.{member}.") and k.endswith("weight")]
+        assert any(not torch.equal(after_round_1[k], entering[("reconstructor", 2, 2)][k]) for k in keys), member

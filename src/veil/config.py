@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from veil.defences import DEFENCES
+from veil.defences import DEFENCES, PHASE_B
 from veil.errors import ConfigError
 from veil.models.obfuscator import BOTTLENECKS, cut_channels
-from veil.models.reconstructors import RECONSTRUCTORS
+from veil.models.reconstructors import RECONSTRUCTORS, attackers, pool_names
 
 
 @dataclass
@@ -62,7 +62,8 @@ class ModelConfig:
     split: int = 2
     """Number of VGG16 blocks in the obfuscator (2 = conv64 conv64 pool conv128 conv128 pool)."""
     reconstructor: str = "simrec"
-    """Training reconstructor of Table 1: simrec | urec1 | urec2 | resrec."""
+    """Training reconstructor of Table 1: simrec | urec1 | urec2 | resrec; or a pool, comma-separated, of those and
+    the attack decoders (e.g. simrec,unet,resrec): each member trains on its own, a privacy term takes the strongest."""
     dropout: float = 0.5
     """Dropout before each hidden linear layer of the classifier head."""
     bottleneck: str = "none"
@@ -91,6 +92,11 @@ class TrainConfig:
     """Adversarial rounds (T_main of Algorithm 1); each is phases (a), (b), (c)."""
     t_sub: int = 1
     """Epochs of each phase in a round (T_sub of Algorithm 1)."""
+    t_reconstructor: int = 0
+    """Epochs of phase (b), the reconstructor's, in a round (0 = t_sub): an adversary trained longer than f each round."""
+    reinit_every: int = 0
+    """Re-initialise the training reconstructor (every member of a pool) and its optimiser at the start of phase (b)
+    of every k-th round after the first (0 = never): f must beat fresh adversaries, not one it has learnt to fool."""
     batch_size: int = 128
     """Images per optimisation step."""
     eval_batch_size: int = 500
@@ -312,7 +318,14 @@ def validate(cfg: Config, where: str = "config") -> None:
         d.image_size >= 32 and d.image_size % 2**m.split == 0,
         f"data.image_size must be >= 32 and a multiple of {2**m.split} (2**model.split), got {d.image_size}",
     )
-    need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}'")
+    pool = pool_names(m.reconstructor)
+    if len(pool) == 1:
+        need(m.reconstructor in RECONSTRUCTORS, f"model.reconstructor must be one of {', '.join(RECONSTRUCTORS)}, got '{m.reconstructor}' "
+             f"(or a comma-separated pool of {', '.join(attackers())}, e.g. simrec,unet,resrec)")
+    else:
+        unknown = [n for n in pool if n not in attackers()]
+        need(not unknown, f"model.reconstructor: a pool's members must be among {', '.join(attackers())}, got {', '.join(unknown)}")
+        need(len(set(pool)) == len(pool), f"model.reconstructor: a pool names each member once, got '{m.reconstructor}'")
     need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     need(m.bottleneck in BOTTLENECKS, f"model.bottleneck must be one of {', '.join(BOTTLENECKS)}, got '{m.bottleneck}'")
     cut = cut_channels(m.width, m.split)
@@ -324,12 +337,13 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
     need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0, "train.nopeek_alpha and train.noise_sigma must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")
-    for k in ("pretrain_epochs", "t_main", "t_sub"):
+    for k in ("pretrain_epochs", "t_main", "t_sub", "t_reconstructor", "reinit_every"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
-    per_round = len(DEFENCES[t.defence].round_phases)  # t.defence was checked above
-    n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + per_round * t.t_main * t.t_sub
-    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + {per_round} phases * t_main * t_sub); "
+    phases = DEFENCES[t.defence].round_phases  # t.defence was checked above
+    per_round = sum(t.t_reconstructor or t.t_sub if ph == PHASE_B else t.t_sub for ph in phases)
+    n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + per_round * t.t_main
+    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + {per_round} epochs a round * t_main); "
          f"at most {MAX_PHASE_EPOCHS} are allowed")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size and train.eval_batch_size must be >= 1")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")

@@ -59,8 +59,9 @@ from veil.defences import (
 )
 from veil.io import atomic_write_json, atomic_write_text, load_module
 from veil.metrics import psnr
-from veil.models import build_networks, client_cost, feature_shape
+from veil.models import build_networks, client_cost, feature_shape, init_xavier
 from veil.models.obfuscator import code_bytes, code_dtype, quantised_bits
+from veil.models.reconstructors import members
 from veil.progress import progress_bar
 from veil.runtime import Runtime
 from veil.version import __version__
@@ -93,7 +94,7 @@ def plan(t: TrainConfig) -> list[Step]:
     rounds = t.t_main if phases else 0
     for k in range(1, rounds + 1):
         for phase in phases:
-            steps += [Step(phase, k, e + 1) for e in range(t.t_sub)]
+            steps += [Step(phase, k, e + 1) for e in range(t.t_reconstructor or t.t_sub if phase == PHASE_B else t.t_sub)]
     if rounds:
         steps += [Step(FINAL, t.t_main, e + 1) for e in range(warmup)]
     return steps
@@ -104,7 +105,8 @@ def plan(t: TrainConfig) -> list[Step]:
 # Keys that act only after pretraining: runs that differ in nothing else pretrain bit for bit alike
 # (every step is seeded by its index; r is built after f and g and unused until the warm-up).
 AFTER_PRETRAINING = ("train.defence", "train.lambda_privacy", "train.nopeek_alpha", "train.noise_sigma", "train.t_main", "train.t_sub",
-                     "train.warmup_epochs", "train.lr_reconstructor", "train.adversarial_lr_scale", "model.reconstructor")
+                     "train.t_reconstructor", "train.reinit_every", "train.warmup_epochs", "train.lr_reconstructor", "train.adversarial_lr_scale",
+                     "model.reconstructor")
 FORKED = "forked.json"  # in a forked run directory: where its pretraining came from
 
 
@@ -179,6 +181,23 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or links not allowed
         shutil.copyfile(src, dst)
+
+
+def reinit_due(t: TrainConfig, step: Step) -> bool:
+    """Phase (b)'s first epoch of every reinit_every-th round after the first."""
+    return bool(t.reinit_every) and step.phase == PHASE_B and step.epoch == 1 and step.round > 1 and (step.round - 1) % t.reinit_every == 0
+
+
+def reinitialise(reconstructor: nn.Module, opt: torch.optim.Optimizer, seed: int, round_: int) -> None:
+    """Fresh weights (Xavier, BatchNorm at identity with fresh statistics) and no optimiser moments, drawn from
+    (seed, round) alone: the same in every process and after a resume."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + 104_729 * round_)
+        for m in reconstructor.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+        init_xavier(reconstructor)
+    opt.state.clear()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -360,7 +379,8 @@ def train_reconstructor(
     nets: dict[str, nn.Module], opt: torch.optim.Optimizer, data: ImageSet, natural: bool, cfg: Config,
     generator: torch.Generator, step: Step, bar=None, rt: Runtime | None = None,
 ) -> dict:
-    """Phase (b) and the warm-up: r maximises PSNR(I, r(f(I))) with f frozen (Eq. 3)."""
+    """Phase (b) and the warm-up: r maximises PSNR(I, r(f(I))) with f frozen (Eq. 3); a pool's members each
+    do, and the strongest member's PSNR is logged."""
     rt = rt or Runtime(data.images.device)
     freeze(nets["obfuscator"], True), freeze(nets["classifier"], True), freeze(nets["reconstructor"], False)
     f, r = nets["obfuscator"], rt.replica(nets, "reconstructor")
@@ -369,8 +389,9 @@ def train_reconstructor(
         with rt.autocast():
             with torch.no_grad():
                 features = f(images)
-            p = psnr(images, r(features)).mean()
-            loss = -p  # Eq. 3: maximise PSNR
+            each = torch.stack([psnr(images, m(features)).mean() for m in members(r)])
+            loss = -each.sum()  # Eq. 3: maximise PSNR (a pool's members each on their own: their losses share no weights)
+            p = each.max().detach()  # the strongest
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -384,7 +405,7 @@ def train_reconstructor(
 
 @torch.no_grad()
 def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_reconstructor: bool = True, rt: Runtime | None = None) -> dict:
-    """Test accuracy of g(f(I)) and mean PSNR of r(f(I)) over a whole split, networks in eval mode.
+    """Test accuracy of g(f(I)) and mean PSNR of r(f(I)) (a pool: its strongest member's) over a whole split, networks in eval mode.
 
     In a multi-process run each process evaluates its own part of the split and the sums are added.
     """
@@ -395,22 +416,24 @@ def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_r
         m.eval()
     part = shard(len(data), rt.rank, rt.world_size)
     images_u8, labels_all = data.images[part], data.labels[part]
-    sums = torch.zeros(3, device=data.images.device)  # correct, PSNR sum, images
-    sums[2] = len(labels_all)
+    pool = members(r)
+    sums = torch.zeros(2 + len(pool), device=data.images.device)  # images, correct, PSNR sum of each reconstructor
+    sums[0] = len(labels_all)
     for start in range(0, len(labels_all), batch_size):
         images = to_float(images_u8[start : start + batch_size], rt.memory_format)
         labels = labels_all[start : start + batch_size]
         with rt.autocast():
             features = f(images)
-            sums[0] += (g(features).argmax(1) == labels).sum()
+            sums[1] += (g(features).argmax(1) == labels).sum()
             if with_reconstructor:
-                sums[1] += psnr(images, r(features)).sum()
+                for i, m in enumerate(pool):
+                    sums[2 + i] += psnr(images, m(features)).sum()
     for k, m in nets.items():
         m.train(modes[k])
-    correct, total_psnr, n = distributed.all_reduce_sum(sums).tolist()
+    n, correct, *total_psnr = distributed.all_reduce_sum(sums).tolist()
     out = {"test_accuracy": correct / n}
     if with_reconstructor:
-        out["test_psnr"] = total_psnr / n
+        out["test_psnr"] = max(total_psnr) / n  # a pool's strongest member
     return out
 
 
@@ -584,6 +607,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
                     lr_factor = pretrain_lr_factor(cfg.train.pretrain_schedule, step.epoch, n_pretrain, steps_per_epoch)
                     record = train_obfuscator_classifier(nets, opts[PRETRAIN], defender, splits.natural, cfg, generator, step, None, lr_factor, bar, rt)
                 elif step.phase in RECONSTRUCTOR_PHASES:
+                    if reinit_due(cfg.train, step):
+                        reinitialise(nets["reconstructor"], opts[PHASE_B], cfg.seed, step.round)
                     record = train_reconstructor(nets, opts[PHASE_B], defender, splits.natural, cfg, generator, step, bar, rt)
                 else:  # a round's phase that trains f: (a), (c), or the defence's own f + g phase
                     if defence.start is not None:

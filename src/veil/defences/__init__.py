@@ -5,6 +5,7 @@
     noise        Gaussian noise of scale sigma on the feature maps, a layer of the obfuscator
     none         the pretrained split: the ceiling
     reid         Algorithm 1's rounds with a privacy term aimed at re-identification, floored at chance
+    pool         Algorithm 1's rounds against the strongest of a pool of reconstructors, a term that stops at the floor
 
 A defence is one module declaring a `Defence` (defence.py: its name, strength key and label, the
 phases of a round, its privacy term, a layer it adds to the obfuscator) and one entry below.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from veil.defences import adversarial, noise, none, nopeek, reid
+from veil.defences import adversarial, noise, none, nopeek, pool, reid
 from veil.defences.defence import FINAL, PHASE_A, PHASE_B, PHASE_C, PRETRAIN, RECONSTRUCTOR_PHASES, WARMUP, Defence, Penalty
 from veil.defences.noise import GaussianNoise, set_noise
 from veil.defences.nopeek import distance_correlation
@@ -30,6 +31,7 @@ DEFENCES: dict[str, Defence] = {
     "noise": noise.DEFENCE,
     "none": none.DEFENCE,
     "reid": reid.DEFENCE,
+    "pool": pool.DEFENCE,
 }
 
 

@@ -7,11 +7,13 @@ from torch import nn
 
 from veil.defences.defence import PHASE_A, PHASE_B, PHASE_C, Defence
 from veil.metrics import psnr
+from veil.models.reconstructors import members
 
 
 def reconstruction_psnr(images: torch.Tensor, features: torch.Tensor, reconstructor: nn.Module) -> torch.Tensor:
-    """PSNR(I, r(f(I))), averaged over the batch: the privacy term of Eq. 2 (minimised by f)."""
-    return psnr(images, reconstructor(features)).mean()
+    """PSNR(I, r(f(I))), averaged over the batch: the privacy term of Eq. 2 (minimised by f); against a pool
+    of reconstructors, the strongest member's."""
+    return torch.stack([psnr(images, m(features)).mean() for m in members(reconstructor)]).max()
 
 
 DEFENCE = Defence(

@@ -19,6 +19,7 @@ from torch import nn
 
 from veil.defences.defence import PHASE_A, PHASE_B, PHASE_C, Defence
 from veil.metrics import MSE_FLOOR
+from veil.models.reconstructors import members
 
 TEMPERATURE_DB = 1.0  # 1 dB of PSNR difference = a factor e in the odds
 
@@ -34,8 +35,11 @@ def reid_above_chance(images: torch.Tensor, features: torch.Tensor, reconstructo
     """max(0, mean_i log p_i + log N): 0 when reconstructions pick their own images no better than
     chance on average (a constant reconstruction included), log N when every one picks it for sure."""
     n = len(images)
-    logp = torch.log_softmax(pairwise_psnr(reconstructor(features), images) / TEMPERATURE_DB, dim=1).diagonal()
-    return (logp.mean() + math.log(n)).clamp_min(0)
+    excess = []
+    for m in members(reconstructor):  # against a pool: the member that re-identifies best
+        logp = torch.log_softmax(pairwise_psnr(m(features), images) / TEMPERATURE_DB, dim=1).diagonal()
+        excess.append(logp.mean() + math.log(n))
+    return torch.stack(excess).max().clamp_min(0)
 
 
 DEFENCE = Defence(

@@ -7,6 +7,7 @@ scales by 2**(split-1) so the output is always the input image's size.
 
 To add a fifth reconstructor, write a function with the same signature and add it to
 RECONSTRUCTORS: training may then use it, and `veil attack --attackers NAME` too (attackers()).
+Training may also pit f against a pool of them (ReconstructorPool: model.reconstructor = 'simrec,unet').
 """
 
 from __future__ import annotations
@@ -93,9 +94,40 @@ RECONSTRUCTORS = {"simrec": simrec, "urec1": urec1, "urec2": urec2, "resrec": re
 
 
 def build_reconstructor(name: str, in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
+    """The training reconstructor `name` (model.reconstructor): one of RECONSTRUCTORS, or a pool of
+    several reconstructors or attack decoders named with commas ('simrec,unet,resrec')."""
+    names = pool_names(name)
+    if len(names) > 1:
+        return ReconstructorPool({n: build_attacker(n, in_channels, out_channels, width, split) for n in names})
     if name not in RECONSTRUCTORS:
         raise ValueError(f"unknown reconstructor '{name}'; valid: {', '.join(RECONSTRUCTORS)}")
     return RECONSTRUCTORS[name](in_channels, out_channels, width, split)
+
+
+# ----------------------------------------------------------------------------- a pool of adversaries
+
+
+def pool_names(spec: str) -> list[str]:
+    """'simrec, unet' -> ['simrec', 'unet']; one name -> [name]."""
+    return [n.strip() for n in spec.split(",") if n.strip()] or [spec]
+
+
+class ReconstructorPool(nn.Module):
+    """Several reconstructors trained side by side as the adversary: each fits f on its own (Eq. 3), and a
+    defence's privacy term is taken over the strongest (members()). Called as one network (a report's figure,
+    the run's saved reconstructor) it is its first member."""
+
+    def __init__(self, members: dict[str, nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleDict(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return next(iter(self.members.values()))(x)
+
+
+def members(reconstructor: nn.Module) -> list[nn.Module]:
+    """The reconstructors a training reconstructor stands for: a pool's members, or itself."""
+    return list(reconstructor.members.values()) if isinstance(reconstructor, ReconstructorPool) else [reconstructor]
 
 
 # ----------------------------------------------------------------------------- attack-only decoders
