@@ -522,3 +522,19 @@ def test_defence_none_is_attacked_once_for_both_columns(tiny_config, tmp_path, m
     s = resolve_settings({"attackers": "simrec", "max_epochs": 1, "batch_size": 16, "whitebox": False, "n_candidates": 10, "progress": False, "device": "cpu"})
     result = attack(tmp_path / "run", s, log=lambda *_: None)
     assert calls == ["defended"] and result["undefended"] == result["defended"] and "same weights" in result["undefended_from"]
+
+
+def test_a_secret_rotation_of_the_channels_hides_nothing_from_an_attacker_who_matches_gram_matrices(demo_images):
+    """Why the docs say a keyed projection does not stop linkage: for any orthogonal Q over the channels,
+    (Q z)^T (Q z) = z^T z, so the Gram matrix of a stored map over its positions is f(image)'s, key or no key."""
+    users = to_float(demo_images[:50])
+    z = Unshuffle()(users).flatten(2)  # 50 x C x P
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(z.shape[1], z.shape[1]))  # the store's secret
+    stored = q @ z
+    naive = torch.cdist(stored.flatten(1), z.flatten(1)).argmin(1)  # MSE against f(candidate), as `linkage` does
+    gram = lambda x: (x.transpose(1, 2) @ x).flatten(1)  # noqa: E731
+    invariant = torch.cdist(gram(stored), gram(z)).argmin(1)
+    truth = torch.arange(len(users))
+    assert (naive == truth).float().mean() < 0.2  # the key defeats plain matching...
+    assert (invariant == truth).float().mean() == 1.0  # ...not matching what the key leaves unchanged
