@@ -538,3 +538,12 @@ def test_a_secret_rotation_of_the_channels_hides_nothing_from_an_attacker_who_ma
     truth = torch.arange(len(users))
     assert (naive == truth).float().mean() < 0.2  # the key defeats plain matching...
     assert (invariant == truth).float().mean() == 1.0  # ...not matching what the key leaves unchanged
+
+
+def test_an_attack_saved_before_a_setting_existed_counts_it_at_its_default():
+    from veil.attack import result_settings
+
+    s = resolve_settings({"max_epochs": 3})
+    old = {k: v for k, v in dataclasses.asdict(s).items() if k != "ceiling"}  # an attack.json written before --ceiling
+    assert result_settings(old) == result_settings(s)
+    assert result_settings({**old, "ceiling": "runs/other"}) != result_settings(s)

@@ -114,7 +114,8 @@ NOT_RESULTS = ("device", "progress", "allow_unfinished")
 def result_settings(settings: AttackConfig | dict) -> dict:
     """The settings that change the numbers (all but NOT_RESULTS), from an AttackConfig or a saved attack.json's
     "settings": two attacks with equal ones may share their results."""
-    values = dataclasses.asdict(settings) if isinstance(settings, AttackConfig) else settings
+    # A setting added since a saved attack was made is at its default there (an attack.json stays reusable).
+    values = dataclasses.asdict(settings) if isinstance(settings, AttackConfig) else {**dataclasses.asdict(AttackConfig()), **settings}
     return {k: v for k, v in values.items() if k not in NOT_RESULTS}
 
 
