@@ -311,11 +311,25 @@ def test_a_forked_point_ends_bit_for_bit_where_a_point_that_pretrained_itself_en
     shutil.rmtree(tmp_path / "donor")
     assert load_run(tmp_path / "forked").undefended_obfuscator is not None
 
-    # Anything that acts during pretraining (here the width, a learning rate), or another defence layer, is refused.
+    # Anything that acts during pretraining (a learning rate) is refused, naming it.
     train(donor_cfg, tmp_path / "donor", **QUIET)
-    for other in (tiny_cfg(npz, lr_obfuscator=0.01), tiny_cfg(npz, defence="noise", noise_sigma=0.5)):
-        assert not pretrains_alike(donor_cfg, other)
-        with pytest.raises(TrainingError, match="pretrained otherwise"):
-            fork(tmp_path / "donor", other, tmp_path / "refused")
+    other = tiny_cfg(npz, lr_obfuscator=0.01)
+    assert not pretrains_alike(donor_cfg, other)
+    with pytest.raises(TrainingError, match="pretrained otherwise.*train.lr_obfuscator: 0.001 -> 0.01"):
+        fork(tmp_path / "donor", other, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     assert pretrains_alike(donor_cfg, tiny_cfg(npz, defence="nopeek", t_main=5, warmup_epochs=3))
+
+    # A defence that adds a layer to f (noise, idle until its rounds) forks from one that adds none, and back.
+    noisy = tiny_cfg(npz, defence="noise", noise_sigma=0.5)
+    train(noisy, tmp_path / "noise-scratch", **QUIET)
+    fork(tmp_path / "donor", noisy, tmp_path / "noise-forked")
+    train(noisy, tmp_path / "noise-forked", resume=True, **QUIET)
+    fork(tmp_path / "noise-scratch", donor_cfg, tmp_path / "back")
+    train(donor_cfg, tmp_path / "back", resume=True, **QUIET)
+    for a, b in (("noise-forked", "noise-scratch"), ("back", "donor")):
+        wa, wb = _weights(tmp_path / a), _weights(tmp_path / b)
+        for net in rundir.NETWORKS:
+            assert wa[net].keys() == wb[net].keys() and all(torch.equal(wa[net][k], wb[net][k]) for k in wb[net]), (a, net)
+        assert _without_seconds(rundir.read_metrics(tmp_path / a)) == _without_seconds(rundir.read_metrics(tmp_path / b))
+        assert load_run(tmp_path / a).undefended_obfuscator is not None

@@ -57,9 +57,9 @@ from veil.defences import (
     obfuscator_layer,
     strength_of,
 )
-from veil.io import atomic_write_json, atomic_write_text, load_module
+from veil.io import atomic_write_json, atomic_write_text, load_module, save_tensors
 from veil.metrics import psnr
-from veil.models import build_networks, client_cost, feature_shape, init_xavier
+from veil.models import build_networks, build_obfuscator, client_cost, feature_shape, init_xavier
 from veil.models.obfuscator import code_bytes, code_dtype, quantised_bits
 from veil.models.reconstructors import members
 from veil.progress import progress_bar
@@ -112,10 +112,16 @@ FORKED = "forked.json"  # in a forked run directory: where its pretraining came 
 
 def pretrains_alike(donor: Config, cfg: Config) -> bool:
     """`cfg` pretrains exactly as `donor` did: the same config but for AFTER_PRETRAINING (and what a resume
-    may change), and the same defence layer in the obfuscator (its weights must load into either)."""
-    if get_defence(donor.train.defence).layer is not get_defence(cfg.train.defence).layer:
-        return False
+    may change). A defence's layer (noise) may be on one side only: it is inactive until the rounds."""
     return not config_mod.changed_keys(config_mod.to_dict(donor), config_mod.to_dict(cfg), AFTER_PRETRAINING + config_mod.RESUME_MAY_CHANGE)
+
+
+def layer_keys(obfuscator: nn.Module, cfg: Config) -> set[str]:
+    """The state keys of the defence layer at the end of f (none when the defence adds none)."""
+    if get_defence(cfg.train.defence).layer is None:
+        return set()
+    prefix = f"{len(obfuscator) - 1}."
+    return {k for k in obfuscator.state_dict() if k.startswith(prefix)}
 
 
 def finished_pretraining(run_dir: Path) -> bool:
@@ -132,9 +138,9 @@ def fork(donor_dir: str | Path, cfg: Config, run_dir: str | Path) -> dict:
 
     The new run holds what its own pretraining would have left: a checkpoint at the last pretraining
     step (f and g from the donor's undefended checkpoint, r and every optimiser of the later phases as
-    built fresh from cfg.seed), the donor's log lines of those steps, and its own copy (a hard link where
-    the file system allows) of the donor's undefended f and g, whose sha256s FORKED records with the
-    donor's path. `train(cfg, run_dir, resume=True)` then continues it as if it had pretrained itself;
+    built fresh from cfg.seed), the donor's log lines of those steps, and its own undefended f and g (g
+    hard-linked where the file system allows; f written in this run's layout, which may add or drop a
+    defence layer that is idle in pretraining), whose sha256s FORKED records with the donor's path. `train(cfg, run_dir, resume=True)` then continues it as if it had pretrained itself;
     only the pretraining optimiser's moments, never used again, are not carried over. The directory
     appears by one rename, so a kill leaves either nothing or a resumable run.
     """
@@ -142,7 +148,7 @@ def fork(donor_dir: str | Path, cfg: Config, run_dir: str | Path) -> dict:
     donor = config_mod.load(donor_dir / "config.yaml")
     if not pretrains_alike(donor, cfg):
         differ = config_mod.changed_keys(config_mod.to_dict(donor), config_mod.to_dict(cfg), AFTER_PRETRAINING + config_mod.RESUME_MAY_CHANGE)
-        raise TrainingError(f"cannot fork {donor_dir}: it pretrained otherwise ({'; '.join(differ) or 'another defence layer'})")
+        raise TrainingError(f"cannot fork {donor_dir}: it pretrained otherwise ({'; '.join(differ)})")
     if not finished_pretraining(donor_dir):
         raise TrainingError(f"cannot fork {donor_dir}: its pretraining has not finished")
     if run_dir.exists():
@@ -152,24 +158,32 @@ def fork(donor_dir: str | Path, cfg: Config, run_dir: str | Path) -> dict:
     files = rundir.read_info(undefended)["files"]  # checks every sha256
     saved = rundir.read_info(rundir.latest_step_dir(donor_dir), rundir.STEP_INFO)
     info = {k: v for k, v in saved.items() if k not in ("step", "files")} | {"config": config_mod.to_dict(cfg)}
+    donor_f = build_obfuscator(donor.model, info["channels"], donor.seed, obfuscator_layer(donor))  # before seeding: the draws below stay _train's
+    load_module(donor_f, undefended / "obfuscator.safetensors")
     torch.manual_seed(cfg.seed)  # as _train does: r's initial weights are those of a run that pretrained itself
     nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)
-    kept = {}
-    for name in ("obfuscator", "classifier"):
-        load_module(nets[name], undefended / f"{name}.safetensors")
-        kept[f"{name}.safetensors"] = files[f"{name}.safetensors"]
+    load_module(nets["classifier"], undefended / "classifier.safetensors")
+    # f's weights. A defence layer (noise), on either side, does nothing in pretraining: its buffers stay as built.
+    theirs, own = donor_f.state_dict(), nets["obfuscator"].state_dict()
+    layers = layer_keys(donor_f, donor) | layer_keys(nets["obfuscator"], cfg)
+    odd = (set(theirs) ^ set(own)) - layers
+    if odd:
+        raise TrainingError(f"cannot fork {donor_dir}: its obfuscator differs in {', '.join(sorted(odd)[:3])}")
+    nets["obfuscator"].load_state_dict({k: v if k in layers else theirs[k] for k, v in own.items()})
 
     tmp = run_dir.with_name(f".{run_dir.name}.fork.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (rundir.checkpoints(tmp) / "undefended").mkdir(parents=True)
-    for name in kept:
-        link_or_copy(undefended / name, rundir.checkpoints(tmp) / "undefended" / name)
-    atomic_write_json(rundir.checkpoints(tmp) / "undefended" / "info.json", {"files": kept})
+    mine = rundir.checkpoints(tmp) / "undefended"
+    mine.mkdir(parents=True)
+    link_or_copy(undefended / "classifier.safetensors", mine / "classifier.safetensors")
+    kept = {"obfuscator.safetensors": save_tensors(mine / "obfuscator.safetensors", nets["obfuscator"].state_dict()),  # in this run's f's layout
+            "classifier.safetensors": files["classifier.safetensors"]}
+    atomic_write_json(mine / "info.json", {"files": kept})
     atomic_write_text(tmp / "config.yaml", config_mod.to_yaml(cfg))
     for record in rundir.read_metrics(donor_dir)[:n]:
         rundir.append_metrics(tmp, record)
     rundir.save_checkpoint(tmp, n, nets, make_optimizers(nets, cfg.train), info)
-    record = {"from": str(donor_dir), "step": n, "undefended": kept}
+    record = {"from": str(donor_dir), "step": n, "undefended": kept, "donor_undefended": {k: files[k] for k in kept}}
     atomic_write_json(tmp / FORKED, record)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(run_dir)
