@@ -296,3 +296,21 @@ def test_optimiser_state_of_the_earlier_two_entry_format_still_loads(tmp_path):
     rundir.optimizer_from_file(fresh, tmp_path / "old.safetensors")
     assert fresh.param_groups[0]["lr"] == 0.01
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_only_the_writing_process_tidies_the_run_directory_on_resume(finished, tmp_path):
+    """Another process of a multi-process run only loads: removing temporary files could remove the one
+    process 0 is about to rename (a resumed two-process run once failed that way)."""
+    run = copy_run(finished, tmp_path)
+    cfg = config_mod.from_dict(finished["raw"])
+    stale = run / ".metrics.jsonl.abc123.tmp"
+    stale.write_text("being written by process 0")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 99}\n')  # a line past the checkpoint
+    before = snapshot(run)
+    nets = build_networks(cfg.model, 3, 10, 32, None, cfg.seed)
+    info = json.loads((rundir.latest_step_dir(run) / "info.json").read_text())
+    opts = {}  # the networks are enough to show it
+    done = rundir.restore(run, nets, opts, info, writer=False)
+    assert done == info["step"] and snapshot(run) == before  # loaded, nothing touched
+    rundir.restore(run, nets, opts, info, writer=True)
+    assert not stale.exists() and len(rundir.read_metrics(run)) == done  # process 0 tidies

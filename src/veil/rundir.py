@@ -217,16 +217,19 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
         )
 
 
-def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: dict) -> int:
-    """Load the newest checkpoint into `nets` and `optimizers`; return how many steps it covers (0: none yet)."""
-    # Temporary files a kill left behind (never read: real files appear only by rename).
+def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: dict,
+            writer: bool = True) -> int:
+    """Load the newest checkpoint into `nets` and `optimizers`; return how many steps it covers (0: none yet).
+    Only the `writer` (process 0 of a multi-process run) tidies the run directory: another process removing
+    temporary files could remove the one the writer is about to rename."""
     run_dir, root = Path(run_dir), checkpoints(run_dir)
+    # Temporary files a kill left behind (never read: real files appear only by rename).
     stale = [*root.glob(".*.tmp"), *(root / "undefended").glob(".*.tmp"), *run_dir.glob(".metrics.jsonl.*.tmp"), *run_dir.glob(".summary.json.*.tmp")]
-    for path in stale:
+    for path in stale if writer else []:
         if path.is_dir():
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink()
+            path.unlink(missing_ok=True)
     step_dir = latest_step_dir(run_dir)
     done = 0
     if step_dir is not None:
@@ -237,7 +240,8 @@ def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[st
         for name, opt in optimizers.items():
             optimizer_from_file(opt, step_dir / f"optim-{name}.safetensors")
         done = int(saved["step"])
-    truncate_metrics(run_dir, done)
+    if writer:
+        truncate_metrics(run_dir, done)
     return done
 
 

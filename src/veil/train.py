@@ -591,9 +591,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
     done = 0
     if resume:
         # Checks every file's sha256, the config and the data against the checkpoint before loading.
-        done = rundir.restore(run_dir, nets, opts, info)
-        if rt.is_main:
-            rundir.truncate_metrics(run_dir, done)
+        done = rundir.restore(run_dir, nets, opts, info, writer=rt.is_main)
         log(f"resuming {run_dir} after step {done} of {len(steps)}")
     run_costs = costs(nets["obfuscator"], cfg)  # on the plain network, before compiling
     runtime.wrap_networks(nets, rt)  # compile and DDP come after loading: DDP copies process 0's weights
