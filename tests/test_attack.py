@@ -382,7 +382,7 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
             if name != "whitebox":  # what a learned attacker cost: epochs to its early stop, seconds per epoch
                 assert r["epochs"] == len(r["curve"]) <= 2 and 1 <= r["best_epoch"] <= r["epochs"]
                 assert r["seconds_per_epoch"] == pytest.approx(sum(c["seconds"] for c in r["curve"]) / r["epochs"], abs=0.01)
-                assert 0 < r["seconds_per_epoch"] * r["epochs"] <= r["seconds"] + 0.05
+                assert 0 < r["seconds_per_epoch"] * r["epochs"] <= r["seconds"] + 0.1  # both rounded
         assert result[which]["whitebox"]["n_images"] == 12 and result[which]["simrec"]["n_images"] == result["n_users"]
     assert result["settings"]["max_epochs"] == 2 and result["seed"] == 0 and result["settings"]["attackers"] == "simrec,resrec"
     # Linkage by feature matching, apart from the attackers: a deterministic f links every stored map to its image.
@@ -443,7 +443,7 @@ def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_pat
 
 def numbers(result: dict) -> dict:
     """attack.json's numbers, less timings."""
-    drop = {"seconds", "date", "settings", "seed", "curve"}
+    drop = {"seconds", "seconds_per_epoch", "date", "settings", "seed", "curve"}
     return {k: numbers(v) if isinstance(v, dict) else v for k, v in result.items() if k not in drop}
 
 

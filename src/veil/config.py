@@ -343,8 +343,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     phases = DEFENCES[t.defence].round_phases  # t.defence was checked above
     per_round = sum(t.t_reconstructor or t.t_sub if ph == PHASE_B else t.t_sub for ph in phases)
     n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + per_round * t.t_main
-    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + {per_round} epochs a round * t_main); "
-         f"at most {MAX_PHASE_EPOCHS} are allowed")
+    need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + t_main * {per_round} epochs a round: "
+         f"t_sub per phase, t_reconstructor for phase (b)); at most {MAX_PHASE_EPOCHS} are allowed")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size and train.eval_batch_size must be >= 1")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
     need(t.pretrain_schedule in SCHEDULES, f"train.pretrain_schedule must be one of {', '.join(SCHEDULES)}, got '{t.pretrain_schedule}'")
