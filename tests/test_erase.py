@@ -9,13 +9,11 @@ import pytest
 import torch
 from tests.conftest import make_store, read_all
 from tests.faults import folder_bytes, run_veil
-from tests.test_store import replace_weights
+from tests.test_store import run_with_another_obfuscator
 
 from veil import idmap
 from veil.cli import main
 from veil.erase import erase, parse_ids
-from veil.io import load_tensors
-from veil.rundir import latest_step_dir
 from veil.store import MANIFEST, StoreError, erased_ids, id_hex, leftovers, obfuscate, read_manifest, verify
 
 SPREAD = [5, 40, 41, 200, 239]  # items in shards 0, 1, 1, 6 and 7 of 32-item shards
@@ -163,13 +161,7 @@ def test_append_adds_new_shards_only_and_refuses_another_obfuscator(store_run, t
     test_only = read_all(make_store(store_run, tmp_path, data="run:test", name="t"))
     assert torch.equal(read_all(out)["features"][-60:], test_only["features"]) and torch.equal(read_all(out)["labels"][-60:], test_only["labels"])
 
-    other = tmp_path / "other-run"
-    shutil.copytree(store_run["run"], other)
-    weights = latest_step_dir(other) / "obfuscator.safetensors"
-    state = load_tensors(weights)
-    key = next(k for k in state if k.endswith("weight"))
-    state[key] = state[key] * 1.01
-    replace_weights(weights, state)
+    other = run_with_another_obfuscator(store_run["run"], tmp_path / "other-run")
     before = folder_bytes(out)
     assert main(["obfuscate", "--run", str(other), "--data", "run:test", "--append", str(out), "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,17 @@ def test_verify_names_each_kind_of_damage(tiny, tmp_path):
     assert main(["verify", str(tmp_path / "truncated"), "--no-progress"]) == 2
 
 
+def run_with_another_obfuscator(run: Path, out: Path) -> Path:
+    """A copy of `run` whose obfuscator's first weight is scaled by 1.01 (another fingerprint)."""
+    shutil.copytree(run, out)
+    weights = latest_step_dir(out) / "obfuscator.safetensors"
+    state = load_tensors(weights)
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = state[key] * 1.01
+    replace_weights(weights, state)
+    return out
+
+
 def replace_weights(path, state):
     """Other weights in a checkpoint, recorded as such (a genuinely different run, not a damaged file)."""
     digest = save_tensors(path, state)
@@ -176,13 +188,7 @@ def replace_weights(path, state):
 
 def test_store_is_refused_by_a_run_with_another_obfuscator(tiny, tmp_path, capsys):
     out = make_store(tiny, tmp_path)
-    other = tmp_path / "other-run"
-    shutil.copytree(tiny["run"], other)
-    weights = latest_step_dir(other) / "obfuscator.safetensors"
-    state = load_tensors(weights)
-    key = next(k for k in state if k.endswith("weight"))
-    state[key] = state[key] * 1.01
-    replace_weights(weights, state)
+    other = run_with_another_obfuscator(tiny["run"], tmp_path / "other-run")
     with pytest.raises(StoreError, match="made by obfuscator .* but this run has obfuscator"):
         verify(out, fingerprint=fingerprint(load_run(other).obfuscator))
     with pytest.raises(StoreError, match="made by obfuscator"):

@@ -126,6 +126,10 @@ class TrainConfig:
     sync_batchnorm: bool = True
     """Multi-process runs: BatchNorm statistics over the global batch (as one process), not per process."""
 
+    def epochs_of(self, phase: str) -> int:
+        """Epochs of one phase of a round: t_sub, or t_reconstructor (when set) for phase (b)."""
+        return self.t_reconstructor or self.t_sub if phase == PHASE_B else self.t_sub
+
 
 @dataclass
 class Config:
@@ -341,7 +345,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
     phases = DEFENCES[t.defence].round_phases  # t.defence was checked above
-    per_round = sum(t.t_reconstructor or t.t_sub if ph == PHASE_B else t.t_sub for ph in phases)
+    per_round = sum(t.epochs_of(ph) for ph in phases)
     n_steps = t.pretrain_epochs + 2 * (t.t_sub if t.warmup_epochs < 0 else t.warmup_epochs) + per_round * t.t_main
     need(n_steps <= MAX_PHASE_EPOCHS, f"the run would have {n_steps} phase-epochs (pretrain_epochs + 2 * warmup_epochs + t_main * {per_round} epochs a round: "
          f"t_sub per phase, t_reconstructor for phase (b)); at most {MAX_PHASE_EPOCHS} are allowed")

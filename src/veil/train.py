@@ -94,7 +94,7 @@ def plan(t: TrainConfig) -> list[Step]:
     rounds = t.t_main if phases else 0
     for k in range(1, rounds + 1):
         for phase in phases:
-            steps += [Step(phase, k, e + 1) for e in range(t.t_reconstructor or t.t_sub if phase == PHASE_B else t.t_sub)]
+            steps += [Step(phase, k, e + 1) for e in range(t.epochs_of(phase))]
     if rounds:
         steps += [Step(FINAL, t.t_main, e + 1) for e in range(warmup)]
     return steps

@@ -15,16 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from veil.defences.adversarial import reconstruction_psnr
 from veil.defences.defence import PHASE_A, PHASE_B, PHASE_C, Defence
 from veil.metrics import psnr
-from veil.models.reconstructors import members
 
 
 def strongest_above_floor(images: torch.Tensor, features: torch.Tensor, reconstructor: nn.Module) -> torch.Tensor:
     """max(0, max over the pool of mean PSNR(I, r(f(I))) - mean PSNR(I, mean image of the batch)), in dB."""
     floor = psnr(images, images.mean(0, keepdim=True).expand_as(images)).mean().detach()
-    strongest = torch.stack([psnr(images, m(features)).mean() for m in members(reconstructor)]).max()
-    return (strongest - floor).clamp_min(0)
+    return (reconstruction_psnr(images, features, reconstructor) - floor).clamp_min(0)  # Eq. 2's term: the strongest member's
 
 
 DEFENCE = Defence(
