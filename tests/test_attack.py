@@ -69,6 +69,16 @@ def test_reid_ranks_match_a_slow_loop():
     assert reid_ranks(rec, pool, cand, chunk=5).tolist() == slow
 
 
+def test_standardised_matching_finds_a_recoloured_image_that_pixel_matching_misses():
+    torch.manual_seed(0)
+    pool = torch.rand(20, 3, 8, 8) * 0.5 + 0.25
+    rec = pool[:1] * 0.2 + torch.tensor([0.6, 0.0, 0.6]).view(3, 1, 1)  # image 0's shapes, faded and recoloured
+    pool[1:] = rec.mean((2, 3), keepdim=True) + 0.001 * torch.randn(19, 3, 8, 8)  # the others: nearly flat, in its colours
+    cand = torch.arange(20)[None]
+    assert reid_ranks(rec, pool, cand).item() == 20  # by pixel MSE every flat image is nearer
+    assert reid_ranks(rec, pool, cand, standardise=True).item() == 1
+
+
 def test_draw_candidates():
     g = torch.Generator().manual_seed(0)
     cand = draw_candidates(torch.arange(50), 50, 10, g)
@@ -371,13 +381,14 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
     assert "floor: mean image" in out and "undefended PSNR" in out
     folder = tiny_run / "attack"
     result = json.loads((folder / "attack.json").read_text())
-    keys = {"psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates"}
+    keys = {"psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "reid_std_top1", "reid_std_top5", "n_candidates"}
     assert set(result["floor"]) >= {"psnr", "ssim"}
     for which in ("defended", "undefended"):
         assert set(result[which]) == {"simrec", "resrec", "whitebox"}
         for name, r in result[which].items():
             assert keys <= set(r), name
             assert r["n_candidates"] == 10 and math.isfinite(r["psnr_mean"]) and 0 <= r["reid_top1"] <= r["reid_top5"] <= 1
+            assert 0 <= r["reid_std_top1"] <= r["reid_std_top5"] <= 1
             assert r["curve"], name
             if name != "whitebox":  # what a learned attacker cost: epochs to its early stop, seconds per epoch
                 assert r["epochs"] == len(r["curve"]) <= 2 and 1 <= r["best_epoch"] <= r["epochs"]
@@ -396,6 +407,7 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
     header = csv[0].split(",")
     simrec = dict(zip(header, next(line for line in csv if line.startswith("defended,simrec,")).split(",")))
     assert int(simrec["epochs"]) == result["defended"]["simrec"]["epochs"] and float(simrec["seconds_per_epoch"]) > 0
+    assert float(simrec["reid_std_top1"]) == pytest.approx(result["defended"]["simrec"]["reid_std_top1"])
     md = (folder / "attack.md").read_text()
     assert "| floor: mean image |" in md and "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% |" in md
     for name in ("simrec", "resrec", "whitebox"):

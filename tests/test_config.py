@@ -32,6 +32,8 @@ def test_wrong_type_and_range_named():
         config_mod.from_dict({"train": {"t_main": "ten"}})
     with pytest.raises(ConfigError, match=r"model.reconstructor must be one of simrec, urec1, urec2, resrec, got 'unet'"):
         config_mod.from_dict({"model": {"reconstructor": "unet"}})
+    with pytest.raises(ConfigError, match=r"model.input_norm must be one of none, image, channel, got 'pixel'"):
+        config_mod.from_dict({"model": {"input_norm": "pixel"}})
     with pytest.raises(ConfigError, match="data.path is required"):
         config_mod.from_dict({"data": {"dataset": "npz"}})
 

@@ -134,3 +134,25 @@ def test_impossible_bottleneck_is_refused_when_read(override, key):
 
     with pytest.raises(config_mod.ConfigError, match=key):
         config_mod.apply_overrides(config_mod.Config(), override)
+
+
+@pytest.mark.parametrize("norm", ["image", "channel"])
+def test_a_standardising_obfuscator_cannot_see_brightness_contrast_or_colour_cast(norm):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) * 0.5
+    per_channel = norm == "channel"
+    gain = torch.tensor([1.5, 0.7, 1.2]).view(1, 3, 1, 1) if per_channel else torch.tensor(1.5)
+    shift = torch.tensor([0.2, -0.1, 0.3]).view(1, 3, 1, 1) if per_channel else torch.tensor(0.2)
+    y = x * gain + shift
+    m = ModelConfig(width=0.125, split=2, input_norm=norm)
+    f = build_networks(m, 3, 10)["obfuscator"].eval()
+    plain = build_networks(ModelConfig(width=0.125, split=2), 3, 10)["obfuscator"].eval()
+    with torch.no_grad():
+        assert torch.allclose(f(x), f(y), atol=1e-4)
+        assert not torch.allclose(plain(x), plain(y), atol=1e-2)  # without it, f sees the change
+        assert f(torch.full((1, 3, 32, 32), 0.5)).isfinite().all()  # a flat image: no division by zero
+    # A per-image standardisation keeps the colour cast, which only the per-channel one removes.
+    if not per_channel:
+        cast = x * torch.tensor([1.5, 0.7, 1.2]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            assert not torch.allclose(f(x), f(cast), atol=1e-2)

@@ -20,6 +20,7 @@ from veil.data import load_splits
 from veil.defences import strength_overrides
 from veil.frontier import frontier_rows, mark_dominated
 from veil.report import report
+from veil.results import strongest_reid
 from veil.rundir import load_run
 from veil.sweep import attacked_with, parse_attack_settings, parse_strengths, sweep
 from veil.sweepdir import point_name, read_sweep
@@ -35,6 +36,15 @@ def test_parse_strengths():
     assert point_name("reid", 1.0) == "reid-lambda-1" and point_name("noise", 0.5) == "sigma-0.5"  # reid shares adversarial's lambda
     assert strength_overrides("adversarial", 0.3) == ["train.defence=adversarial", "train.lambda_privacy=0.3"]
     assert strength_overrides("noise", 0.5) == ["train.defence=noise", "train.noise_sigma=0.5"]
+
+
+def test_the_strongest_re_identification_takes_either_match_rule():
+    table = {"simrec": {"reid_top1": 0.03, "reid_std_top1": 0.05}, "unet": {"reid_top1": 0.04, "reid_std_top1": 0.01}}
+    assert strongest_reid(table) == ("simrec, standardised", 0.05)
+    table["unet"]["reid_top1"] = 0.06
+    assert strongest_reid(table) == ("unet", 0.06)
+    assert strongest_reid({"unet": {"reid_top1": 0.02}}) == ("unet", 0.02)  # an attack.json made before the rule
+    assert strongest_reid({}) is None
 
 
 def test_mark_dominated_finds_the_points_off_the_frontier():
@@ -206,14 +216,15 @@ def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(
     out = tmp_path / "sweep"
     with pytest.raises(ConfigError, match="--defence none has no strength: it is one point, give --lambdas 0"):
         sweep(config, [0.0, 1.0], out, defence="none", attack_settings=TINY_ATTACK, **QUIET)
-    overrides = ["model.bottleneck=orthogonal", "model.bottleneck_channels=3", "model.feature_bits=2"]
+    overrides = ["model.bottleneck=orthogonal", "model.bottleneck_channels=3", "model.feature_bits=2", "model.input_norm=channel"]
     (row,) = sweep(config, [0.0], out, overrides, defence="none", attack_settings=TINY_ATTACK, **QUIET)
     summary = json.loads((out / "none" / "summary.json").read_text())
-    assert row["name"] == "none" and row["cut"] == "split 2, orthogonal k=3, 2 bits"
+    assert row["name"] == "none" and row["cut"] == "channel-standardised, split 2, orthogonal k=3, 2 bits"
     assert row["bytes_per_item"] == 3 * 8 * 8 == summary["features"]["bytes_per_item"]  # one byte per 2-bit code
     assert row["client_mflops"] == summary["client"]["mflops"] > 0
     attack = json.loads((out / "none" / "attack" / "attack.json").read_text())
     assert row["ssim"] == max(r["ssim_mean"] for r in attack["defended"].values())
+    assert row["reid_top1"] == max(max(r["reid_top1"], r["reid_std_top1"]) for r in attack["defended"].values())
     # A deterministic f finds every stored map unless two users' 2-bit codes collide (a tie counts against the attacker).
     assert row["linkage_top1"] == attack["linkage"]["defended"]["reid_top1"] > 0.5
     header, cells = frontier_table([row])

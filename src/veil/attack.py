@@ -306,12 +306,15 @@ def score(users: torch.Tensor, rows: torch.Tensor, reconstructions: torch.Tensor
     originals = users[rows.to(users.device)]
     p = psnr(originals, reconstructions)
     ranks = reid_ranks(reconstructions, users, candidates)
+    ranks_std = reid_ranks(reconstructions, users, candidates, standardise=True)
     return {
         "psnr_mean": p.mean().item(),
         "psnr_std": p.std().item() if len(p) > 1 else 0.0,
         "ssim_mean": ssim(originals, reconstructions).mean().item(),
         "reid_top1": top_k_rate(ranks, 1),
         "reid_top5": top_k_rate(ranks, 5),
+        "reid_std_top1": top_k_rate(ranks_std, 1),  # the same match after standardising each image per channel
+        "reid_std_top5": top_k_rate(ranks_std, 5),
         "n_candidates": candidates.shape[1],
         "n_images": len(rows),
     }

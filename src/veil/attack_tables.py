@@ -30,8 +30,9 @@ def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dic
 
 
 CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor",
-              "epochs", "best_epoch", "seconds_per_epoch", "seconds")
-COST_FIELDS = CSV_FIELDS[10:]  # what an attacker cost (a learned one: epochs to its early stop); empty where it does not apply
+              "epochs", "best_epoch", "seconds_per_epoch", "seconds", "reid_std_top1", "reid_std_top5")
+COST_FIELDS = CSV_FIELDS[10:14]  # what an attacker cost (a learned one: epochs to its early stop); empty where it does not apply
+STD_FIELDS = CSV_FIELDS[14:]  # re-identification after standardising per channel; empty in an attack.json made before it
 
 
 def to_csv(result: dict) -> str:
@@ -40,7 +41,7 @@ def to_csv(result: dict) -> str:
 
     def row(which: str, name: str, r: dict) -> str:
         values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
-        return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS])
+        return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS] + [f"{r[k]:.6g}" if k in r else "" for k in STD_FIELDS])
 
     lines.append(row(FLOOR, "mean_image", floor))
     for which in OBFUSCATORS:
@@ -48,7 +49,7 @@ def to_csv(result: dict) -> str:
             lines.append(row(which, name, r))
     for which, r in result.get(LINKAGE, {}).items():  # no image rebuilt: no PSNR, SSIM or floor
         lines.append(",".join([which, LINKAGE, "", "", "", f"{r['reid_top1']:.6g}", f"{r['reid_top5']:.6g}", str(r["n_candidates"]), str(r["n_images"]), "",
-                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else ""]))
+                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else "", "", ""]))
     return "\n".join(lines) + "\n"
 
 
@@ -56,7 +57,8 @@ def _cell(r: dict | None, floor: float) -> list[str]:
     if not r:
         return ["n/a"] * 4
     flag = " (!)" if r["psnr_mean"] < floor else ""
-    return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}", f"{r['reid_top5']:.1%}"]
+    std = f" ({r['reid_std_top1']:.1%})" if "reid_std_top1" in r else ""
+    return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}{std}", f"{r['reid_top5']:.1%}"]
 
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -85,7 +87,8 @@ def _notes(result: dict) -> list[str]:
     chance = result["chance"]
     notes = [
         f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
-        f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}).",
+        f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}); in brackets, top-1 after standardising each image "
+        f"per channel (a match on shapes, not brightness or colour cast).",
     ]
     acc = result.get("accuracy", {})
     if acc.get("defended") is not None or acc.get("undefended") is not None:

@@ -21,7 +21,7 @@ import yaml
 
 from veil.defences import DEFENCES, PHASE_B
 from veil.errors import ConfigError
-from veil.models.obfuscator import BOTTLENECKS, cut_channels
+from veil.models.obfuscator import BOTTLENECKS, INPUT_NORMS, cut_channels
 from veil.models.reconstructors import RECONSTRUCTORS, attackers, pool_names
 
 
@@ -72,6 +72,9 @@ class ModelConfig:
     """k, the channels a bottleneck keeps (1 .. the cut's channels); 0 with bottleneck none."""
     feature_bits: int = 0
     """Quantise the features to this many bits (1..16; straight-through in training); 0 = float features."""
+    input_norm: str = "none"
+    """none | image (subtract each image's mean, divide by its std, over all pixels and channels) | channel (the same
+    per colour channel): the first step of f, so the features cannot tell an image's brightness, contrast or colour cast."""
 
 
 @dataclass
@@ -338,6 +341,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     else:
         need(1 <= m.bottleneck_channels <= cut, f"model.bottleneck_channels must be in 1..{cut} (the channels at split {m.split}, width {m.width:g}), got {m.bottleneck_channels}")
     need(m.feature_bits == 0 or 1 <= m.feature_bits <= 16, f"model.feature_bits must be 0 (float) or 1..16, got {m.feature_bits}")
+    need(m.input_norm in INPUT_NORMS, f"model.input_norm must be one of {', '.join(INPUT_NORMS)}, got '{m.input_norm}'")
     need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
     need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0, "train.nopeek_alpha and train.noise_sigma must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")

@@ -22,7 +22,7 @@ from veil.defences import DEFENCES, point_symbol, strength_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.models.obfuscator import code_bytes
 from veil.plots import line_style, new_figure, png_bytes
-from veil.results import ATTACKER_NAMES, LINKAGE, db, pct, read_attack, strongest
+from veil.results import ATTACKER_NAMES, LINKAGE, db, pct, read_attack, strongest, strongest_reid
 from veil.sweepdir import COST_FILE, STORE_CLASSIFIER, read_sweep
 
 
@@ -51,8 +51,8 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         if attack and attack["defended"]:
             row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
             row["ssim_attacker"], row["ssim"] = strongest(attack["defended"], "ssim_mean")
-            row["reid_attacker"], row["reid_top1"] = strongest(attack["defended"], "reid_top1")
-            row["n_candidates"] = attack["defended"][row["reid_attacker"]]["n_candidates"]
+            row["reid_attacker"], row["reid_top1"] = strongest_reid(attack["defended"])
+            row["n_candidates"] = attack["defended"][row["reid_attacker"].split(",")[0]]["n_candidates"]
             row["floor_psnr"] = attack["floor"]["psnr"]
             row["linkage_top1"] = attack.get(LINKAGE, {}).get("defended", {}).get("reid_top1")
             top = strongest(attack["undefended"], "psnr_mean")
@@ -72,9 +72,9 @@ def stored_bytes(features: dict) -> int | None:
 
 
 def cut_label(cfg: config_mod.Config) -> str:
-    """Where f is cut and what leaves it: 'split 2', 'split 4, learned k=8, 4 bits'."""
+    """Where f is cut and what leaves it: 'split 2', 'split 4, learned k=8, 4 bits', 'channel-standardised, split 4'."""
     m = cfg.model
-    parts = [f"split {m.split}"] + ([f"{m.bottleneck} k={m.bottleneck_channels}"] if m.bottleneck != "none" else [])
+    parts = ([f"{m.input_norm}-standardised"] if m.input_norm != "none" else []) + [f"split {m.split}"] + ([f"{m.bottleneck} k={m.bottleneck_channels}"] if m.bottleneck != "none" else [])
     return ", ".join(parts + ([f"{m.feature_bits} bits"] if m.feature_bits else []))
 
 
@@ -95,8 +95,11 @@ def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r[
 
 def frontier_table(rows: list[dict]) -> list[list[str]]:
     """Header and rows as text, for frontier.csv readers and the report."""
-    def who(name: str | None) -> str:
-        return f" ({ATTACKER_NAMES.get(name, name)})" if name else ""
+    def who(name: str | None) -> str:  # 'unet' or 'unet, standardised' (strongest_reid's match rule)
+        if not name:
+            return ""
+        attacker, _, rule = name.partition(", ")
+        return f" ({ATTACKER_NAMES.get(attacker, attacker)}{', ' + rule if rule else ''})"
 
     def dominated(r: dict, field: str, key: str) -> str:
         return ", ".join(r.get(field) or []) or ("none" if r["psnr"] is not None and r.get(key) is not None else "n/a")

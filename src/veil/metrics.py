@@ -67,17 +67,28 @@ def draw_candidates(rows: torch.Tensor, n_pool: int, n_candidates: int, generato
     return out
 
 
-def reid_ranks(reconstructions: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def standardised(images: torch.Tensor) -> torch.Tensor:
+    """Each image's channels to mean 0 and std 1 over their pixels (any leading dims; last three C x H x W)."""
+    flat = images.flatten(-2)
+    mean, std = flat.mean(-1, keepdim=True), flat.std(-1, keepdim=True, unbiased=False)
+    return ((flat - mean) / std.clamp_min(1e-3)).reshape(images.shape)
+
+
+def reid_ranks(reconstructions: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor, chunk: int = 16, standardise: bool = False) -> torch.Tensor:
     """1-based rank of the true image (column 0 of `candidates`) among its candidates, ordered by
     pixel MSE to the reconstruction. A tie counts against the attacker: a candidate exactly as close
-    as the true image ranks ahead of it. reconstructions: M x C x H x W, pool: P x C x H x W, candidates: M x N."""
+    as the true image ranks ahead of it. With `standardise`, reconstruction and candidates are first
+    standardised per channel, so the match weighs shapes, not brightness or colour cast (what an
+    attacker does against an f that cannot see those). reconstructions: M x C x H x W, pool: P x C x H x W, candidates: M x N."""
     if len(reconstructions) != len(candidates):
         raise ValueError(f"reid_ranks: {len(reconstructions)} reconstructions but {len(candidates)} candidate sets")
     ranks = []
     for start in range(0, len(candidates), chunk):
-        rec = reconstructions[start : start + chunk].to(pool.device).double().flatten(1)  # m x D
-        cand = pool[candidates[start : start + chunk].to(pool.device)].double().flatten(2)  # m x N x D
-        dist = (cand - rec[:, None]).pow(2).mean(2)  # m x N
+        rec = reconstructions[start : start + chunk].to(pool.device).double()  # m x C x H x W
+        cand = pool[candidates[start : start + chunk].to(pool.device)].double()  # m x N x C x H x W
+        if standardise:
+            rec, cand = standardised(rec), standardised(cand)
+        dist = (cand.flatten(2) - rec.flatten(1)[:, None]).pow(2).mean(2)  # m x N
         ranks.append(1 + (dist[:, 1:] <= dist[:, :1]).sum(1).cpu())
     return torch.cat(ranks)
 

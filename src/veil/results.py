@@ -96,6 +96,14 @@ def strongest(table: dict, key: str) -> tuple[str, float] | None:
     return name, table[name][key]
 
 
+def strongest_reid(table: dict) -> tuple[str, float] | None:
+    """(attacker, top-1) of the highest re-identification over attackers and both match rules: pixel MSE
+    ('unet') and, where attack.json has it, per-channel standardised MSE ('unet, standardised')."""
+    rates = [(a, r["reid_top1"]) for a, r in table.items()]
+    rates += [(f"{a}, standardised", r["reid_std_top1"]) for a, r in table.items() if "reid_std_top1" in r]
+    return max(rates, key=lambda x: x[1]) if rates else None
+
+
 def attacker_order(names: list[str] | set[str]) -> list[str]:
     return [a for a in ATTACKER_ORDER if a in names] + sorted(set(names) - set(ATTACKER_ORDER))
 

@@ -5,7 +5,8 @@ VGG16 is five blocks of 3x3 convolutions, each ending in a 2x2 max-pool:
 The obfuscator takes the first `split` blocks (2 by default: 32x32xC -> 8x8x128), the
 classifier the rest. `width` multiplies every channel count.
 
-Optionally f narrows what leaves it (model.bottleneck, model.feature_bits): a 1x1 projection
+Optionally f first standardises each image (model.input_norm), so that nothing after it can tell
+the image's brightness, contrast or colour cast, which dominate a pixel-distance match. Optionally f narrows what leaves it (model.bottleneck, model.feature_bits): a 1x1 projection
 to k channels (learned, or a fixed random orthogonal one) and a quantiser to b bits, so that
 a stored feature map carries less than the cut does. Then a defence's layer (noise) may follow.
 """
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 BOTTLENECKS = ("none", "learned", "orthogonal")
+INPUT_NORMS = ("none", "image", "channel")
 
 VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -45,6 +47,20 @@ def vgg_block(c_in: int, channels: tuple[int, ...], width: float) -> tuple[list[
 def cut_channels(width: float, split: int) -> int:
     """Channels of the feature map where VGG16 is cut (before any bottleneck)."""
     return scaled(VGG16_BLOCKS[split - 1][-1], width)
+
+
+class Standardise(nn.Module):
+    """Each image to mean 0 and std 1: over all its pixels and channels (`image`) or per channel (`channel`).
+    No weights; f(a * x + b) = f(x) for any a > 0 and b (per channel with `channel`)."""
+
+    def __init__(self, per_channel: bool):
+        super().__init__()
+        self.per_channel = per_channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (2, 3) if self.per_channel else (1, 2, 3)
+        mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True, unbiased=False)
+        return (x - mean) / std.clamp_min(1e-3)  # a flat image (std 0) maps to zeros, not to inf
 
 
 class Projection(nn.Module):
@@ -80,8 +96,8 @@ class Obfuscator(nn.Sequential):
     """f(image in [0, 1], N x C x H x W) -> feature map N x 128w x H/4 x W/4 (at split 2; k channels with a bottleneck)."""
 
     def __init__(self, in_channels: int = 3, width: float = 1.0, split: int = 2, tail: nn.Module | None = None,
-                 bottleneck: str = "none", channels: int = 0, bits: int = 0, seed: int = 0):
-        layers: list[nn.Module] = []
+                 bottleneck: str = "none", channels: int = 0, bits: int = 0, seed: int = 0, input_norm: str = "none"):
+        layers: list[nn.Module] = [Standardise(input_norm == "channel")] if input_norm != "none" else []
         c = in_channels
         for block_channels in VGG16_BLOCKS[:split]:
             block, c = vgg_block(c, block_channels, width)
@@ -103,7 +119,7 @@ class Obfuscator(nn.Sequential):
 def build_obfuscator(model_cfg, in_channels: int, seed: int = 0, tail: nn.Module | None = None) -> Obfuscator:  # noqa: ANN001
     """The obfuscator a ModelConfig describes; `seed` draws a fixed projection."""
     m = model_cfg
-    return Obfuscator(in_channels, m.width, m.split, tail, m.bottleneck, m.bottleneck_channels, m.feature_bits, seed)
+    return Obfuscator(in_channels, m.width, m.split, tail, m.bottleneck, m.bottleneck_channels, m.feature_bits, seed, m.input_norm)
 
 
 def feature_shape(in_channels: int, image_size: int, width: float, split: int, out_channels: int = 0) -> tuple[int, int, int]:
