@@ -206,3 +206,23 @@ def test_costs_count_floats_when_noise_follows_the_quantiser(tiny_config):
     noisy = build_networks(cfg.model, 3, 10, tail=GaussianNoise(0.5))["obfuscator"]
     assert costs(coded, cfg)["features"] == {"shape": [3, 8, 8], "bits": 2, "stored_as": "uint8", "bytes_per_item": 192}
     assert costs(noisy, cfg)["features"] == {"shape": [3, 8, 8], "bits": 2, "stored_as": "float16", "bytes_per_item": 384}  # as veil obfuscate keeps them
+
+
+def test_flip_test_time_augmentation_adds_the_mirror_images_logits():
+    from veil.data import ImageSet
+    from veil.train import evaluate
+
+    torch.manual_seed(0)
+    # A linear g on the raw image: its logits change under a mirror, unlike an untrained VGG's.
+    nets = {"obfuscator": torch.nn.Identity(), "classifier": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)),
+            "reconstructor": torch.nn.Identity()}
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    x = to_float(images)
+    with torch.no_grad():
+        plain_logits = nets["classifier"](x)
+        both = plain_logits + nets["classifier"](x.flip(3))
+    labels = both.argmax(1)  # labels the flipped sum gets all right
+    data = ImageSet(images, labels, [str(i) for i in range(10)])
+    assert evaluate(nets, data, 16, with_reconstructor=False, flip=True)["test_accuracy"] == 1.0
+    plain = evaluate(nets, data, 16, with_reconstructor=False)["test_accuracy"]
+    assert plain == pytest.approx((plain_logits.argmax(1) == labels).float().mean().item()) and plain < 0.9

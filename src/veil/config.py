@@ -120,6 +120,9 @@ class TrainConfig:
     """Learning-rate schedule of pretraining: onecycle (warm up, then anneal to 0) | step (x0.1 at 50% and 75%) | constant."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy."""
+    test_flip: bool = False
+    """Test accuracy from the logits of each test image and its mirror image, added (flip test-time augmentation;
+    twice the evaluation's cost, changes no weight; a feature store's classifier sees one map per image and gets none of it)."""
     precision: str = "auto"
     """auto (bf16 on a CUDA GPU that supports it, else fp32) | fp32 | bf16 (autocast; weights, BatchNorm, losses fp32)."""
     channels_last: str = "auto"

@@ -418,8 +418,10 @@ def train_reconstructor(
 
 
 @torch.no_grad()
-def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_reconstructor: bool = True, rt: Runtime | None = None) -> dict:
+def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_reconstructor: bool = True, rt: Runtime | None = None,
+             flip: bool = False) -> dict:
     """Test accuracy of g(f(I)) and mean PSNR of r(f(I)) (a pool: its strongest member's) over a whole split, networks in eval mode.
+    flip: accuracy from g(f(I)) + g(f(mirror of I)) (train.test_flip).
 
     In a multi-process run each process evaluates its own part of the split and the sums are added.
     """
@@ -438,7 +440,8 @@ def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_r
         labels = labels_all[start : start + batch_size]
         with rt.autocast():
             features = f(images)
-            sums[1] += (g(features).argmax(1) == labels).sum()
+            logits = g(features) + g(f(images.flip(3))) if flip else g(features)
+            sums[1] += (logits.argmax(1) == labels).sum()
             if with_reconstructor:
                 for i, m in enumerate(pool):
                     sums[2 + i] += psnr(images, m(features)).sum()
@@ -629,7 +632,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
                     record = train_obfuscator_classifier(nets, opts[PHASE_C if only_f else PHASE_A], defender, splits.natural, cfg, generator,
                                                          step, privacy, None, bar, rt, with_classifier=not only_f)
                 check_finite_weights(nets, step)
-            record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN, rt=rt))
+            record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN, rt=rt, flip=cfg.train.test_flip))
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
             if rt.is_main:
                 rundir.append_metrics(run_dir, record)
