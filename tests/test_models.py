@@ -3,6 +3,7 @@ import torch
 
 from veil.config import ModelConfig
 from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
+from veil.models.reconstructors import build_attacker
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -30,11 +31,12 @@ def test_full_width_feature_map_is_8x8x128():
     assert f(torch.rand(1, 3, 32, 32)).shape == (1, 128, 8, 8)
 
 
-@pytest.mark.parametrize("split", [1, 3, 4])
-@pytest.mark.parametrize("name", list(RECONSTRUCTORS))
+@pytest.mark.parametrize("split", [1, 3, 4, 5])
+@pytest.mark.parametrize("name", [*RECONSTRUCTORS, "unet"])
 def test_other_splits_reconstruct_full_size(split, name):
     f = Obfuscator(3, 0.125, split).eval()
-    r = build_reconstructor(name, f.out_channels, 3, 0.125, split).eval()
+    assert f(torch.rand(2, 3, 32, 32)).shape[-1] == 32 >> split
+    r = (build_attacker if name == "unet" else build_reconstructor)(name, f.out_channels, 3, 0.125, split).eval()
     g = Classifier(10, 0.125, split).eval()
     x = torch.rand(2, 3, 32, 32)
     assert r(f(x)).shape == x.shape

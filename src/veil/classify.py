@@ -50,7 +50,7 @@ def small_head(channels: int, num_classes: int, width: float, split: int, dropou
     """A lighter head: two 3x3 conv blocks (2C channels), global average pooling, one linear layer."""
     c = 2 * channels
     return init_xavier(nn.Sequential(
-        *conv_bn_relu(channels, c), nn.MaxPool2d(2), *conv_bn_relu(c, c),
+        *conv_bn_relu(channels, c), nn.MaxPool2d(2, ceil_mode=True), *conv_bn_relu(c, c),  # ceil: a 1x1 map (split 5) stays 1x1
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes),
     ))
 

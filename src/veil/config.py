@@ -60,7 +60,8 @@ class ModelConfig:
     width: float = 1.0
     """Channel multiplier for every network (1.0 = the paper's VGG16; 0.25 is CPU-sized)."""
     split: int = 2
-    """Number of VGG16 blocks in the obfuscator (2 = conv64 conv64 pool conv128 conv128 pool)."""
+    """Number of VGG16 blocks in the obfuscator (2 = conv64 conv64 pool conv128 conv128 pool; 5 = every block, 1x1
+    maps for 32x32 images, the classifier is only the head)."""
     reconstructor: str = "simrec"
     """Training reconstructor of Table 1: simrec | urec1 | urec2 | resrec; or a pool, comma-separated, of those and
     the attack decoders (e.g. simrec,unet,resrec): each member trains on its own, a privacy term takes the strongest."""
@@ -321,7 +322,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     for k in ("n_defender", "n_attacker", "n_test"):
         need(getattr(d, k) >= 0, f"data.{k} must be >= 0, got {getattr(d, k)}")
     need(0 < m.width <= 8, f"model.width must be in (0, 8] (1.0 = the paper's VGG16), got {m.width}")
-    need(1 <= m.split <= 4, f"model.split must be 1..4 VGG blocks, got {m.split}")
+    need(1 <= m.split <= 5, f"model.split must be 1..5 VGG blocks, got {m.split}")
     # VGG16 halves the image five times (the classifier needs >= 1x1 at the end) and the
     # reconstructors upsample the feature map back by 2**split, so the side must divide evenly.
     need(

@@ -142,9 +142,12 @@ class UNetDecoder(nn.Module):
         super().__init__()
         c1, c2 = scaled(256, width), scaled(512, width)
         self.enc1 = nn.Sequential(*conv_bn_relu(in_channels, c1), *conv_bn_relu(c1, c1))  # H x W
-        self.enc2 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c1, c2), *conv_bn_relu(c2, c2))  # H/2
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.dec1 = nn.Sequential(*conv_bn_relu(c2 + c1, c1), *conv_bn_relu(c1, c1))  # skip from enc1
+        # At split 5 (1x1 maps for 32x32 images) there is nothing to pool: the inner level is left out.
+        self.inner = split < 5
+        if self.inner:
+            self.enc2 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c1, c2), *conv_bn_relu(c2, c2))  # H/2
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.dec1 = nn.Sequential(*conv_bn_relu(c2 + c1, c1), *conv_bn_relu(c1, c1))  # skip from enc1
         stages: list[nn.Module] = []
         c = c1 + in_channels  # second skip: the raw feature map itself
         for i in range(split):  # one 2x upsampling per pooling of the obfuscator
@@ -155,8 +158,7 @@ class UNetDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.enc1(x)
-        e2 = self.enc2(e1)
-        d1 = self.dec1(torch.cat([self.up(e2), e1], 1))
+        d1 = self.dec1(torch.cat([self.up(self.enc2(e1)), e1], 1)) if self.inner else e1
         return self.stages(torch.cat([d1, x], 1))
 
 
