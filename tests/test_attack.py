@@ -79,6 +79,24 @@ def test_standardised_matching_finds_a_recoloured_image_that_pixel_matching_miss
     assert reid_ranks(rec, pool, cand, standardise=True).item() == 1
 
 
+def test_the_class_floor_rebuilds_each_user_as_its_class_mean():
+    from veil.attack import class_floor_scores, class_means
+
+    torch.manual_seed(0)
+    # Two classes far apart in brightness, the attacker has images of class 0 and 1 only (class 2: its overall mean).
+    attacker = torch.cat([torch.randint(0, 60, (20, 3, 4, 4)), torch.randint(190, 250, (20, 3, 4, 4))]).to(torch.uint8)
+    labels = torch.tensor([0] * 20 + [1] * 20)
+    means = class_means(attacker, labels, 3)
+    assert torch.allclose(means[0], to_float(attacker[:20]).mean(0)) and torch.allclose(means[2], to_float(attacker).mean(0))
+    users = torch.cat([torch.randint(0, 60, (10, 3, 4, 4)), torch.randint(190, 250, (10, 3, 4, 4))]).to(torch.uint8)
+    truth = torch.tensor([0] * 10 + [1] * 10)
+    cand = draw_candidates(torch.arange(20), 20, 20, torch.Generator().manual_seed(0))
+    scores = class_floor_scores(means, users, {"true": truth, "predicted": 1 - truth}, cand)
+    assert scores["true"]["psnr_mean"] > scores["predicted"]["psnr_mean"] + 10  # the right class's mean is far nearer
+    assert scores["predicted"]["reid_top5"] == 0.0  # the wrong class's mean is nearer every other-class candidate
+    assert 0 < scores["true"]["reid_top1"] < 0.5  # the right class's mean cannot tell its 10 members apart
+
+
 def test_draw_candidates():
     g = torch.Generator().manual_seed(0)
     cand = draw_candidates(torch.arange(50), 50, 10, g)
@@ -396,13 +414,18 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
                 assert 0 < r["seconds_per_epoch"] * r["epochs"] <= r["seconds"] + 0.1  # both rounded
         assert result[which]["whitebox"]["n_images"] == 12 and result[which]["simrec"]["n_images"] == result["n_users"]
     assert result["settings"]["max_epochs"] == 2 and result["seed"] == 0 and result["settings"]["attackers"] == "simrec,resrec"
+    # The class floors: the attacker's mean image of the user's true class, and of the class the run's classifier reads.
+    for k in ("true", "predicted"):
+        r = result["class_floor"][k]
+        assert r["n_images"] == result["n_users"] and 0 <= r["reid_top1"] <= r["reid_top5"] <= 1 and math.isfinite(r["psnr_mean"])
+    assert "| floor: class mean, true label |" in (folder / "attack.md").read_text()
     # Linkage by feature matching, apart from the attackers: a deterministic f links every stored map to its image.
     for which in ("defended", "undefended"):
         assert result["linkage"][which]["reid_top1"] == 1.0 and result["linkage"][which]["n_candidates"] == 10
         assert "linkage" not in result[which]
     assert "linkage: feature matching (attacker computes f(candidate))" in out
     csv = (folder / "attack.csv").read_text().splitlines()
-    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 6 + 2
+    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 2 + 6 + 2
     assert csv[-2].startswith("defended,linkage,,,,1,1,10,")
     header = csv[0].split(",")
     simrec = dict(zip(header, next(line for line in csv if line.startswith("defended,simrec,")).split(",")))

@@ -43,7 +43,7 @@ from veil.models import init_xavier
 from veil.models.obfuscator import fingerprint
 from veil.models.reconstructors import attackers, build_attacker
 from veil.progress import progress_bar
-from veil.results import FLOOR, LINKAGE, OBFUSCATORS, WHITEBOX, defence_label
+from veil.results import CLASS_FLOOR, FLOOR, LINKAGE, OBFUSCATORS, WHITEBOX, defence_label
 from veil.rundir import Run, load_run
 from veil.train import feature_maps, plan, resolve_device
 from veil.version import __version__
@@ -387,6 +387,30 @@ def floor_scores(data: AttackData, candidates: torch.Tensor) -> dict:
     return {"psnr": r["psnr_mean"], "ssim": r["ssim_mean"], **r}
 
 
+def class_means(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """num_classes x C x H x W: the mean of the attacker's own images of each class (its overall mean
+    for a class it has none of)."""
+    x = to_float(images)
+    overall = x.mean(0)
+    return torch.stack([x[labels == c].mean(0) if (labels == c).any() else overall for c in range(num_classes)])
+
+
+@torch.no_grad()
+def predicted_labels(obfuscator: nn.Module, classifier: nn.Module, users: torch.Tensor, s: AttackConfig) -> torch.Tensor:
+    """The classes the run's own classifier reads from the users' stored feature maps."""
+    features = stored_features(obfuscator, users, s, "defended")
+    classifier.eval()
+    return torch.cat([classifier(features[i : i + s.eval_batch_size]).argmax(1) for i in range(0, len(features), s.eval_batch_size)])
+
+
+def class_floor_scores(means: torch.Tensor, users: torch.Tensor, labels: dict[str, torch.Tensor], candidates: torch.Tensor) -> dict:
+    """The label as the only leak: each user's image rebuilt as the attacker's mean image of a class,
+    the user's true class ('true': what any store that classifies perfectly gives away) or the class the
+    run's classifier reads from its stored map ('predicted': what this store's label alone gives away)."""
+    x = to_float(users)
+    return {k: score(x, torch.arange(len(x)), means[v.to(means.device)], candidates) for k, v in labels.items()}
+
+
 def under_trained(result: dict) -> list[str]:
     """'defended/simrec'-style names of attackers whose PSNR is below the constant-image floor."""
     floor = result[FLOOR]["psnr"]
@@ -503,6 +527,11 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         LINKAGE: {},
     }
     log(f"  {'floor':10s} {'mean':8s} {_line(result[FLOOR])}")
+    means = class_means(splits.attacker.images.to(device), splits.attacker.labels.to(device), run.num_classes)
+    labels = {"true": splits.test.labels, "predicted": predicted_labels(run.obfuscator, run.classifier, data.users, s)}
+    result[CLASS_FLOOR] = class_floor_scores(means, data.users, labels, candidates)
+    for k, r in result[CLASS_FLOOR].items():
+        log(f"  {'class':10s} {k:9s}{_line(r)}")
     figures: dict[str, dict] = {}
     for which, obfuscator, model in (("defended", run.obfuscator, cfg.model), ("undefended", reference.undefended_obfuscator, reference.config.model)):
         width = s.width or model.width  # attackers as wide as the networks they attack; upsampling as deep as their cut

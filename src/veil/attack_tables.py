@@ -16,7 +16,7 @@ import torch
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.plots import plot_image_rows
-from veil.results import FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX, defence_label
+from veil.results import CLASS_FLOOR, CLASS_FLOOR_LABELS, FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX, defence_label
 
 
 def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
@@ -44,6 +44,8 @@ def to_csv(result: dict) -> str:
         return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS] + [f"{r[k]:.6g}" if k in r else "" for k in STD_FIELDS])
 
     lines.append(row(FLOOR, "mean_image", floor))
+    for k, r in result.get(CLASS_FLOOR, {}).items():  # absent from an attack.json made before it existed
+        lines.append(row(CLASS_FLOOR, f"{k}_class_mean", r))
     for which in OBFUSCATORS:
         for name, r in result.get(which, {}).items():
             lines.append(row(which, name, r))
@@ -67,6 +69,9 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["attacker", "defended PSNR (dB)", "SSIM", "top-1", "top-5", "undefended PSNR (dB)", "SSIM", "top-1", "top-5"]
     floor_cells = _cell(floor, -math.inf)
     rows = [["floor: mean image", *floor_cells, *floor_cells]]
+    for k, r in result.get(CLASS_FLOOR, {}).items():  # the label as the only leak (the defended run's classifier for 'predicted')
+        cells = _cell(r, -math.inf)
+        rows.append([f"floor: {CLASS_FLOOR_LABELS[k]}", *cells, *(cells if k == "true" else ["—"] * 4)])
     names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
     for name in names:
         label = name
@@ -90,6 +95,12 @@ def _notes(result: dict) -> list[str]:
         f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}); in brackets, top-1 after standardising each image "
         f"per channel (a match on shapes, not brightness or colour cast).",
     ]
+    if result.get(CLASS_FLOOR):
+        notes.append(
+            "Class floors: each user's image rebuilt as the mean of the attacker's own images of one class, the user's true class "
+            "(what any store that classifies perfectly gives away) or the class the defended run's classifier reads from the stored map. "
+            "An attacker near these has learnt little beyond the label the store exists to give."
+        )
     acc = result.get("accuracy", {})
     if acc.get("defended") is not None or acc.get("undefended") is not None:
         shown = lambda a: "n/a" if a is None else f"{a:.2%}"  # noqa: E731

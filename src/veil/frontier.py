@@ -22,7 +22,7 @@ from veil.defences import DEFENCES, point_symbol, strength_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.models.obfuscator import code_bytes
 from veil.plots import line_style, new_figure, png_bytes
-from veil.results import ATTACKER_NAMES, LINKAGE, db, pct, read_attack, strongest, strongest_reid
+from veil.results import ATTACKER_NAMES, CLASS_FLOOR, LINKAGE, db, pct, read_attack, strongest, strongest_reid
 from veil.sweepdir import COST_FILE, STORE_CLASSIFIER, read_sweep
 
 
@@ -42,7 +42,7 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
             "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
             "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
-            "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "cut": cut,
+            "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "class_reid_top1": None, "read_class_reid_top1": None, "cut": cut,
             "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
             # What the point cost the sweep (wall seconds; a forked point's pretraining was paid by its donor).
             "train_seconds": cost.get("train"), "attack_seconds": cost.get("attack"), "store_seconds": cost.get("store_classifier"),
@@ -55,6 +55,10 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             row["n_candidates"] = attack["defended"][row["reid_attacker"].split(",")[0]]["n_candidates"]
             row["floor_psnr"] = attack["floor"]["psnr"]
             row["linkage_top1"] = attack.get(LINKAGE, {}).get("defended", {}).get("reid_top1")
+            # The label alone, scored by the same two match rules: the re-identification a classifying store cannot go below.
+            for field, k in (("class_reid_top1", "true"), ("read_class_reid_top1", "predicted")):
+                r = attack.get(CLASS_FLOOR, {}).get(k)
+                row[field] = max(r["reid_top1"], r["reid_std_top1"]) if r else None
             top = strongest(attack["undefended"], "psnr_mean")
             row["undefended_psnr"] = top[1] if top else None
         rows.append(row)
@@ -106,7 +110,7 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
 
     stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
     out = [["defence", "strength", "in-run test accuracy" if stored else "test accuracy"] + (["store classifier accuracy"] if stored else [])
-           + ["strongest attacker PSNR (dB)", "strongest SSIM", "re-identification top-1", "chance", "constant-image floor (dB)",
+           + ["strongest attacker PSNR (dB)", "strongest SSIM", "re-identification top-1", "chance", "by class alone (true / read)", "constant-image floor (dB)",
               "undefended attacker PSNR (dB)", "linkage top-1", "cut", "client MFLOPs / image", "bytes / stored image",
               "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
     for r in rows:
@@ -115,7 +119,8 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
              pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
             + [db(r["psnr"]) + who(r["psnr_attacker"]), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
                pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
-               pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a", db(r["floor_psnr"]), db(r["undefended_psnr"]),
+               pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a",
+               f"{pct(r.get('class_reid_top1'), 1)} / {pct(r.get('read_class_reid_top1'), 1)}", db(r["floor_psnr"]), db(r["undefended_psnr"]),
                pct(r.get("linkage_top1"), 1), r.get("cut") or "n/a", f"{r['client_mflops']:.1f}" if r.get("client_mflops") is not None else "n/a",
                f"{r['bytes_per_item']:,}" if r.get("bytes_per_item") is not None else "n/a",
                dominated(r, "dominated_by", "test_accuracy")]

@@ -37,6 +37,8 @@ from veil.page import Figure, Page, Table, render_html, render_markdown
 from veil.plots import line_style, new_figure, plot_image_rows, png_bytes
 from veil.results import (
     ATTACKER_NAMES,
+    CLASS_FLOOR,
+    CLASS_FLOOR_LABELS,
     LINKAGE,
     LINKAGE_LABEL,
     RunResults,
@@ -257,6 +259,9 @@ def attack_section(run: RunResults, page: Page, figures: list[Figure]) -> None:
             "rebuilds no image: not one of the PSNR attackers; a deterministic f cannot hide it",
         ])
     rows.append(["constant image (floor)", db(floor["psnr"]), f"{floor['ssim']:.3f}", "", "", db(floor["psnr"]), f"{floor['ssim']:.3f}", "", "", "the attacker-split mean image"])
+    for k, r in a.get(CLASS_FLOOR, {}).items():  # the label alone: what a store that classifies cannot help giving away
+        cells = [db(r["psnr_mean"]), f"{r['ssim_mean']:.3f}", pct(r["reid_top1"], 1), pct(r["reid_top5"], 1)]
+        rows.append([CLASS_FLOOR_LABELS[k], *cells, *(cells if k == "true" else ["—"] * 4), "the attacker's mean image of that class"])
     for k in sorted(n):
         rows.append([f"chance (N = {k})", "", "", pct(1 / k, 1), pct(min(1.0, 5 / k), 1), "", "", pct(1 / k, 1), pct(min(1.0, 5 / k), 1), ""])
     page.add("table", Table(

@@ -31,6 +31,10 @@ ATTACK_FIELDS = ("psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5",
 LINKAGE = "linkage"
 LINKAGE_FIELDS = ("reid_top1", "reid_top5", "n_candidates")
 LINKAGE_LABEL = "linkage: feature matching (attacker computes f(candidate))"
+# attack.json's "class_floor": {"true" | "predicted": scores of the attacker's mean image of the user's class}:
+# what the label alone gives away, the lowest re-identification a store that classifies can reach.
+CLASS_FLOOR = "class_floor"
+CLASS_FLOOR_LABELS = {"true": "class mean, true label", "predicted": "class mean, label read from the store"}
 
 ATTACKER_ORDER = ("simrec", "urec1", "urec2", "resrec", WHITEBOX)  # display order; others follow
 ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", WHITEBOX: "white-box"}
