@@ -531,7 +531,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     labels = {"true": splits.test.labels, "predicted": predicted_labels(run.obfuscator, run.classifier, data.users, s)}
     result[CLASS_FLOOR] = class_floor_scores(means, data.users, labels, candidates)
     for k, r in result[CLASS_FLOOR].items():
-        log(f"  {'class':10s} {k:9s}{_line(r)}")
+        log(f"  {'class':10s} {k:10s} {_line(r)}")
     figures: dict[str, dict] = {}
     for which, obfuscator, model in (("defended", run.obfuscator, cfg.model), ("undefended", reference.undefended_obfuscator, reference.config.model)):
         width = s.width or model.width  # attackers as wide as the networks they attack; upsampling as deep as their cut
