@@ -123,7 +123,8 @@ class TrainConfig:
     """Label smoothing of the cross-entropy."""
     test_flip: bool = False
     """Test accuracy from the logits of each test image and its mirror image, added (flip test-time augmentation;
-    twice the evaluation's cost, changes no weight; a feature store's classifier sees one map per image and gets none of it)."""
+    twice the evaluation's cost, changes no weight; a feature store's classifier sees one map per image and gets none of it).
+    Ignored for data trained without horizontal flips (the digit and grey-scale sets), where a mirror image may be another image."""
     precision: str = "auto"
     """auto (bf16 on a CUDA GPU that supports it, else fp32) | fp32 | bf16 (autocast; weights, BatchNorm, losses fp32)."""
     channels_last: str = "auto"

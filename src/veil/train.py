@@ -632,7 +632,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
                     record = train_obfuscator_classifier(nets, opts[PHASE_C if only_f else PHASE_A], defender, splits.natural, cfg, generator,
                                                          step, privacy, None, bar, rt, with_classifier=not only_f)
                 check_finite_weights(nets, step)
-            record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN, rt=rt, flip=cfg.train.test_flip))
+            record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=step.phase != PRETRAIN, rt=rt,
+                                   flip=cfg.train.test_flip and splits.natural))  # a mirrored digit is another symbol
             record = {"step": index, "phase": step.phase, "round": step.round, "epoch": step.epoch, **record, "seconds": round(time.perf_counter() - start, 3)}
             if rt.is_main:
                 rundir.append_metrics(run_dir, record)

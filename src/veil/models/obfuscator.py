@@ -6,9 +6,10 @@ The obfuscator takes the first `split` blocks (2 by default: 32x32xC -> 8x8x128)
 classifier the rest. `width` multiplies every channel count.
 
 Optionally f first standardises each image (model.input_norm), so that nothing after it can tell
-the image's brightness, contrast or colour cast, which dominate a pixel-distance match. Optionally f narrows what leaves it (model.bottleneck, model.feature_bits): a 1x1 projection
-to k channels (learned, or a fixed random orthogonal one) and a quantiser to b bits, so that
-a stored feature map carries less than the cut does. Then a defence's layer (noise) may follow.
+the image's brightness, contrast or colour cast. Optionally f narrows what leaves it
+(model.bottleneck, model.feature_bits): a 1x1 projection to k channels (learned, or a fixed random
+orthogonal one) and a quantiser to b bits, so that a stored feature map carries less than the cut
+does. Then a defence's layer (noise) may follow.
 """
 
 from __future__ import annotations
