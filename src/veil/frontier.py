@@ -52,7 +52,7 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
             row["ssim_attacker"], row["ssim"] = strongest(attack["defended"], "ssim_mean")
             row["reid_attacker"], row["reid_top1"] = strongest_reid(attack["defended"])
-            row["n_candidates"] = attack["defended"][row["reid_attacker"].split(",")[0]]["n_candidates"]
+            row["n_candidates"] = next(iter(attack["defended"].values()))["n_candidates"]  # one candidate draw for every attacker
             row["floor_psnr"] = attack["floor"]["psnr"]
             row["linkage_top1"] = attack.get(LINKAGE, {}).get("defended", {}).get("reid_top1")
             # The label alone, scored by the same two match rules: the re-identification a classifying store cannot go below.

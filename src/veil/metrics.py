@@ -67,9 +67,10 @@ def draw_candidates(rows: torch.Tensor, n_pool: int, n_candidates: int, generato
     return out
 
 
-def standardised(images: torch.Tensor) -> torch.Tensor:
-    """Each image's channels to mean 0 and std 1 over their pixels (any leading dims; last three C x H x W)."""
-    flat = images.flatten(-2)
+def standardised(images: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Each image to mean 0 and std 1, per channel over its pixels or over all its values (any leading
+    dims; the last three are C x H x W). A flat image (std 0) maps to zeros, not to inf."""
+    flat = images.flatten(-2 if per_channel else -3)
     mean, std = flat.mean(-1, keepdim=True), flat.std(-1, keepdim=True, unbiased=False)
     return ((flat - mean) / std.clamp_min(1e-3)).reshape(images.shape)
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from veil.metrics import standardised
+
 BOTTLENECKS = ("none", "learned", "orthogonal")
 INPUT_NORMS = ("none", "image", "channel")
 
@@ -59,9 +61,7 @@ class Standardise(nn.Module):
         self.per_channel = per_channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = (2, 3) if self.per_channel else (1, 2, 3)
-        mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True, unbiased=False)
-        return (x - mean) / std.clamp_min(1e-3)  # a flat image (std 0) maps to zeros, not to inf
+        return standardised(x, self.per_channel)  # the same rule as the attack's standardised re-identification
 
 
 class Projection(nn.Module):
