@@ -33,7 +33,7 @@ from veil.config import ConfigError
 from veil.data import read_npz, to_float, to_tensor_images
 from veil.defences import GaussianNoise
 from veil.errors import AttackError
-from veil.metrics import draw_candidates, psnr, reid_ranks, top_k_rate, total_variation
+from veil.metrics import draw_candidates, psnr, reid_ranks, standardised, top_k_rate, total_variation
 from veil.models import RECONSTRUCTORS
 from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run
@@ -67,6 +67,26 @@ def test_reid_ranks_match_a_slow_loop():
         d = [((rec[i] - pool[j]) ** 2).mean().item() for j in cand[i].tolist()]
         slow.append(1 + sum(x <= d[0] for x in d[1:]))
     assert reid_ranks(rec, pool, cand, chunk=5).tolist() == slow
+
+
+def test_reid_ranks_match_the_direct_distance_and_count_exact_copies_against_the_attacker():
+    # The ranks come from |c|^2 - 2 c.r; they must order candidates as the plain mean squared difference
+    # does, standardised or not, and an exact copy of the true image among the candidates is a tie.
+    torch.manual_seed(0)
+    pool = torch.rand(300, 3, 16, 16)
+    pool[1::3] = pool[0::3][: len(pool[1::3])]  # every third image has an exact copy
+    rec = (pool[:200] + 0.4 * torch.randn(200, 3, 16, 16)).clamp(0, 1)
+    rec[150:] = pool.mean(0)  # constant reconstructions: the floor's kind
+    cand = draw_candidates(torch.arange(200), 300, 50, torch.Generator().manual_seed(2))
+    for standardise in (False, True):
+        r, c = rec.double(), pool.double()[cand]  # 200 x 50 x C x H x W
+        if standardise:
+            r, c = standardised(r), standardised(c)
+        d = (c.flatten(2) - r.flatten(1)[:, None]).pow(2).mean(2)
+        direct = 1 + (d[:, 1:] <= d[:, :1]).sum(1)
+        assert reid_ranks(rec, pool, cand, chunk=64, standardise=standardise).tolist() == direct.tolist()
+    copy = torch.tensor([[0, 1, 2]])  # image 1 is an exact copy of image 0
+    assert reid_ranks(pool[:1], pool, copy).item() == 2
 
 
 def test_standardised_matching_finds_a_recoloured_image_that_pixel_matching_misses():
@@ -430,7 +450,7 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
     header = csv[0].split(",")
     simrec = dict(zip(header, next(line for line in csv if line.startswith("defended,simrec,")).split(",")))
     assert int(simrec["epochs"]) == result["defended"]["simrec"]["epochs"] and float(simrec["seconds_per_epoch"]) > 0
-    assert float(simrec["reid_std_top1"]) == pytest.approx(result["defended"]["simrec"]["reid_std_top1"])
+    assert float(simrec["reid_std_top1"]) == pytest.approx(result["defended"]["simrec"]["reid_std_top1"], abs=1e-6)  # the CSV keeps 6 digits
     md = (folder / "attack.md").read_text()
     assert "| floor: mean image |" in md and "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% |" in md
     for name in ("simrec", "resrec", "whitebox"):
@@ -492,6 +512,21 @@ def test_attacks_of_a_noise_run_are_seeded_by_the_attack_seed(tiny_config, tmp_p
     assert numbers(attack(tmp_path / "run", s, log=lambda *_: None)) == first
     other = numbers(attack(tmp_path / "run", resolve_settings({**dataclasses.asdict(s), "seed": 1}), log=lambda *_: None))
     assert other["defended"]["simrec"]["psnr_mean"] != first["defended"]["simrec"]["psnr_mean"]
+
+
+def test_the_attack_layout_changes_speed_not_figures(tiny_run, tmp_path):
+    # channels_last (NHWC) is on by default on a CPU, where it is faster; it reorders the arithmetic only.
+    s = {"attackers": "simrec,unet", "max_epochs": 2, "patience": 5, "batch_size": 16, "n_candidates": 10, "whitebox_images": 8,
+         "whitebox_steps": 3, "n_show": 4, "progress": False, "undefended": False}
+    results = {}
+    for layout in ("off", "on"):
+        shutil.rmtree(tiny_run / "attack", ignore_errors=True)
+        results[layout] = attack(tiny_run, resolve_settings({**s, "channels_last": layout}), log=lambda *_: None)
+    for name in ("simrec", "unet", "whitebox"):
+        off, on = results["off"]["defended"][name], results["on"]["defended"][name]
+        assert on["psnr_mean"] == pytest.approx(off["psnr_mean"], abs=0.05) and on["ssim_mean"] == pytest.approx(off["ssim_mean"], abs=0.005)
+    with pytest.raises(ConfigError, match="channels_last must be auto, on or off, got 'nhwc'"):
+        resolve_settings({"channels_last": "nhwc"})
 
 
 def test_an_unfinished_run_is_refused_unless_allowed_and_a_changed_obfuscator_is_attacked_again(tiny_config, tmp_path, monkeypatch, capsys):

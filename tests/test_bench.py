@@ -21,7 +21,7 @@ def test_bench_json_reports_every_phase_beside_the_bare_loop(capsys):
     assert flops["obfuscate"] == by_hand
     assert flops["obfuscate"] < flops["evaluate"] < flops["obfuscator_classifier"]
     assert flops["pretrain"] < flops["obfuscator_classifier"]  # phase (a) adds the reconstructor
-    assert (result["batch_size"], result["precision"], result["channels_last"]) == (16, "fp32", False)
+    assert (result["batch_size"], result["precision"], result["channels_last"]) == (16, "fp32", True)  # NHWC: on by default on a CPU
     assert "obfuscator_classifier" in format_table(result)
 
 

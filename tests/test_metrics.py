@@ -1,8 +1,9 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
-from veil.metrics import MSE_FLOOR, psnr, ssim
+from veil.metrics import MSE_FLOOR, _gaussian_window, psnr, ssim
 
 
 def test_psnr_hand_computed():
@@ -40,6 +41,27 @@ def test_ssim_identical_is_one_and_noise_lowers_it():
     noise = torch.randn_like(a)
     scores = [ssim(a, (a + s * noise).clamp(0, 1)).mean().item() for s in (0.05, 0.1, 0.3)]
     assert scores[0] > scores[1] > scores[2] and scores[2] < 0.8
+
+
+def test_ssim_matches_a_direct_convolution_with_the_2d_window():
+    # ssim blurs with the separable window as two matrix products; a grouped 2-D convolution with the
+    # full 11 x 11 window is the textbook form, and must give the same values to float64 rounding.
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 32, 32)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    a, b = x.double(), y.double()
+    g = _gaussian_window(11, 1.5).double()
+    kernel = (g[:, None] * g[None, :]).expand(3, 1, 11, 11).contiguous()
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=3)
+
+    mu_a, mu_b = blur(a), blur(b)
+    num = (2 * mu_a * mu_b + 0.01**2) * (2 * (blur(a * b) - mu_a * mu_b) + 0.03**2)
+    den = (mu_a**2 + mu_b**2 + 0.01**2) * (blur(a * a) - mu_a**2 + blur(b * b) - mu_b**2 + 0.03**2)
+    direct = (num / den).flatten(1).mean(1)
+    assert torch.allclose(ssim(x, y).double(), direct, atol=1e-6)
+    assert ssim(x[:, :, :8, :12], y[:, :, :8, :12]).shape == (6,)  # a window cut to the smaller side
 
 
 def test_ssim_of_constant_images_hand_computed():

@@ -12,7 +12,7 @@ from veil import config as config_mod
 from veil.data import apply_augmentation, batches, draw_augmentation, load_splits, to_float
 from veil.metrics import psnr
 from veil.models import build_networks
-from veil.runtime import Runtime, prepare_networks, resolve, resolve_channels_last, resolve_precision
+from veil.runtime import Runtime, memory_format, prepare_networks, resolve, resolve_channels_last, resolve_precision
 from veil.train import (
     PHASE_A,
     PHASE_B,
@@ -122,7 +122,9 @@ def test_bf16_autocast_keeps_weights_and_batchnorm_fp32_and_stays_close(tiny_con
 def test_options_resolve_per_device(tiny_config):
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_channels_last("auto", cpu) is False and resolve_channels_last("on", cpu) is True
+    assert resolve_channels_last("auto", cpu) is True and resolve_channels_last("auto", torch.device("mps")) is False
+    assert resolve_channels_last("on", cpu) is True and memory_format("auto", cpu) == torch.channels_last
+    assert memory_format("off", cpu) == torch.contiguous_format
     assert resolve_channels_last("True", cpu) is True and resolve_channels_last("off", cpu) is False
     cfg = config_mod.apply_overrides(copy.deepcopy(tiny_config), ["channels_last=on", "precision=bf16", "compile=false"])
     rt = resolve(cfg, cpu)

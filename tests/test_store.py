@@ -294,6 +294,18 @@ def test_train_classifier_from_store_alone_and_predict_with_it(tiny, tmp_path, c
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_train_classifier_layout_changes_speed_not_training(tiny, tmp_path):
+    train_store = make_store(tiny, tmp_path, data="run:defender", name="train")
+    losses = {}
+    for layout in ("off", "on"):
+        cfg = HeadConfig(epochs=2, batch_size=32, device="cpu", progress=False, channels_last=layout)
+        train_classifier(train_store, tmp_path / f"clf-{layout}", cfg, log=lambda *_: None)
+        losses[layout] = [json.loads(line)["loss"] for line in (tmp_path / f"clf-{layout}" / "metrics.jsonl").read_text().splitlines()]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)
+    with pytest.raises(StoreError, match="--channels-last must be auto, on or off, got 'nhwc'"):
+        train_classifier(train_store, tmp_path / "clf", HeadConfig(channels_last="nhwc"), log=lambda *_: None)
+
+
 def test_train_classifier_refuses_a_test_store_of_another_obfuscator(tiny, tmp_path):
     train_store = make_store(tiny, tmp_path, data="run:defender", name="train")
     test_store = make_store(tiny, tmp_path, data="run:test", name="test")

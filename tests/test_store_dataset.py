@@ -80,4 +80,5 @@ def test_the_readme_training_loop_runs_on_a_store(store):
     scope = {}
     torch.manual_seed(0)
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["losses"][-1] < scope["losses"][0]
+    per_epoch = len(scope["losses"]) // 5
+    assert sum(scope["losses"][-per_epoch:]) < sum(scope["losses"][:per_epoch])  # the last epoch's batches against the first's

@@ -3,7 +3,9 @@ multi-process run. Resolved once from the config into a `Runtime` that every pha
 
     precision      fp32, or bf16 autocast: convolutions and linear layers in bfloat16; weights,
                    BatchNorm (statistics, affine parameters) and the losses stay float32
-    channels_last  NHWC layout of weights and activations (faster convolutions on recent GPUs)
+    channels_last  NHWC layout of weights and activations (faster convolutions on GPUs and on CPUs:
+                   1.3-1.6x on a 2-core x86-64 CPU, docs/benchmarks.md); the attack harness and the
+                   store classifier use it too (veil.runtime.memory_format)
     compile        torch.compile each network (nn.Module.compile: state_dict keys unchanged)
     processes      under torchrun: one process per device, each network in its own
                    DistributedDataParallel wrapper (gloo on CPU, NCCL on CUDA)
@@ -81,11 +83,18 @@ def resolve_precision(value: str, device: torch.device) -> str:
 
 
 def resolve_channels_last(value: str, device: torch.device) -> bool:
-    """auto -> on for CUDA only: on 2 CPU cores channels_last measured slower (docs/benchmarks.md)."""
+    """auto -> on for CUDA and CPU: NHWC convolutions measured 1.3-1.6x faster than NCHW on a 2-core
+    x86-64 CPU, with AVX-512 and capped at AVX2 alike (docs/benchmarks.md)."""
     value = str(value).lower()
     if value == "auto":
-        return device.type == "cuda"
+        return device.type in ("cuda", "cpu")
     return value in ON
+
+
+def memory_format(value: str, device: torch.device) -> torch.memory_format:
+    """The layout for a channels_last setting (auto | on | off) on `device`: the same rule for the
+    attack harness and the store classifier as for training."""
+    return torch.channels_last if resolve_channels_last(value, device) else torch.contiguous_format
 
 
 def resolve(cfg: Config, device: torch.device) -> Runtime:

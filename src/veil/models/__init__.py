@@ -1,5 +1,6 @@
 """The three networks: obfuscator f, classifier g, reconstructors r (Table 1)."""
 
+import torch
 from torch import nn
 
 from veil.models.classifier import Classifier
@@ -13,10 +14,13 @@ __all__ = [
 
 
 def init_xavier(module):  # noqa: ANN001, ANN201
-    """Xavier (Glorot) uniform weights, zero biases, BatchNorm at identity (Algorithm 1)."""
+    """Xavier (Glorot) uniform weights, zero biases, BatchNorm at identity (Algorithm 1).
+    The same weights whatever the memory layout: a channels-last weight is drawn in the contiguous order."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
+            drawn = nn.init.xavier_uniform_(torch.empty(m.weight.shape, dtype=m.weight.dtype, device=m.weight.device))
+            with torch.no_grad():
+                m.weight.copy_(drawn)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d) and m.affine:
