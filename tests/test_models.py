@@ -1,8 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
 from veil.config import ModelConfig
-from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape
+from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape, init_xavier
 from veil.models.reconstructors import build_attacker
 
 
@@ -158,3 +159,16 @@ def test_a_standardising_obfuscator_cannot_see_brightness_contrast_or_colour_cas
         cast = x * torch.tensor([1.5, 0.7, 1.2]).view(1, 3, 1, 1)
         with torch.no_grad():
             assert not torch.allclose(f(x), f(cast), atol=1e-2)
+
+
+def test_xavier_draws_the_same_weights_in_either_memory_layout():
+    # A channels-last weight is filled in storage order by in-place draws; init_xavier draws in the
+    # contiguous order, so a re-initialisation in NHWC (the pool's, on a CPU) matches one in NCHW.
+    def drawn(layout):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ConvTranspose2d(8, 4, 2)).to(memory_format=layout)
+        return init_xavier(net).state_dict()
+
+    plain, nhwc = drawn(torch.contiguous_format), drawn(torch.channels_last)
+    assert nhwc["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(plain[k], nhwc[k]) for k in plain)
