@@ -93,7 +93,8 @@ def reid_ranks(reconstructions: torch.Tensor, pool: torch.Tensor, candidates: to
         raise ValueError(f"reid_ranks: {len(reconstructions)} reconstructions but {len(candidates)} candidate sets")
     # |c - r|^2 = |c|^2 - 2 c.r + |r|^2, in float64; |r|^2 is the same for every candidate of r, so
     # the order is that of |c|^2 - 2 c.r: one matrix product per chunk instead of gathering
-    # M x N images (each pool image standardised once, not once per candidate set it is in).
+    # M x N images (each pool image standardised once, not once per candidate set it is in). The product
+    # is M x P x D multiply-adds, so it grows with the pool: 0.3 s for 2,000 users, 7-9 s for 10,000 on 2 cores.
     flat = (standardised(pool.double()) if standardise else pool.double()).flatten(1)  # P x D
     norms = flat.pow(2).sum(1)
     ranks = []

@@ -4,7 +4,7 @@ multi-process run. Resolved once from the config into a `Runtime` that every pha
     precision      fp32, or bf16 autocast: convolutions and linear layers in bfloat16; weights,
                    BatchNorm (statistics, affine parameters) and the losses stay float32
     channels_last  NHWC layout of weights and activations (faster convolutions on GPUs and on CPUs:
-                   1.3-1.6x on a 2-core x86-64 CPU, docs/benchmarks.md); the attack harness and the
+                   1.2-1.9x per phase on a 2-core x86-64 CPU, docs/benchmarks.md); the attack harness and the
                    store classifier use it too (veil.runtime.memory_format)
     compile        torch.compile each network (nn.Module.compile: state_dict keys unchanged)
     processes      under torchrun: one process per device, each network in its own
@@ -83,7 +83,7 @@ def resolve_precision(value: str, device: torch.device) -> str:
 
 
 def resolve_channels_last(value: str, device: torch.device) -> bool:
-    """auto -> on for CUDA and CPU: NHWC convolutions measured 1.3-1.6x faster than NCHW on a 2-core
+    """auto -> on for CUDA and CPU: NHWC measured 1.2-1.9x faster than NCHW per phase on a 2-core
     x86-64 CPU, with AVX-512 and capped at AVX2 alike (docs/benchmarks.md)."""
     value = str(value).lower()
     if value == "auto":
