@@ -226,6 +226,7 @@ def test_early_stopping_stops_at_the_epoch_patience_runs_out(demo_images):
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
     _, curve = fit_attacker("resrec", Unshuffle(), data, s, 0.125, 1, seed=0)
     assert [c["epoch"] for c in curve] == [1, 2, 3]
+    assert [c["waited"] for c in curve] == [0, 1, 2]  # the last record says patience ended it, not the cap
 
 
 def test_early_stopping_ends_a_plateau_and_keeps_the_best_weights(demo_images):
@@ -494,6 +495,23 @@ def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_pat
     assert matrix["psnr"]["simrec"][a] == pytest.approx(matrix["psnr"]["simrec"][b], abs=1e-4)
     assert (tmp_path / "table3" / "matrix.md").read_text().count("|") > 10
     assert (tmp_path / "table3" / "matrix.csv").read_text().splitlines()[0].startswith("attack,")
+
+
+def test_an_attacker_stopped_by_the_epoch_cap_is_marked_as_a_lower_bound(tiny_run):
+    # Two epochs with patience 5 cannot end by patience: every learned attacker is capped, and says so
+    # in attack.json, the CSV and the table. With a gain no epoch reaches, patience ends it instead.
+    s = {"attackers": "simrec,resrec", "max_epochs": 2, "patience": 5, "batch_size": 16, "n_candidates": 10, "whitebox_images": 8,
+         "whitebox_steps": 3, "n_show": 4, "progress": False, "undefended": False}
+    result = attack(tiny_run, resolve_settings(s), log=lambda *_: None)
+    assert result["capped"] == ["defended/simrec", "defended/resrec"]
+    assert [result["defended"][n]["stopped"] for n in ("simrec", "resrec")] == ["cap", "cap"] and "stopped" not in result["defended"]["whitebox"]
+    md, csv_rows = (tiny_run / "attack" / "attack.md").read_text(), (tiny_run / "attack" / "attack.csv").read_text().splitlines()
+    assert md.count("(cap)") == 3 and "defended/simrec, defended/resrec" in md  # two cells and the note
+    header = csv_rows[0].split(",")
+    assert [r.split(",")[header.index("stopped")] for r in csv_rows[1:] if ",simrec," in r or ",whitebox," in r] == ["cap", ""]
+    stopped = attack(tiny_run, resolve_settings({**s, "attackers": "simrec", "max_epochs": 6, "patience": 1, "min_delta": 1e6}), log=lambda *_: None)
+    assert stopped["defended"]["simrec"]["epochs"] == 2 and stopped["defended"]["simrec"]["stopped"] == "patience" and stopped["capped"] == []
+    assert "(cap)" not in (tiny_run / "attack" / "attack.md").read_text()
 
 
 def numbers(result: dict) -> dict:

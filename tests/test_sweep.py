@@ -229,6 +229,11 @@ def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(
     assert row["linkage_top1"] == attack["linkage"]["defended"]["reid_top1"] > 0.5
     header, cells = frontier_table([row])
     assert dict(zip(header, cells))["bytes / stored image"] == "192" and dict(zip(header, cells))["strength"] == ""
+    # One epoch with patience 3: the cap stopped SimRec; the frontier marks a capped strongest attacker's PSNR as a lower bound.
+    psnr_cell = lambda r: dict(zip(*frontier_table([r])))["strongest attacker PSNR (dB)"]  # noqa: E731
+    assert row["capped"] == ["simrec"]
+    assert psnr_cell(dict(row, psnr_attacker="simrec")).endswith("(SimRec) (cap)")
+    assert psnr_cell(dict(row, psnr_attacker="whitebox")).endswith("(white-box)")
 
 
 def test_a_stopped_sweep_says_to_rerun_it_and_resumes_over_a_moved_data_file(tmp_path, monkeypatch, capsys):

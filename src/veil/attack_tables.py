@@ -30,9 +30,10 @@ def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dic
 
 
 CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor",
-              "epochs", "best_epoch", "seconds_per_epoch", "seconds", "reid_std_top1", "reid_std_top5")
+              "epochs", "best_epoch", "seconds_per_epoch", "seconds", "reid_std_top1", "reid_std_top5", "stopped")
 COST_FIELDS = CSV_FIELDS[10:14]  # what an attacker cost (a learned one: epochs to its early stop); empty where it does not apply
-STD_FIELDS = CSV_FIELDS[14:]  # re-identification after standardising per channel; empty in an attack.json made before it
+STD_FIELDS = CSV_FIELDS[14:16]  # re-identification after standardising per channel; empty in an attack.json made before it
+# "stopped": patience | cap (a learned attacker: what ended its training); empty for the others and in older attack.json
 
 
 def to_csv(result: dict) -> str:
@@ -41,7 +42,8 @@ def to_csv(result: dict) -> str:
 
     def row(which: str, name: str, r: dict) -> str:
         values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
-        return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS] + [f"{r[k]:.6g}" if k in r else "" for k in STD_FIELDS])
+        return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS] + [f"{r[k]:.6g}" if k in r else "" for k in STD_FIELDS]
+                        + [r.get("stopped", "")])
 
     lines.append(row(FLOOR, "mean_image", floor))
     for k, r in result.get(CLASS_FLOOR, {}).items():  # absent from an attack.json made before it existed
@@ -51,14 +53,14 @@ def to_csv(result: dict) -> str:
             lines.append(row(which, name, r))
     for which, r in result.get(LINKAGE, {}).items():  # no image rebuilt: no PSNR, SSIM or floor
         lines.append(",".join([which, LINKAGE, "", "", "", f"{r['reid_top1']:.6g}", f"{r['reid_top5']:.6g}", str(r["n_candidates"]), str(r["n_images"]), "",
-                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else "", "", ""]))
+                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else "", "", "", ""]))
     return "\n".join(lines) + "\n"
 
 
 def _cell(r: dict | None, floor: float) -> list[str]:
     if not r:
         return ["n/a"] * 4
-    flag = " (!)" if r["psnr_mean"] < floor else ""
+    flag = (" (!)" if r["psnr_mean"] < floor else "") + (" (cap)" if r.get("stopped") == "cap" else "")
     std = f" ({r['reid_std_top1']:.1%})" if "reid_std_top1" in r else ""
     return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}{std}", f"{r['reid_top5']:.1%}"]
 
@@ -120,6 +122,11 @@ def _notes(result: dict) -> list[str]:
         notes.append(
             "(!) PSNR below the constant-image floor: " + ", ".join(result["under_trained"]) + ". That attacker was under-trained; "
             "its number is not evidence of privacy."
+        )
+    if result.get("capped"):
+        notes.append(
+            "(cap) Stopped by --max-epochs before patience ran out, so it may still have been gaining: " + ", ".join(result["capped"])
+            + ". Its figures are a lower bound on what it can do; raise --max-epochs for a privacy claim."
         )
     return notes
 

@@ -43,7 +43,7 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
             "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
             "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "class_reid_top1": None, "read_class_reid_top1": None, "cut": cut,
-            "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
+            "capped": [], "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
             # What the point cost the sweep (wall seconds; a forked point's pretraining was paid by its donor).
             "train_seconds": cost.get("train"), "attack_seconds": cost.get("attack"), "store_seconds": cost.get("store_classifier"),
             "seconds": cost.get("total"),
@@ -54,6 +54,8 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             row["reid_attacker"], row["reid_top1"] = strongest_reid(attack["defended"])
             row["n_candidates"] = next(iter(attack["defended"].values()))["n_candidates"]  # one candidate draw for every attacker
             row["floor_psnr"] = attack["floor"]["psnr"]
+            # Attackers that max_epochs stopped before patience ran out: their figures are lower bounds.
+            row["capped"] = sorted(name for name, r in attack["defended"].items() if r.get("stopped") == "cap")
             row["linkage_top1"] = attack.get(LINKAGE, {}).get("defended", {}).get("reid_top1")
             # The label alone, scored by the same two match rules: the re-identification a classifying store cannot go below.
             for field, k in (("class_reid_top1", "true"), ("read_class_reid_top1", "predicted")):
@@ -117,7 +119,7 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
         out.append(
             [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}" if r["defence"] not in DEFENCES or DEFENCES[r["defence"]].strength_key else "",
              pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
-            + [db(r["psnr"]) + who(r["psnr_attacker"]), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
+            + [db(r["psnr"]) + who(r["psnr_attacker"]) + (" (cap)" if r["psnr_attacker"] in r.get("capped", []) else ""), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
                pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
                pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a",
                f"{pct(r.get('class_reid_top1'), 1)} / {pct(r.get('read_class_reid_top1'), 1)}", db(r["floor_psnr"]), db(r["undefended_psnr"]),

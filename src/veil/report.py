@@ -330,7 +330,8 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
         figures.append(fig)
         page.add("figure", fig)
     t = frontier_table(rows)
-    page.add("table", Table(t[0], t[1:], "One row per sweep point. Strongest attacker: the highest mean PSNR (or top-1 rate) over the attackers."))
+    page.add("table", Table(t[0], t[1:], "One row per sweep point. Strongest attacker: the highest mean PSNR (or top-1 rate) over the attackers; "
+                            "(cap): --max-epochs stopped it before patience ran out, so its PSNR is a lower bound."))
 
 
 def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> None:
