@@ -281,6 +281,13 @@ def test_a_stopped_sweep_says_to_rerun_it_and_resumes_over_a_moved_data_file(tmp
     sweep(config, [0.0], out, ["t_main=1"], attack_settings=TINY_ATTACK, log=logs.append)
     assert "veil sweep: lambda-0 already trained" in logs and "veil sweep: lambda-0 already attacked" in logs
 
+    # The command's summary marks the strongest attacker's PSNR (cap) exactly when the cap stopped it (SimRec: 1 epoch, patience 3).
+    capsys.readouterr()
+    assert main(args) == 0
+    (row,) = frontier_rows(out)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lambda-0"))
+    assert row["capped"] == ["simrec"] and ("(cap)" in line) == (row["psnr_attacker"] == "simrec")
+
 
 def test_stored_bytes_reads_old_and_new_summaries():
     from veil.frontier import stored_bytes

@@ -193,6 +193,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from veil.frontier import cap_mark
     from veil.results import db, pct
     from veil.sweep import parse_attack_settings, parse_strengths, sweep
 
@@ -207,7 +208,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for r in rows:
             cost = "n/a" if r["seconds"] is None else f"{r['seconds']:.0f} s"
             print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "")
-                  + f"{db(r['psnr'], unit=' dB'):>26}{pct(r['reid_top1'], 1):>14}{cost:>9}")
+                  + f"{db(r['psnr'], unit=' dB') + cap_mark(r):>26}{pct(r['reid_top1'], 1):>14}{cost:>9}")
     return 0
 
 

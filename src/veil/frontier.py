@@ -99,6 +99,11 @@ def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r[
             ]
 
 
+def cap_mark(row: dict) -> str:
+    """' (cap)' when the point's strongest attacker (by PSNR) was stopped by max_epochs: its PSNR is a lower bound."""
+    return " (cap)" if row.get("psnr_attacker") in row.get("capped", []) else ""
+
+
 def frontier_table(rows: list[dict]) -> list[list[str]]:
     """Header and rows as text, for frontier.csv readers and the report."""
     def who(name: str | None) -> str:  # 'unet' or 'unet, standardised' (strongest_reid's match rule)
@@ -119,7 +124,7 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
         out.append(
             [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}" if r["defence"] not in DEFENCES or DEFENCES[r["defence"]].strength_key else "",
              pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
-            + [db(r["psnr"]) + who(r["psnr_attacker"]) + (" (cap)" if r["psnr_attacker"] in r.get("capped", []) else ""), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
+            + [db(r["psnr"]) + who(r["psnr_attacker"]) + cap_mark(r), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
                pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
                pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a",
                f"{pct(r.get('class_reid_top1'), 1)} / {pct(r.get('read_class_reid_top1'), 1)}", db(r["floor_psnr"]), db(r["undefended_psnr"]),
