@@ -70,7 +70,7 @@ class AttackConfig:
     """Channel multiplier of the attack reconstructors (0 = the run's model.width)."""
     max_epochs: int = 40
     """Most epochs an attacker trains for (over the attacker-train images minus the held-out part): a cap that
-    patience, not the cap, should end (measured: 17-24 epochs on reduced CIFAR-10); one it ends is marked (cap)."""
+    patience, not the cap, should end (measured: 14-24 epochs on reduced CIFAR-10); one it ends is marked (cap)."""
     patience: int = 3
     """Stop after this many epochs without a held-out PSNR gain of min_delta; the best weights are kept."""
     min_delta: float = 0.01
