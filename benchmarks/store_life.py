@@ -32,8 +32,9 @@ import veil
 from veil import config as config_mod
 from veil.config import DataConfig
 from veil.data import read_named
-from veil.erase import erase
-from veil.store import id_hex, obfuscate, read_manifest, read_shard
+from veil.store.erase import erase
+from veil.store.format import id_hex, read_manifest, read_shard
+from veil.store.obfuscate import obfuscate
 from veil.train import train
 
 

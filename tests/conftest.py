@@ -79,7 +79,7 @@ def store_run(tmp_path_factory):
 
 def make_store(run, tmp_path, data="run:test", name="store", **kw):
     """`veil obfuscate` of `data` through run["run"] into tmp_path/name (or a URL given as name)."""
-    from veil.store import obfuscate
+    from veil.store.obfuscate import obfuscate
 
     out = name if "://" in str(name) else tmp_path / name
     obfuscate(run["run"], data, out, device="cpu", progress=False, log=lambda *_: None, **kw)
@@ -88,7 +88,7 @@ def make_store(run, tmp_path, data="run:test", name="store", **kw):
 
 def read_all(store, decode=True):
     """Every shard's tensors, concatenated in item order."""
-    from veil.store import read_manifest, read_shard
+    from veil.store.format import read_manifest, read_shard
 
     m = read_manifest(store)
     shards = [read_shard(store, m, i, decode) for i in range(len(m["shards"]))]

@@ -499,7 +499,7 @@ def store_cli_error(capsys, argv: list[str], *watched: Path) -> str:
 def test_store_commands_refuse_bad_input_in_one_line_and_change_nothing(capsys, tmp_path, store_run):
     from tests.conftest import make_store, read_all
 
-    from veil.store import id_hex
+    from veil.store.format import id_hex
 
     private = tmp_path / "private"
     private.mkdir()

@@ -113,11 +113,12 @@ def feature_energy(images, features, reconstructor):
 
 def test_a_new_defence_is_one_registry_entry(tmp_path, monkeypatch):
     """A toy defence declared here and registered in DEFENCES alone is trained, swept, attacked and reported."""
-    from test_report import make_tiny_npz, tiny_cfg
-    from test_sweep import TINY_ATTACK
+    from tests.report.test_report import make_tiny_npz, tiny_cfg
+    from tests.test_sweep import TINY_ATTACK
+
     from veil import config as config_mod
     from veil.defences import DEFENCES, Defence
-    from veil.report import report
+    from veil.report.sections import report
     from veil.rundir import read_metrics
     from veil.sweep import sweep
 

@@ -130,3 +130,86 @@ def test_no_module_but_the_cli_imports_veil_inside_a_function():
     if hidden:
         lines = [f"{path}:{line} {function}() imports {dep}" for path, line, function, dep in hidden]
         pytest.fail("veil imports inside functions (move them to the top of the module):\n" + "\n".join(lines), pytrace=False)
+
+
+# ----------------------------------------------------------------------------- layers (docs/architecture.md)
+
+# Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
+LAYERS = [
+    ("leaves", ["veil.errors", "veil.version", "veil.progress", "veil.io", "veil.metrics", "veil.plots"]),
+    ("models", ["veil.models"]),
+    ("defences", ["veil.defences"]),
+    ("training core", ["veil.config", "veil.data", "veil.distributed", "veil.runtime", "veil.rundir", "veil.sweepdir", "veil.train", "veil.bench"]),
+    ("store", ["veil.store"]),
+    ("attack", ["veil.attack"]),
+    ("report", ["veil.report"]),
+    ("sweep", ["veil.sweep"]),
+    ("command line", ["veil.cli", "veil.__main__", "veil"]),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix naming the module or a package above it."""
+    best, index = "", None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > len(best):
+                best, index = p, i
+    if index is None:
+        raise KeyError(f"{module} is in no layer of tests/test_layout.py's LAYERS (add it, and to docs/architecture.md)")
+    return index
+
+
+def upward_imports(graph: dict[str, list[tuple[str, int, str | None]]]) -> list[tuple[str, str, int]]:
+    """(module, imported module, line) for every import of a higher layer."""
+    return sorted({(m, dep, line) for m, deps in graph.items() for dep, line, _ in deps if dep in graph and layer_of(dep) > layer_of(m)})
+
+
+def test_every_module_has_a_layer():
+    graph, _ = import_graph()
+    for m in graph:
+        layer_of(m)  # raises, naming the module
+
+
+def test_no_module_imports_a_higher_layer():
+    graph, paths = import_graph()
+    found = upward_imports(graph)
+    if found:
+        lines = [f"  {paths[m].relative_to(SRC)}:{line} ({LAYERS[layer_of(m)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})" for m, dep, line in found]
+        pytest.fail("imports of a higher layer:\n" + "\n".join(lines), pytrace=False)
+
+
+def test_an_upward_import_is_caught(tmp_path, monkeypatch):
+    pkg = tmp_path / "veil"
+    for name in ("__init__.py", "metrics.py", "models/__init__.py", "models/obfuscator.py", "attack/__init__.py", "attack/scoring.py"):
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text("")
+    (pkg / "models" / "obfuscator.py").write_text("from veil.metrics import psnr\nfrom veil.attack.scoring import score\n")
+    (pkg / "attack" / "scoring.py").write_text("from veil.models.obfuscator import Obfuscator\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    graph, _ = import_graph()
+    assert upward_imports(graph) == [("veil.models.obfuscator", "veil.attack.scoring", 2)]  # down (metrics, models) is fine
+
+
+def test_the_layers_are_the_documented_ones():
+    text = (SRC.parent / "docs" / "architecture.md").read_text()
+    for name, prefixes in LAYERS:
+        for p in prefixes:
+            assert f"`{p.removeprefix('veil.') if p != 'veil' else 'veil'}" in text or f"`{p}" in text, f"{p} ({name}) is not in docs/architecture.md"
+
+
+# ----------------------------------------------------------------------------- the public API
+
+DOCUMENTED = [  # README, docs/architecture.md and the package docstrings name these
+    ("veil", name) for name in __import__("veil").__all__
+] + [
+    ("veil.defences", "DEFENCES"), ("veil.train", "fork"), ("veil.config", "RESUME_MAY_CHANGE"), ("veil.models", "RECONSTRUCTORS"),
+    ("veil.attack", "score"), ("veil.attack", "class_floor_scores"), ("veil.attack", "attack"), ("veil.attack", "AttackConfig"),
+    ("veil.report", "report"), ("veil.store.dataset", "open_store"), ("veil.runtime", "feature_maps"),
+]
+
+
+@pytest.mark.parametrize("module, name", DOCUMENTED, ids=[f"{m}.{n}" for m, n in DOCUMENTED])
+def test_each_documented_name_imports(module, name):
+    mod = __import__(module, fromlist=[name])
+    assert getattr(mod, name) is not None

@@ -4,7 +4,7 @@ from torch import nn
 
 from veil.config import ModelConfig
 from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape, init_xavier
-from veil.models.reconstructors import build_attacker
+from veil.models.reconstructors import attackers, build_attacker
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -172,3 +172,139 @@ def test_xavier_draws_the_same_weights_in_either_memory_layout():
     plain, nhwc = drawn(torch.contiguous_format), drawn(torch.channels_last)
     assert nhwc["0.weight"].is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(plain[k], nhwc[k]) for k in plain)
+
+
+# ----------------------------------------------------------------------------- attackers built for the cut
+
+# Table 1 of the paper, written for split 2 (8x8 maps). "conv3-N": 3x3 convolution, BatchNorm, ReLU; the layer
+# before the sigmoid is a plain convolution with a bias; "up": 2x nearest upsampling; "res64": a residual block.
+TABLE_1 = {
+    "simrec": "conv3-128 x2, up, conv3-64 x2, up, conv3-C, sigmoid",
+    "urec1": "conv3-64 x3, up, conv3-128 x3, up, conv3-256 x3, conv3-C, conv1-C, sigmoid",
+    "urec2": "conv3-64 x2, up, conv3-128 x2, up, conv3-256 x2, conv3-C, conv1-C, sigmoid",
+    "resrec": "transconv3-64, res64, transconv3-64, res64, up, res64 x2, up, conv1-C, sigmoid",
+}
+
+
+def _tokens(text: str) -> list[str]:
+    out = []
+    for item in text.split(", "):
+        layer, _, times = item.partition(" x")
+        out += [layer] * int(times or 1)
+    return out
+
+
+def _layers_for_split(name: str, split: int) -> list[str]:
+    """Table 1 at split 2; a deeper cut repeats the network's stage after its first upsampling (s upsamplings in
+    all); split 1 has an Identity in place of the first upsampling."""
+    layers = _tokens(TABLE_1[name])
+    first = layers.index("up")
+    second = layers.index("up", first + 1)
+    stage = layers[first:second]  # up and the convolutions after it
+    if split == 1:
+        return [*layers[:first], "id", *layers[first + 1:]]
+    return [*layers[:second], *stage * (split - 2), *layers[second:]]
+
+
+def _expected_modules(layers: list[str], c_in: int, out_channels: int, width: float) -> list[tuple[str, dict]]:
+    """(module type, {state_dict key: shape}) for each entry of the Sequential the layer list describes."""
+    def bn(n, prefix=""):
+        return {f"{prefix}{k}": (n,) for k in ("weight", "bias", "running_mean", "running_var")} | {f"{prefix}num_batches_tracked": ()}
+
+    mods: list[tuple[str, dict]] = []
+    for i, layer in enumerate(layers):
+        last = i + 1 < len(layers) and layers[i + 1] == "sigmoid"
+        if layer in ("up", "id", "sigmoid"):
+            mods.append(({"up": "Upsample", "id": "Identity", "sigmoid": "Sigmoid"}[layer], {}))
+            continue
+        kind, n = layer.rsplit("-", 1) if "-" in layer else ("res", layer[3:])
+        n = out_channels if n == "C" else max(1, round(int(n) * width))
+        if kind == "res":
+            assert c_in == n
+            mods.append(("ResidualBlock", {"body.0.weight": (n, n, 3, 3), **bn(n, "body.1."), "body.3.weight": (n, n, 3, 3), **bn(n, "body.4.")}))
+        elif last:  # the output layer: a plain convolution with a bias
+            k = int(kind[-1])
+            mods.append(("Conv2d", {"weight": (n, c_in, k, k), "bias": (n,)}))
+        else:
+            k = int(kind[-1])
+            shape = (c_in, n, k, k) if kind.startswith("transconv") else (n, c_in, k, k)
+            mods += [("ConvTranspose2d" if kind.startswith("transconv") else "Conv2d", {"weight": shape}), ("BatchNorm2d", bn(n)), ("ReLU", {})]
+        c_in = n
+    return mods
+
+
+def _modules(net: nn.Module) -> list[tuple[str, dict]]:
+    return [(type(m).__name__, {k: tuple(v.shape) for k, v in m.state_dict().items()}) for m in net]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("name", list(RECONSTRUCTORS))
+def test_reconstructor_layer_lists_are_table_1s_at_split_2_and_repeat_a_stage_deeper(name, split):
+    for width, c_in in ((1.0, 128), (0.125, 16), (0.25, 128)):
+        net = build_reconstructor(name, c_in, 3, width, split)
+        expected = _expected_modules(_layers_for_split(name, split), c_in, 3, width)
+        assert _modules(net) == expected
+        keys = [f"{i}.{k}" for i, (_, state) in enumerate(expected) for k in state]
+        assert list(net.state_dict()) == keys  # split 2: the state_dict of Table 1's network, key for key
+    if split >= 2:
+        ups = [m for m in net if isinstance(m, nn.Upsample)]
+        assert len(ups) == split and all(m.scale_factor == 2 for m in ups)  # one 2x stage per pooling of f
+        # every upsampling is followed by a convolution (or a residual block of them) before the next one
+        kinds = [type(m).__name__ for m in net]
+        for i in (i for i, k in enumerate(kinds) if k == "Upsample"):
+            nxt = kinds[i + 1:]
+            assert any(k in ("Conv2d", "ResidualBlock") for k in nxt[: nxt.index("Upsample") if "Upsample" in nxt else None])
+
+
+CAPACITY_MARGIN_DB = 3.0  # above the images' class floor; a 2x2 mosaic of them cannot reach it (asserted below)
+
+
+@pytest.fixture(scope="module")
+def four_airplanes(tmp_path_factory) -> torch.Tensor:
+    """4 real CIFAR-10 images of one class (airplane) from the bundled demo sample, N x 3 x 32 x 32 in [0, 1]."""
+    import numpy as np
+    from tests.conftest import DEMO_NPZ
+
+    from veil.data import read_npz, to_float
+
+    images, labels, classes = read_npz(DEMO_NPZ, tmp_path_factory.mktemp("cache"))
+    idx = np.flatnonzero(labels == classes.index("airplane"))[:4]
+    return to_float(torch.from_numpy(images[idx]).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("split", [2, 4, 5])
+@pytest.mark.parametrize("name", list(attackers()))
+def test_every_attacker_can_draw_a_full_resolution_image_at_every_cut(four_airplanes, name, split):
+    """Given the true features, each attacker overfits 4 images well above their class floor, and what it
+    draws is not a mosaic of large blocks (at split 5 the old one-step 16x upsampling drew 2x2 mosaics)."""
+    import torch.nn.functional as F
+
+    from veil.metrics import psnr
+
+    x, width = four_airplanes, 0.125
+    floor = psnr(x, x.mean(0, keepdim=True).expand_as(x)).mean().item()  # the mean image: a class floor at most this high
+    mosaic = psnr(x, F.interpolate(F.avg_pool2d(x, 16), scale_factor=16, mode="nearest")).mean().item()  # best 2x2 mosaic
+    assert mosaic < floor + CAPACITY_MARGIN_DB - 1  # the margin is one no 2x2 mosaic could pass
+
+    torch.manual_seed(0)
+    f = init_xavier(Obfuscator(3, width, split)).eval().requires_grad_(False)
+    with torch.no_grad():
+        z = f(x)
+    r = init_xavier(build_attacker(name, f.out_channels, 3, width, split)).train()
+    opt = torch.optim.Adam(r.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = -psnr(x, r(z)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = r(z)  # still in train mode: BatchNorm on the batch's own statistics, as in the fit
+    reached = psnr(x, out).mean().item()
+    distinct = min(out[i, c].unique().numel() for i in range(len(x)) for c in range(3))
+    print(f"split {split} {name}: PSNR {reached:.2f} dB, floor {floor:.2f} (+{reached - floor:.2f}), 2x2 mosaic {mosaic:.2f}, "
+          f"fewest distinct values in a channel {distinct}")
+    assert out.shape == x.shape == (4, 3, 32, 32)
+    assert reached >= floor + CAPACITY_MARGIN_DB
+    # Not piecewise constant: a 32x32 channel drawn in 2x2 blocks (ResRec's last stage) holds up to 256 values,
+    # a 4x4 mosaic 64 (144 with a 3x3 convolution's seams, as the old split-4 SimRec drew), a 2x2 mosaic 4.
+    assert distinct >= 192

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from veil import config as config_mod
 from veil.data import apply_augmentation, batches, draw_augmentation, load_splits, to_float
+from veil.errors import TrainingError
 from veil.metrics import psnr
 from veil.models import build_networks
 from veil.runtime import Runtime, memory_format, prepare_networks, resolve, resolve_channels_last, resolve_precision
@@ -18,7 +19,6 @@ from veil.train import (
     PHASE_B,
     PRETRAIN,
     Step,
-    TrainingError,
     evaluate,
     make_optimizers,
     pretrain_lr_factor,

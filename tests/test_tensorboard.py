@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
+from veil.errors import TrainingError
 from veil.rundir import read_metrics
-from veil.train import TrainingError, plan, train
+from veil.train import plan, train
 
 
 def test_tensorboard_without_the_package_fails_before_writing(tiny_config, tmp_path, monkeypatch):

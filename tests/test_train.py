@@ -7,6 +7,7 @@ import yaml
 
 from veil import rundir
 from veil.data import load_splits, to_float
+from veil.errors import TrainingError
 from veil.metrics import psnr
 from veil.models import build_networks
 from veil.train import (
@@ -17,7 +18,6 @@ from veil.train import (
     PRETRAIN,
     WARMUP,
     Step,
-    TrainingError,
     make_optimizers,
     plan,
     privacy_term,

@@ -10,13 +10,13 @@
 
 from veil.config import Config, ConfigError  # noqa: E402
 from veil.data import DataError, ImageSet, Splits, load_splits  # noqa: E402
+from veil.errors import StoreError, TrainingError  # noqa: E402
 from veil.io import CheckpointError  # noqa: E402
 from veil.metrics import psnr, ssim  # noqa: E402
 from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor  # noqa: E402
 from veil.rundir import Run, load_run  # noqa: E402
-from veil.store import StoreError  # noqa: E402
-from veil.store_dataset import ShardShuffle, StoreDataset, open_store  # noqa: E402
-from veil.train import Stopped, TrainingError, train  # noqa: E402
+from veil.store.dataset import ShardShuffle, StoreDataset, open_store  # noqa: E402
+from veil.train import Stopped, train  # noqa: E402
 from veil.version import __version__  # noqa: E402
 
 __all__ = [

@@ -29,7 +29,7 @@ from veil.config import Config, ConfigError
 from veil.data import ImageSet, to_float
 from veil.defences.adversarial import reconstruction_psnr
 from veil.models import build_networks
-from veil.runtime import Runtime, prepare_networks, resolve, wrap_networks
+from veil.runtime import Runtime, feature_maps, prepare_networks, resolve, resolve_device, wrap_networks
 from veil.train import (
     PHASE_A,
     PHASE_B,
@@ -38,11 +38,9 @@ from veil.train import (
     Privacy,
     Step,
     evaluate,
-    feature_maps,
     freeze,
     make_optimizers,
     pretrain_lr_factor,
-    resolve_device,
     train_obfuscator_classifier,
     train_reconstructor,
 )

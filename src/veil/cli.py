@@ -84,8 +84,8 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 def print_summary(summary: dict) -> None:
+    from veil.attack.results import db, pct
     from veil.defences import DEFENCES
-    from veil.results import db, pct
 
     print()
     defence = summary.get("defence", "adversarial")
@@ -98,7 +98,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_obfuscate(args: argparse.Namespace) -> int:
-    from veil.store import obfuscate
+    from veil.store.obfuscate import obfuscate
 
     r = obfuscate(args.run, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
                   name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench, append=args.append, id_map=args.id_map)
@@ -116,7 +116,7 @@ def cmd_obfuscate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from veil.classify import HeadConfig, train_classifier
+    from veil.store.classify import HeadConfig, train_classifier
 
     cfg = HeadConfig(**{k: getattr(args, k) for k in HeadConfig.__dataclass_fields__ if k != "progress"}, progress=not args.no_progress)
     summary = train_classifier(args.store, args.out, cfg, test_store=args.test_store)
@@ -127,7 +127,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from veil.classify import accuracy_of, predict
+    from veil.store.classify import accuracy_of, predict
 
     predictions = predict(args.run, images=args.images, store=args.store, classifier=args.classifier, device=args.device)
     shown = predictions if args.show < 0 else predictions[: args.show]
@@ -150,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from veil.erase import erase, parse_ids
+    from veil.store.erase import erase, parse_ids
 
     r = erase(args.store, parse_ids(args.ids), id_map=args.id_map, items=args.items, progress=not args.no_progress)
     for i, utc in sorted(r["already"].items()):
@@ -164,7 +164,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from veil.store import leftovers, store_bytes, verify
+    from veil.store.format import leftovers, store_bytes, verify
 
     fp = None
     if args.run:
@@ -186,20 +186,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from veil.report import report
+    from veil.report.sections import report
 
     report(args.run_dirs, args.out, n_images=args.images)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from veil.frontier import cap_mark
-    from veil.results import db, pct
-    from veil.sweep import parse_attack_settings, parse_strengths, sweep
+    from veil.attack.results import db, pct
+    from veil.report.frontier import cap_mark
+    from veil.sweep import parse_attack_settings, parse_store_settings, parse_strengths, sweep
 
     settings = parse_attack_settings(args.attack)
     rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings,
-                 store_epochs=args.store_classifier, share_pretraining=not args.no_fork)
+                 store_epochs=args.store_classifier, store_settings=parse_store_settings(args.store), share_pretraining=not args.no_fork)
     if rows:
         stored = any(r["store_accuracy"] is not None for r in rows)
         print()
@@ -213,8 +213,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from veil.attack import AttackConfig, attack, attack_matrix, resolve_settings
-    from veil.attack_tables import format_table
+    from veil.attack.harness import attack, attack_matrix
+    from veil.attack.settings import AttackConfig, resolve_settings
+    from veil.attack.tables import format_table
     from veil.config import ConfigError
 
     if bool(args.run_dir) == bool(args.matrix):
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.lambda_privacy=0 or width=0.25")
     p.set_defaults(func=cmd_train)
 
-    from veil.store import DTYPES, SPEC_HELP
+    from veil.store.format import DTYPES
+    from veil.store.obfuscate import SPEC_HELP
 
     p = sub.add_parser("obfuscate", help="images -> a feature store (no pixels, no file names); resumable")
     p.add_argument("--run", required=True, help="run directory whose obfuscator to use")
@@ -282,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_obfuscate)
 
-    from veil.classify import HEADS, HeadConfig
     from veil.config import field_docs
+    from veil.store.classify import HEADS, HeadConfig
 
     p = sub.add_parser("train-classifier", help="train a classifier from a feature store alone")
     p.add_argument("store", help="store made by veil obfuscate (e.g. from the defender split)")
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in HeadConfig.__dataclass_fields__.items():
         if name != "progress":
             p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, choices=list(HEADS) if name == "head" else None,
-                           help=f"{docs.get(name, '')} (default {f.default})")
+                           metavar="PIXELS" if name == "shift" else None, help=f"{docs.get(name, '')} (default {f.default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_classifier)
 
@@ -353,13 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store each point's defender and test images as features and train a classifier from scratch "
                         "on them for EPOCHS epochs (veil obfuscate + veil train-classifier): the accuracy a feature store's "
                         "user gets, beside the in-run one (default 0: not done; 30 is train-classifier's default)")
+    p.add_argument("--store", action="append", default=[], metavar="KEY=VALUE",
+                   help="a veil train-classifier setting for --store-classifier, e.g. --store shift=0 --store head=small "
+                        "(see veil train-classifier --help; shift in pixels, default 4); a point's store classifier made with "
+                        "other settings is trained again")
     p.add_argument("--no-fork", action="store_true",
                    help="pretrain every point itself (default: a point whose pretraining another point of the sweep already did "
                         "starts from that one's, bit for bit the same; see forked.json in its run directory)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides passed to every run")
     p.set_defaults(func=cmd_sweep)
 
-    from veil.attack import AttackConfig
+    from veil.attack.settings import AttackConfig
 
     p = sub.add_parser("attack", help="Chosen Image Attack on a run: fresh attackers, white-box inversion, floor and ceiling")
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory to attack; results go to RUN_DIR/attack/")
@@ -372,10 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from veil.data import DataError
-    from veil.errors import AttackError, ConfigError, ReportError
+    from veil.errors import AttackError, ConfigError, ReportError, StoreError, TrainingError
     from veil.io import CheckpointError
-    from veil.store import StoreError
-    from veil.train import Stopped, TrainingError
+    from veil.train import Stopped
 
     parser = build_parser()
     args = parser.parse_args(argv)

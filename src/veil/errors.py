@@ -15,3 +15,7 @@ class ReportError(ValueError):
 
 class StoreError(ValueError):
     """A store that is missing, damaged, incomplete or made by another obfuscator; the message names the file."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a run directory in the wrong state, a device that is not there)."""

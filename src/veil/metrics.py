@@ -83,34 +83,59 @@ def standardised(images: torch.Tensor, per_channel: bool = True) -> torch.Tensor
     return ((flat - mean) / std.clamp_min(1e-3)).reshape(images.shape)
 
 
-def reid_ranks(reconstructions: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor, chunk: int = 256, standardise: bool = False) -> torch.Tensor:
-    """1-based rank of the true image (column 0 of `candidates`) among its candidates, ordered by
-    pixel MSE to the reconstruction. A tie counts against the attacker: a candidate exactly as close
-    as the true image ranks ahead of it. With `standardise`, reconstruction and candidates are first
-    standardised per channel, so the match weighs shapes, not brightness or colour cast (what an
-    attacker does against an f that cannot see those). reconstructions: M x C x H x W, pool: P x C x H x W, candidates: M x N."""
-    if len(reconstructions) != len(candidates):
-        raise ValueError(f"reid_ranks: {len(reconstructions)} reconstructions but {len(candidates)} candidate sets")
+def match_counts(queries: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor, chunk: int = 256, standardise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query, how many of its candidates are strictly closer to it than the true one (column 0
+    of `candidates`) and how many are exactly as close (ties: behind a deterministic quantiser every
+    candidate sharing the true one's code is at the same distance), by MSE. With `standardise`, query and
+    candidates are first standardised per channel, so the match weighs shapes, not brightness or colour
+    cast (what an attacker does against an f that cannot see those).
+    queries: M x C x H x W, pool: P x C x H x W, candidates: M x N. Returns (ahead, tied), each M."""
+    if len(queries) != len(candidates):
+        raise ValueError(f"reid_ranks: {len(queries)} reconstructions but {len(candidates)} candidate sets")
     # |c - r|^2 = |c|^2 - 2 c.r + |r|^2, in float64; |r|^2 is the same for every candidate of r, so
     # the order is that of |c|^2 - 2 c.r: one matrix product per chunk instead of gathering
     # M x N images (each pool image standardised once, not once per candidate set it is in). The product
     # is M x P x D multiply-adds, so it grows with the pool: 0.3 s for 2,000 users, 7-9 s for 10,000 on 2 cores.
     flat = (standardised(pool.double()) if standardise else pool.double()).flatten(1)  # P x D
     norms = flat.pow(2).sum(1)
-    ranks = []
+    ahead, tied = [], []
     for start in range(0, len(candidates), chunk):
-        rec = reconstructions[start : start + chunk].to(pool.device).double()
+        rec = queries[start : start + chunk].to(pool.device).double()
         if standardise:
             rec = standardised(rec)
+        rec = rec.flatten(1)
         cand = candidates[start : start + chunk].to(pool.device)  # m x N
-        dist = norms[cand] - 2 * (rec.flatten(1) @ flat.T).gather(1, cand)  # m x N, minus |r|^2
-        ranks.append(1 + (dist[:, 1:] <= dist[:, :1]).sum(1).cpu())
-    return torch.cat(ranks)
+        dist = norms[cand] - 2 * (rec @ flat.T).gather(1, cand)  # m x N, minus |r|^2
+        # Equal candidates give equal distances up to the rounding of the product (the order of its sums may
+        # differ between rows): a tie is a difference below 1e-9 of the distances' scale, far below any real gap.
+        scale = norms[cand].max(1, keepdim=True).values + rec.pow(2).sum(1, keepdim=True)
+        gap = dist[:, 1:] - dist[:, :1]
+        same = gap.abs() <= 1e-9 * scale
+        ahead.append(((gap < 0) & ~same).sum(1).cpu())
+        tied.append(same.sum(1).cpu())
+    return torch.cat(ahead), torch.cat(tied)
+
+
+def reid_ranks(reconstructions: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor, chunk: int = 256, standardise: bool = False) -> torch.Tensor:
+    """1-based rank of the true image (column 0 of `candidates`) among its candidates, ordered by
+    pixel MSE to the reconstruction, with every tie counted against the attacker (a candidate exactly
+    as close as the true image ranks ahead of it): the lower bound beside expected_top_k's rate.
+    reconstructions: M x C x H x W, pool: P x C x H x W, candidates: M x N."""
+    ahead, tied = match_counts(reconstructions, pool, candidates, chunk, standardise)
+    return 1 + ahead + tied
 
 
 def top_k_rate(ranks: torch.Tensor, k: int) -> float:
     """Fraction of reconstructions whose true image ranks in the top k."""
     return (ranks <= k).float().mean().item()
+
+
+def expected_top_k(ahead: torch.Tensor, tied: torch.Tensor, k: int) -> float:
+    """Top-k rate of an attacker who breaks ties uniformly at random: with `ahead` candidates strictly
+    closer and `tied` as close as the true one, the true one's rank is ahead + 1 + U, U uniform on
+    0..tied, so it is in the top k with probability clamp((k - ahead) / (tied + 1), 0, 1). A j-way tie
+    at the top scores 1/j for top-1."""
+    return ((k - ahead).float() / (tied + 1).float()).clamp(0, 1).mean().item()
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from veil.config import Config
+from veil.data import to_float
 from veil.distributed import global_batchnorm, process_env
+from veil.errors import TrainingError
 
 ON, OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 
@@ -144,3 +146,29 @@ def wrap_networks(nets: dict[str, nn.Module], rt: Runtime) -> None:
 
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             rt.replicas[name] = DistributedDataParallel(net, device_ids=ids)
+
+
+# ----------------------------------------------------------------------------- running f (training, the attack and the store share it)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device '{name}' was asked for, but no CUDA device is available; use device=cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def feature_maps(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
+    """f(I) for uint8 images N x C x H x W, batch by batch in eval mode: N x 128w x H/4 x W/4 float32."""
+    rt = rt or Runtime(images.device)
+    mode = obfuscator.training
+    obfuscator.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        with rt.autocast():
+            out.append(obfuscator(to_float(images[start : start + batch_size], rt.memory_format)).float())
+    obfuscator.train(mode)
+    return torch.cat(out).contiguous()

@@ -8,7 +8,8 @@
         DIR/ceilings.json       the undefended attack (the ceiling), made once per pretrained split
         DIR/<point>/store-classifier/   with --store-classifier N: a classifier trained from scratch
                                 for N epochs on the point's stored features (`veil obfuscate` +
-                                `veil train-classifier`), its test accuracy beside the in-run one
+                                `veil train-classifier`, its other settings by --store KEY=VALUE),
+                                its test accuracy beside the in-run one
 
 Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
 A point is (defence, strength): the paper's adversarial training (lambda, Eq. 2), NoPeek (alpha)
@@ -38,15 +39,17 @@ import torch
 import yaml
 
 from veil import config as config_mod
-from veil.attack import AttackConfig, attack, resolve_settings, saved_attack
-from veil.classify import HeadConfig, train_classifier
+from veil.attack.harness import attack, saved_attack
+from veil.attack.settings import AttackConfig, resolve_settings
 from veil.config import ConfigError
 from veil.defences import get_defence, strength_overrides
-from veil.frontier import frontier_rows, write_frontier
+from veil.errors import StoreError
 from veil.io import atomic_write_json, atomic_write_text
 from veil.models.obfuscator import fingerprint
+from veil.report.frontier import frontier_rows, write_frontier
 from veil.rundir import load_run, read_metrics
-from veil.store import obfuscate
+from veil.store.classify import HeadConfig, check_head_config, shift_cells, train_classifier, trained_shift_cells
+from veil.store.obfuscate import obfuscate
 from veil.sweepdir import CEILINGS_FILE, COST_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
 from veil.train import Stopped, finished_pretraining, fork, plan, pretrains_alike, train
 
@@ -138,9 +141,42 @@ def attacked_with(run_dir: Path, settings: dict | None) -> bool:
     return saved is not None
 
 
-def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: ANN001
+# HeadConfig fields --store may not set: the sweep's own (epochs: --store-classifier EPOCHS).
+STORE_FIXED = ("epochs", "progress")
+# HeadConfig fields that change how a store classifier runs, not what it learns: a result made with
+# others is kept.
+STORE_HOW = ("device", "channels_last", "progress")
+
+
+def parse_store_settings(items: list[str]) -> dict:
+    """['shift=0', 'head=small'] -> {'shift': 0, 'head': 'small'}, typed as HeadConfig's fields (veil train-classifier's
+    settings; sweep checks their values)."""
+    hints = typing.get_type_hints(HeadConfig)
+    names = [f.name for f in dataclasses.fields(HeadConfig) if f.name not in STORE_FIXED]
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise ConfigError(f"--store '{item}' must look like KEY=VALUE, e.g. --store shift=0")
+        if key == "epochs":
+            raise ConfigError("--store: the epochs are --store-classifier EPOCHS")
+        if key not in names:
+            raise ConfigError(f"--store: unknown setting '{key}'; valid: {', '.join(names)}")
+        raw = value if hints[key] is str else yaml.safe_load(value)
+        out[key] = config_mod._coerce(raw, hints[key], key, "--store")
+    return out
+
+
+def store_head(cfg: config_mod.Config, epochs: int, settings: dict | None = None) -> HeadConfig:
+    """The store classifier's settings at a point: --store's, the run's seed and device unless --store sets them."""
+    return HeadConfig(**{"seed": cfg.seed, "device": cfg.device, **(settings or {}), "epochs": epochs, "progress": False})
+
+
+def store_classifier(run_dir: Path, epochs: int, log=print, settings: dict | None = None) -> dict:  # noqa: ANN001
     """Store the run's defender and test images as features, train a classifier from scratch on the
-    first for `epochs` epochs, and score it on the second: RUN_DIR/store-classifier/summary.json.
+    first for `epochs` epochs (its other settings: `settings`, HeadConfig field -> value), and score it
+    on the second: RUN_DIR/store-classifier/summary.json.
     The stores are temporary (rebuilt by a rerun); the classifier and its metrics are kept."""
     cfg = config_mod.load(run_dir / "config.yaml")
     out, stores = run_dir / STORE_CLASSIFIER, run_dir / (STORE_CLASSIFIER + "-stores")
@@ -149,11 +185,11 @@ def store_classifier(run_dir: Path, epochs: int, log=print) -> dict:  # noqa: AN
     torch.manual_seed(cfg.seed)  # the noise defence draws its noise while storing
     for split in ("defender", "test"):
         obfuscate(run_dir, f"run:{split}", stores / split, device=cfg.device, progress=False, log=log)
-    head = HeadConfig(epochs=epochs, seed=cfg.seed, device=cfg.device, progress=False)
+    head = store_head(cfg, epochs, settings)
     summary = train_classifier(stores / "defender", out, head, test_store=stores / "test", log=lambda *_: None)
     shutil.rmtree(stores)
     log(f"veil sweep: {run_dir.name}: a classifier trained on its stored features reaches {summary['final_test_accuracy']:.2%} "
-        f"({epochs} epochs, {summary['seconds']:.0f} s)")
+        f"({epochs} epochs, head {head.head}, shift {head.shift} px = {summary['shift_cells']} cell{'' if summary['shift_cells'] == 1 else 's'}, {summary['seconds']:.0f} s)")
     return summary
 
 
@@ -188,9 +224,26 @@ def format_cost(cost: dict) -> str:
     return ", ".join(parts) + f"; total {cost.get('total', 0):.0f} s" if parts else "not recorded (made before costs were kept)"
 
 
-def store_classified_with(run_dir: Path, epochs: int) -> bool:
-    path = run_dir / STORE_CLASSIFIER / "summary.json"
-    return path.is_file() and json.loads(path.read_text()).get("epochs") == epochs
+def store_classified_with(run_dir: Path, head: HeadConfig) -> bool:
+    """RUN_DIR/store-classifier is finished and was trained with `head`: every HeadConfig field but STORE_HOW
+    as its config.yaml records it, the shift in pixels as its summary records it. One made before the shift was
+    given in pixels recorded it in cells only (classify.trained_shift_cells) and counts as made with `head`
+    where `head`'s shift is that many cells at its split (split 2 at the default 4 pixels: its one cell)."""
+    d = run_dir / STORE_CLASSIFIER
+    if not all((d / name).is_file() for name in ("summary.json", "config.yaml", "classifier.json")):
+        return False
+    try:
+        summary, meta = json.loads((d / "summary.json").read_text()), json.loads((d / "classifier.json").read_text())
+        saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        split = meta["obfuscator"]["split"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return False  # damaged: trained again
+    want, defaults = asdict(head), asdict(HeadConfig())
+    if any(saved.get(k, defaults[k]) != v for k, v in want.items() if k not in STORE_HOW and k != "shift"):
+        return False
+    if "shift_pixels" in summary:
+        return summary["shift_pixels"] == head.shift
+    return trained_shift_cells(summary, saved) == shift_cells(head.shift, split)
 
 
 def sweep(
@@ -202,6 +255,7 @@ def sweep(
     attack_settings: dict | None = None,
     attack: Callable[[Path], None] | None = None,
     store_epochs: int = 0,
+    store_settings: dict | None = None,
     share_pretraining: bool = True,
     log=print,  # noqa: ANN001
 ) -> list[dict]:
@@ -209,12 +263,22 @@ def sweep(
 
     `attack_settings` are `veil attack`'s settings (AttackConfig field -> value) for every point;
     `attack` replaces the harness by any function that writes RUN_DIR/attack/attack.json.
-    `store_epochs` > 0 also trains a classifier on each point's stored features (store_classifier).
+    `store_epochs` > 0 also trains a classifier on each point's stored features (store_classifier), with
+    `store_settings` (veil train-classifier's settings, HeadConfig field -> value, see parse_store_settings);
+    one already trained with other settings (store_classified_with) is trained again.
     `share_pretraining`: a point whose pretraining another point of the sweep has already done is forked
     from it (train.fork) rather than pretrained again.
     """
     if store_epochs < 0:
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
+    store_settings = dict(store_settings or {})
+    if store_settings and not store_epochs:
+        raise ConfigError("--store sets the store classifier, which needs --store-classifier EPOCHS")
+    if store_epochs:
+        try:
+            check_head_config(HeadConfig(**{**store_settings, "epochs": store_epochs}))  # before any training
+        except (StoreError, TypeError) as e:
+            raise ConfigError(f"--store: {e}") from None
     out = Path(out)
     d = get_defence(defence)
     if not d.strength_key and strengths != [0.0]:
@@ -236,6 +300,7 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / SWEEP_FILE, {
         "config": str(config_path), "overrides": overrides, "attack_settings": settings,
+        "store_classifier": {"epochs": store_epochs, "settings": store_settings} if store_epochs else None,
         "points": [asdict(p) for p in points],
     })
 
@@ -274,9 +339,11 @@ def sweep(
             began = time.perf_counter()
             attack(run_dir)
             add_cost(run_dir, "attack", time.perf_counter() - began, replace=True)
-        if store_epochs and not store_classified_with(run_dir, store_epochs):
+        if store_epochs and store_classified_with(run_dir, store_head(cfg, store_epochs, store_settings)):
+            log(f"veil sweep: {p.name}'s store classifier already trained with these settings")
+        elif store_epochs:
             began = time.perf_counter()
-            store_classifier(run_dir, store_epochs, log)
+            store_classifier(run_dir, store_epochs, log, store_settings)
             add_cost(run_dir, "store_classifier", time.perf_counter() - began, replace=True)
         cost = read_cost(run_dir)
         log(f"veil sweep: {p.name} cost {format_cost(cost)}")

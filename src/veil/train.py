@@ -57,18 +57,15 @@ from veil.defences import (
     obfuscator_layer,
     strength_of,
 )
+from veil.errors import TrainingError
 from veil.io import atomic_write_json, atomic_write_text, load_module, save_tensors
 from veil.metrics import psnr
 from veil.models import build_networks, build_obfuscator, client_cost, feature_shape, init_xavier
 from veil.models.obfuscator import code_bytes, code_dtype, quantised_bits
 from veil.models.reconstructors import members
 from veil.progress import progress_bar
-from veil.runtime import Runtime
+from veil.runtime import Runtime, resolve_device
 from veil.version import __version__
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a run directory in the wrong state)."""
 
 
 class Stopped(Exception):
@@ -212,15 +209,6 @@ def reinitialise(reconstructor: nn.Module, opt: torch.optim.Optimizer, seed: int
                 m.reset_running_stats()
         init_xavier(reconstructor)
     opt.state.clear()
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device '{name}' was asked for, but no CUDA device is available; use device=cpu or auto")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- optimisers
@@ -452,20 +440,6 @@ def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_r
     if with_reconstructor:
         out["test_psnr"] = max(total_psnr) / n  # a pool's strongest member
     return out
-
-
-@torch.no_grad()
-def feature_maps(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, rt: Runtime | None = None) -> torch.Tensor:
-    """f(I) for uint8 images N x C x H x W, batch by batch in eval mode: N x 128w x H/4 x W/4 float32."""
-    rt = rt or Runtime(images.device)
-    mode = obfuscator.training
-    obfuscator.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        with rt.autocast():
-            out.append(obfuscator(to_float(images[start : start + batch_size], rt.memory_format)).float())
-    obfuscator.train(mode)
-    return torch.cat(out).contiguous()
 
 
 # ----------------------------------------------------------------------------- the run

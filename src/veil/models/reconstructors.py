@@ -1,9 +1,12 @@
-"""Reconstructors r: feature map -> image in [0, 1]. Exactly the four of the paper's Table 1.
+"""Reconstructors r: feature map -> image in [0, 1]. Exactly the four of the paper's Table 1 at its cut.
 
-Every "conv3-N" is a 3x3 convolution with BatchNorm and ReLU; "conv1-N" is 1x1; the last layer
-is followed by a sigmoid. `width` scales the hidden channels like the obfuscator's. Table 1 is
-written for split 2 (8x8 maps, two 2x upsamplings); for other splits the second upsampling
-scales by 2**(split-1) so the output is always the input image's size.
+Every "conv3-N" is a 3x3 convolution with BatchNorm and ReLU; "conv1-N" is 1x1; "up" is a 2x
+nearest-neighbour upsampling; the last layer is followed by a sigmoid. `width` scales the hidden
+channels like the obfuscator's. Table 1 is written for split 2 (8x8 maps, two upsamplings), and at
+split 2 each network is exactly Table 1's. A cut at split s pools s times, so the networks built for
+it upsample s times, always by 2 and always followed by convolutions: each deeper cut repeats the
+network's own stage after its first upsampling (see each function), so no split draws a coarser
+image than split 2 does. At split 1 (16x16 maps) the first upsampling is left out.
 
 To add a fifth reconstructor, write a function with the same signature and add it to
 RECONSTRUCTORS: training may then use it, and `veil attack --attackers NAME` too (attackers()).
@@ -26,38 +29,50 @@ def _convs(c_in: int, channels: list[int]) -> tuple[list[nn.Module], int]:
     return layers, c_in
 
 
-def _scales(split: int) -> tuple[int, int]:
-    return (2, 2 ** (split - 1)) if split >= 2 else (1, 2)
-
-
-def _up(scale: int) -> nn.Module:
+def _up(scale: int = 2) -> nn.Module:
     return nn.Upsample(scale_factor=scale, mode="nearest") if scale > 1 else nn.Identity()
 
 
+def _first_up(split: int) -> nn.Module:
+    """The first upsampling: 2x, or at split 1 (maps already half the image's size) none. An Identity
+    keeps its place in the Sequential, so a split-1 network's state_dict keys are those it always had."""
+    return _up(2 if split >= 2 else 1)
+
+
 def simrec(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
-    """SimRec: the obfuscator reversed. conv3-128 x2, up, conv3-64 x2, up, conv3-C, sigmoid."""
-    s1, s2 = _scales(split)
-    a, c = _convs(in_channels, [scaled(128, width)] * 2)
-    b, c = _convs(c, [scaled(64, width)] * 2)
-    return nn.Sequential(*a, _up(s1), *b, _up(s2), nn.Conv2d(c, out_channels, 3, padding=1), nn.Sigmoid())
+    """SimRec: the obfuscator reversed. conv3-128 x2, up, conv3-64 x2, up, conv3-C, sigmoid (Table 1, split 2).
+
+    Split s > 2: conv3-128 x2, [up, conv3-64 x2] x (s-1), up, conv3-C, sigmoid; the 64-channel stage is
+    repeated, so there are s upsamplings and the last is followed by the 3x3 output convolution."""
+    layers, c = _convs(in_channels, [scaled(128, width)] * 2)
+    for i in range(max(split - 1, 1)):
+        b, c = _convs(c, [scaled(64, width)] * 2)
+        layers += [_first_up(split) if i == 0 else _up(), *b]
+    return nn.Sequential(*layers, _up(), nn.Conv2d(c, out_channels, 3, padding=1), nn.Sigmoid())
 
 
 def _unet_style(in_channels: int, out_channels: int, width: float, split: int, depth: int) -> nn.Module:
-    s1, s2 = _scales(split)
-    a, c = _convs(in_channels, [scaled(64, width)] * depth)
-    b, c = _convs(c, [scaled(128, width)] * depth)
+    """conv3-64 x d, up, conv3-128 x d, [up, conv3-128 x d] x (s-2), up, conv3-256 x d, conv3-C, conv1-C, sigmoid."""
+    layers, c = _convs(in_channels, [scaled(64, width)] * depth)
+    for i in range(max(split - 1, 1)):
+        b, c = _convs(c, [scaled(128, width)] * depth)
+        layers += [_first_up(split) if i == 0 else _up(), *b]
     d, c = _convs(c, [scaled(256, width)] * depth)
     tail = [*conv_bn_relu(c, out_channels), nn.Conv2d(out_channels, out_channels, 1), nn.Sigmoid()]
-    return nn.Sequential(*a, _up(s1), *b, _up(s2), *d, *tail)
+    return nn.Sequential(*layers, _up(), *d, *tail)
 
 
 def urec1(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
-    """URec#1: conv3-64 x3, up, conv3-128 x3, up, conv3-256 x3, conv3-C, conv1-C, sigmoid."""
+    """URec#1: conv3-64 x3, up, conv3-128 x3, up, conv3-256 x3, conv3-C, conv1-C, sigmoid (Table 1, split 2).
+
+    Split s > 2: the 128-channel stage is repeated, [up, conv3-128 x3] x (s-2) after the first, so there
+    are s upsamplings."""
     return _unet_style(in_channels, out_channels, width, split, depth=3)
 
 
 def urec2(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
-    """URec#2, the lighter U-Net: conv3-64 x2, up, conv3-128 x2, up, conv3-256 x2, conv3-C, conv1-C, sigmoid."""
+    """URec#2, the lighter U-Net: conv3-64 x2, up, conv3-128 x2, up, conv3-256 x2, conv3-C, conv1-C, sigmoid
+    (Table 1, split 2). Split s > 2: [up, conv3-128 x2] x (s-2) after the first 128-channel stage."""
     return _unet_style(in_channels, out_channels, width, split, depth=2)
 
 
@@ -78,15 +93,21 @@ class ResidualBlock(nn.Module):
 
 
 def resrec(in_channels: int, out_channels: int, width: float = 1.0, split: int = 2) -> nn.Module:
-    """ResRec: [transconv3-64, residual block 64] x2, up, residual block 64 x2, up, conv1-C, sigmoid."""
-    s1, s2 = _scales(split)
+    """ResRec: [transconv3-64, residual block 64] x2, up, residual block 64 x2, up, conv1-C, sigmoid (Table 1, split 2).
+
+    Split s > 2: [transconv3-64, res64] x2, up, res64 x2, [up, res64 x2] x (s-2), up, conv1-C, sigmoid: the
+    residual stage is repeated, so there are s upsamplings. The last stage, an upsampling then a 1x1
+    convolution, is the paper's: it draws in 2x2 blocks (16x16 values a channel for a 32x32 image) at
+    every split, split 2 included; kept so that split 2 stays Table 1's, and no deeper cut is coarser."""
     c = scaled(64, width)
     layers: list[nn.Module] = []
     c_in = in_channels
     for _ in range(2):
         layers += [nn.ConvTranspose2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), ResidualBlock(c)]
         c_in = c
-    layers += [_up(s1), ResidualBlock(c), ResidualBlock(c), _up(s2), nn.Conv2d(c, out_channels, 1), nn.Sigmoid()]
+    for i in range(max(split - 1, 1)):
+        layers += [_first_up(split) if i == 0 else _up(), ResidualBlock(c), ResidualBlock(c)]
+    layers += [_up(), nn.Conv2d(c, out_channels, 1), nn.Sigmoid()]
     return nn.Sequential(*layers)
 
 

@@ -10,9 +10,10 @@ from tests.conftest import make_store, read_all
 
 import veil
 from veil.cli import main
-from veil.erase import erase
-from veil.location import locate, where
-from veil.store import StoreError, id_hex, read_manifest, verify
+from veil.errors import StoreError
+from veil.store.erase import erase
+from veil.store.format import id_hex, read_manifest, verify
+from veil.store.location import locate, where
 
 
 @pytest.fixture

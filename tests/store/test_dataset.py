@@ -9,10 +9,11 @@ import torch
 from tests.conftest import make_store, read_all
 
 import veil
-from veil import store_dataset
-from veil.store import StoreError, id_hex
+from veil.errors import StoreError
+from veil.store import dataset as store_dataset
+from veil.store.format import id_hex
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

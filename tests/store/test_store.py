@@ -7,16 +7,28 @@ import pytest
 import torch
 from tests.conftest import make_store, read_all
 
+import veil.store.obfuscate as store_mod
 from veil import config as config_mod
-from veil import store as store_mod
-from veil.classify import HeadConfig, load_classifier, predict, random_shift, store_accuracy, train_classifier
 from veil.cli import main
 from veil.data import DataError, load_splits, read_npz, to_float
+from veil.errors import StoreError
 from veil.io import load_tensors, save_tensors, sha256_file
 from veil.models.obfuscator import fingerprint
 from veil.rundir import latest_step_dir, load_run
-from veil.store import MANIFEST, StoreError, obfuscate, parse_spec, read_manifest, verify
-from veil.store_dataset import open_store
+from veil.store.classify import (
+    HeadConfig,
+    check_head_config,
+    load_classifier,
+    predict,
+    random_shift,
+    shift_cells,
+    store_accuracy,
+    train_classifier,
+    trained_shift_cells,
+)
+from veil.store.dataset import open_store
+from veil.store.format import MANIFEST, read_manifest, verify
+from veil.store.obfuscate import obfuscate, parse_spec
 from veil.train import train
 
 
@@ -272,6 +284,67 @@ def test_random_shift_matches_a_slow_loop_and_the_obfuscator():
     assert not torch.allclose(b[..., 3:6], a[..., 3:6], atol=1e-3)
 
 
+def blank_items(x: torch.Tensor) -> int:
+    """How many items of a batch are all-zero feature maps."""
+    return int((x.flatten(1) == 0).all(1).sum())
+
+
+def test_the_default_shift_leaves_no_blank_map_at_split_5():
+    # At split 5 a cell is 32 pixels (the whole 1x1 map): the default 4-pixel shift is 0 cells, no shift.
+    assert HeadConfig().shift == 4
+    assert [shift_cells(HeadConfig().shift, split) for split in (1, 2, 3, 4, 5)] == [2, 1, 0, 0, 0]
+    x = torch.rand(900, 8, 1, 1, generator=torch.Generator().manual_seed(0)) + 0.1  # a training epoch's worth of 1x1 maps, none blank
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    y = random_shift(x, shift_cells(HeadConfig().shift, 5), g)
+    assert blank_items(y) == 0 and torch.equal(y, x)
+    assert torch.equal(g.get_state(), state)  # nothing drawn: training at 0 cells is as before with shift 0
+    # The one-cell shift the default was: 8 items in 9 blank (799 of 900 with this seed).
+    assert blank_items(random_shift(x, 1, torch.Generator().manual_seed(0))) == 799
+
+
+def test_the_default_shift_is_one_cell_at_split_2():
+    # At split 2 a cell is 4 pixels: the default is one cell, the shift every store classifier had before.
+    assert shift_cells(HeadConfig().shift, 2) == 1
+    assert [shift_cells(pixels, 2) for pixels in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]
+    x = torch.rand(90, 2, 8, 8, generator=torch.Generator().manual_seed(0)) + 0.1
+    y = random_shift(x, shift_cells(HeadConfig().shift, 2), torch.Generator().manual_seed(0))
+    assert torch.equal(y, random_shift(x, 1, torch.Generator().manual_seed(0)))
+    moved = [not torch.equal(y[i], x[i]) for i in range(len(x))]
+    assert sum(moved) == 76  # 8 in 9 moved (76 of 90 with this seed)
+    g = torch.Generator().manual_seed(0)
+    ry, rx = torch.randint(0, 3, (90,), generator=g) - 1, torch.randint(0, 3, (90,), generator=g) - 1
+    assert moved == [bool(a or b) for a, b in zip(ry.tolist(), rx.tolist())]
+    # A moved item loses a one-cell band of its 8x8 map to zero fill, in each of its 2 channels; none is blank.
+    zeros = [int((y[i] == 0).sum()) for i in range(len(x))]
+    assert zeros == [2 * (8 * abs(a) + 8 * abs(b) - abs(a * b)) for a, b in zip(ry.tolist(), rx.tolist())]
+    assert blank_items(y) == 0
+    # Written before the shift was in pixels: config.yaml's shift counted cells.
+    assert trained_shift_cells({}, {"shift": 1}) == 1 and trained_shift_cells({}, {}) == 1
+    assert trained_shift_cells({"shift_pixels": 4, "shift_cells": 0}, {"shift": 4}) == 0
+
+
+def test_a_negative_shift_is_refused():
+    with pytest.raises(StoreError, match=r"^--shift must be >= 0 pixels, got -1$"):
+        check_head_config(HeadConfig(shift=-1))
+    assert main(["train-classifier", "no-store", "--out", "x", "--shift", "-4", "--no-progress"]) == 2
+
+
+def test_the_shift_is_turned_into_cells_by_the_training_loop(tiny, tmp_path):
+    # Split 2 (4-pixel cells): 3 pixels are 0 cells, trained exactly as no shift; 4 and 7 pixels are one cell.
+    train_store = make_store(tiny, tmp_path, data="run:defender", name="train")
+    weights, summaries = {}, {}
+    for pixels in (0, 3, 4, 7):
+        out = tmp_path / f"clf-{pixels}"
+        cfg = HeadConfig(head="small", epochs=1, batch_size=32, device="cpu", progress=False, shift=pixels)
+        summaries[pixels] = train_classifier(train_store, out, cfg, log=lambda *_: None)
+        weights[pixels] = load_tensors(out / "classifier.safetensors")
+        assert json.loads((out / "classifier.json").read_text())["shift_pixels"] == pixels
+    assert [(summaries[p]["shift_pixels"], summaries[p]["shift_cells"]) for p in (0, 3, 4, 7)] == [(0, 0), (3, 0), (4, 1), (7, 1)]
+    same = lambda a, b: all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])  # noqa: E731
+    assert same(0, 3) and same(4, 7) and not same(0, 4)
+
+
 def test_train_classifier_from_store_alone_and_predict_with_it(tiny, tmp_path, capsys):
     train_store = make_store(tiny, tmp_path, data="run:defender", name="train", shard_size=64)
     test_store = make_store(tiny, tmp_path, data="run:test", name="test")
@@ -285,13 +358,17 @@ def test_train_classifier_from_store_alone_and_predict_with_it(tiny, tmp_path, c
         assert meta["obfuscator"]["fingerprint"] == read_manifest(train_store)["obfuscator"]["fingerprint"]
         acc = store_accuracy(clf, open_store(test_store, dtype=None), torch.device("cpu"))
         assert acc == summary["final_test_accuracy"] == metrics[-1]["test_accuracy"]
+        assert (summary["shift_pixels"], summary["shift_cells"]) == (4, 1)  # the default 4 pixels: one cell at split 2
+        assert json.loads((out / "summary.json").read_text())["shift_cells"] == 1 and meta["shift_cells"] == 1
         preds = predict(tiny["run"], store=test_store, classifier=out, device="cpu")
         assert sum(p.label == p.true_label for p in preds) / len(preds) == pytest.approx(acc)
     with pytest.raises(StoreError, match="already holds a classifier"):
         train_classifier(train_store, tmp_path / "clf-small", HeadConfig(progress=False), log=lambda *_: None)
     assert main(["train-classifier", str(train_store), "--out", str(tmp_path / "cli"), "--test-store", str(test_store),
-                 "--head", "small", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress"]) == 0
+                 "--head", "small", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--shift", "8", "--no-progress"]) == 0
     assert "test accuracy" in capsys.readouterr().out
+    assert {k: v for k, v in json.loads((tmp_path / "cli" / "summary.json").read_text()).items() if k.startswith("shift")} == {
+        "shift_pixels": 8, "shift_cells": 2}
 
 
 def test_train_classifier_layout_changes_speed_not_training(tiny, tmp_path):

@@ -9,8 +9,8 @@ summary.json, attack/attack.json and the attack PNGs). Figures 4 and 5 are recom
 run's own networks on the first users' (test) images. A sweep directory (`veil sweep`) is a
 RUN_DIR too: its runs are reported, headed by the utility-privacy frontier.
 
-Reading the runs is results.py, the page model and its HTML/Markdown rendering page.py, the
-plot leaves plots.py and the frontier frontier.py; this file lays the page out. matplotlib is
+Reading the runs is attack/results.py, the page model and its HTML/Markdown rendering page.py, the
+plot leaves veil/plots.py and the frontier frontier.py; this file lays the page out. matplotlib is
 imported lazily, through its object API (no pyplot, no global backend).
 """
 
@@ -27,15 +27,7 @@ import numpy
 import torch
 
 from veil import config as config_mod
-from veil.data import DataError, load_splits, to_float
-from veil.errors import ReportError
-from veil.frontier import frontier_rows, frontier_table, mark_dominated, plot_frontier
-from veil.io import atomic_write_bytes, atomic_write_text, load_module
-from veil.metrics import psnr
-from veil.models import build_reconstructor
-from veil.page import Figure, Page, Table, render_html, render_markdown
-from veil.plots import line_style, new_figure, plot_image_rows, png_bytes
-from veil.results import (
+from veil.attack.results import (
     ATTACKER_NAMES,
     CLASS_FLOOR,
     CLASS_FLOOR_LABELS,
@@ -53,6 +45,15 @@ from veil.results import (
     strongest,
     unique_names,
 )
+from veil.attack.tables import flag_marks
+from veil.data import DataError, load_splits, to_float
+from veil.errors import ReportError
+from veil.io import atomic_write_bytes, atomic_write_text, load_module
+from veil.metrics import psnr
+from veil.models import build_reconstructor
+from veil.plots import line_style, new_figure, plot_image_rows, png_bytes
+from veil.report.frontier import frontier_rows, frontier_table, mark_dominated, plot_frontier
+from veil.report.page import Figure, Page, Table, render_html, render_markdown
 from veil.rundir import load_run
 from veil.version import __version__
 
@@ -196,7 +197,7 @@ def overview_table(runs: list[RunResults]) -> Table:
     rows = []
     for r in runs:
         s, acc = r.summary, accuracy_by_round(r.metrics)
-        top = strongest(r.attack["defended"], "psnr_mean") if r.attack else None
+        top = strongest(r.attack["defended"], "psnr_mean", r.attack["floor"]) if r.attack else None
         rows.append([
             r.name, r.config.data.dataset, ATTACKER_NAMES.get(r.reconstructor, r.reconstructor), r.defence, f"{r.config.model.width:g}",
             str(max((k for k in acc), default=0)), pct(acc.get(0)), pct(s.get("final_test_accuracy", acc[max(acc)] if acc else None)),
@@ -241,9 +242,11 @@ def attack_section(run: RunResults, page: Page, figures: list[Figure]) -> None:
     for name in attacker_order(set(defended) | set(undefended)):
         d, u = defended.get(name), undefended.get(name)
         note = ""
-        if d is not None and d["psnr_mean"] < floor["psnr"]:
+        if d is not None and d["psnr_mean"] < d.get("floor_psnr", floor["psnr"]):
             note = "below floor: under-trained attacker, not privacy"
             flagged.append(name)
+        elif d is not None and flag_marks(d):
+            note = f"not converged{flag_marks(d)}: a lower bound"
         rows.append([
             ATTACKER_NAMES.get(name, name),
             db(d["psnr_mean"], d["psnr_std"]) if d else "n/a", f"{d['ssim_mean']:.3f}" if d else "n/a",
@@ -331,7 +334,8 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
         page.add("figure", fig)
     t = frontier_table(rows)
     page.add("table", Table(t[0], t[1:], "One row per sweep point. Strongest attacker: the highest mean PSNR (or top-1 rate) over the attackers; "
-                            "(cap): --max-epochs stopped it before patience ran out, so its PSNR is a lower bound."))
+                            "(cap): --max-epochs stopped it before patience ran out; (best-last): its last epoch was its best; (under-fit): its training PSNR "
+                            "was still below its held-out PSNR; each makes its PSNR a lower bound."))
 
 
 def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> None:

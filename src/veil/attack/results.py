@@ -34,7 +34,11 @@ LINKAGE_LABEL = "linkage: feature matching (attacker computes f(candidate))"
 # attack.json's "class_floor": {"true" | "predicted": scores of the attacker's mean image of the user's class}:
 # what the label alone gives away, the lowest re-identification a store that classifies can reach.
 CLASS_FLOOR = "class_floor"
-CLASS_FLOOR_LABELS = {"true": "class mean, true label", "predicted": "class mean, label read from the store"}
+CLASS_FLOOR_LABELS = {"true": "class mean, true label", "predicted": "class mean, label the run's classifier reads"}
+# attack.json's "scoring_version": 2 splits re-identification ties (expected rank; `_lower` beside it counts them against
+# the attacker), averages a random f's draws for linkage, flags unconverged attackers and scores the white-box against
+# the floor of its own users. An attack.json of another version is not reused; 1 is one made before the field existed.
+SCORING_VERSION = 2
 
 ATTACKER_ORDER = ("simrec", "urec1", "urec2", "resrec", WHITEBOX)  # display order; others follow
 ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", WHITEBOX: "white-box"}
@@ -92,11 +96,21 @@ def defence_label(result: dict) -> str:
     return result.get("defence") or f"λ={result['lambda_privacy']:g}"
 
 
-def strongest(table: dict, key: str) -> tuple[str, float] | None:
-    """(attacker, value) of the attacker with the highest `key` (PSNR or re-identification)."""
+def strongest(table: dict, key: str, floor: dict | None = None) -> tuple[str, float] | None:
+    """(attacker, value) of the attacker with the highest `key` (PSNR or SSIM). Given attack.json's `floor`, ranked
+    by the margin above the floor of the users each was scored on: the white-box inverts only the first users and
+    carries their floor (floor_psnr / floor_ssim), every other attacker was scored on all of them."""
     if not table:
         return None
-    name = max(table, key=lambda a: table[a][key])
+    floor_key, floor_all = {"psnr_mean": ("floor_psnr", "psnr"), "ssim_mean": ("floor_ssim", "ssim")}.get(key, (None, None))
+
+    def margin(a: str) -> float:
+        r = table[a]
+        if floor is None or floor_key is None:
+            return r[key]
+        return r[key] - r.get(floor_key, floor[floor_all])
+
+    name = max(table, key=margin)
     return name, table[name][key]
 
 

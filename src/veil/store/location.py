@@ -8,7 +8,7 @@
 A local write is atomic: a reader sees the old file or the new one, never half of one. Object
 stores (S3, GCS, Azure) have no rename, but a single upload becomes visible whole or not at all,
 so a file is written under its final name. The store relies on nothing more: it writes new shards
-under new names and the manifest last, so the manifest always lists whole shards (store.py). On a
+under new names and the manifest last, so the manifest always lists whole shards (format.py). On a
 backend whose writes are neither renamed nor atomic (an FTP or SFTP server, say), a kill during
 the manifest's own write can leave it damaged; `veil verify` then says so.
 """

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from veil.location import Location, locate
-from veil.store import check_complete, check_listing, read_manifest, read_shard
+from veil.store.format import check_complete, check_listing, read_manifest, read_shard
+from veil.store.location import Location, locate
 
 
 class StoreDataset(Dataset):

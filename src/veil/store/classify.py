@@ -4,11 +4,14 @@ The GDPR motivation (paper, Introduction): once the images are gone, the obfusca
 are what is left to retrain on, e.g. when the model changes. `train_classifier` reads only a
 store, never an image, and writes a classifier directory:
 
-    OUT/config.yaml              the resolved HeadConfig
+    OUT/config.yaml              the resolved HeadConfig (its shift in pixels)
     OUT/classifier.safetensors   the head's weights
-    OUT/classifier.json          head, classes, feature shape, the store's obfuscator fingerprint
+    OUT/classifier.json          head, classes, feature shape, the store's obfuscator fingerprint, the shift
     OUT/metrics.jsonl            one line per epoch (train loss and accuracy, test accuracy)
-    OUT/summary.json             final test accuracy, seconds, versions
+    OUT/summary.json             final test accuracy, the shift (shift_pixels, shift_cells), seconds, versions
+
+A classifier directory written before the shift was given in pixels has `shift: 1` in its
+config.yaml meaning one *cell*, and no shift_cells in its summary.json (trained_shift_cells).
 
 `predict` puts new images through a run's obfuscator and then a classifier (the run's own, or
 one trained from a store), or classifies a store's features directly. A store or classifier
@@ -28,15 +31,17 @@ import yaml
 from torch import nn
 
 from veil.data import to_float, to_tensor_images
+from veil.errors import StoreError
 from veil.io import CheckpointError, atomic_write_json, atomic_write_text, load_module, save_tensors
 from veil.models import Classifier, init_xavier
 from veil.models.obfuscator import conv_bn_relu, fingerprint
 from veil.progress import progress_bar
 from veil.rundir import load_run
-from veil.runtime import OFF, ON, memory_format
-from veil.store import DTYPES, StoreError, check_fingerprint, load_image, verify
-from veil.store_dataset import StoreDataset, open_store
-from veil.train import onecycle_factor, resolve_device
+from veil.runtime import OFF, ON, memory_format, resolve_device
+from veil.store.dataset import StoreDataset, open_store
+from veil.store.format import DTYPES, check_fingerprint, verify
+from veil.store.obfuscate import load_image
+from veil.train import onecycle_factor
 from veil.version import __version__
 
 # ----------------------------------------------------------------------------- heads
@@ -81,8 +86,8 @@ class HeadConfig:
     """Dropout before each hidden linear layer of the head."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy."""
-    shift: int = 1
-    """Random shift of the feature map by up to this many cells (zero fill) per item; 0 = none. One cell is 2**split pixels."""
+    shift: int = 4
+    """Random shift of each item by up to this many pixels of the input image (4: its 4-pixel crop), as shift // 2**split feature-map cells, zero-filled: none where one cell is larger."""
     memory_mb: int = 1024
     """Features held in memory at once (MiB); a larger store is read a few shards at a time, shuffled within them."""
     seed: int = 0
@@ -103,8 +108,22 @@ def check_head_config(cfg: HeadConfig) -> None:
             raise StoreError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if str(cfg.channels_last).lower() not in ("auto", *ON, *OFF):
         raise StoreError(f"--channels-last must be auto, on or off, got '{cfg.channels_last}'")
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1 or cfg.shift < 0:
-        raise StoreError(f"invalid training settings: lr {cfg.lr}, weight_decay {cfg.weight_decay}, dropout {cfg.dropout}, label_smoothing {cfg.label_smoothing}, shift {cfg.shift}")
+    if cfg.shift < 0:
+        raise StoreError(f"--shift must be >= 0 pixels, got {cfg.shift}")
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
+        raise StoreError(f"invalid training settings: lr {cfg.lr}, weight_decay {cfg.weight_decay}, dropout {cfg.dropout}, label_smoothing {cfg.label_smoothing}")
+
+
+def shift_cells(pixels: int, split: int) -> int:
+    """A shift of the image by up to `pixels` as feature-map cells at `split`: one cell is 2**split pixels
+    (the obfuscator's 2x2 pools), so 4 pixels are 1 cell at split 2 and 0 (no shift) at splits 3 to 5."""
+    return pixels >> split
+
+
+def trained_shift_cells(summary: dict, config: dict) -> int:
+    """The shift in cells a classifier directory was trained with: its summary's shift_cells, or, for one
+    written before the shift was given in pixels, its config.yaml's shift (then counted in cells; default 1)."""
+    return int(summary["shift_cells"]) if "shift_cells" in summary else int(config.get("shift", 1))
 
 
 # ----------------------------------------------------------------------------- reading a store for training
@@ -129,8 +148,11 @@ def random_shift(features: torch.Tensor, cells: int, generator: torch.Generator)
     """Shift each feature map by up to `cells` in x and y, zero-filled: the image's random crop, seen after the obfuscator.
 
     The obfuscator is convolutions and 2x2 pools, so shifting an image by 2**split pixels shifts
-    its feature map by about one cell (exactly, away from the borders).
+    its feature map by about one cell (exactly, away from the borders). 0 cells: the features as
+    they are, and nothing drawn from the generator.
     """
+    if cells == 0:
+        return features
     n, c, h, w = features.shape
     padded = F.pad(features, (cells, cells, cells, cells))
     dy = torch.randint(0, 2 * cells + 1, (n,), generator=generator)
@@ -178,6 +200,8 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         test_data = open_store(test_store, dtype=None, cache_shards=1)
     device = resolve_device(cfg.device)
     classes = manifest["dataset"]["classes"]
+    split = manifest["obfuscator"]["split"]
+    cells = shift_cells(cfg.shift, split)
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, manifest["features"], manifest["obfuscator"], len(classes), cfg.dropout)
     layout = memory_format(cfg.channels_last, device)
@@ -190,7 +214,8 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     log(f"veil train-classifier: {n} items of {manifest['dataset']['name']} ({manifest['dataset']['split']}), head {cfg.head}, "
-        f"{sum(p.numel() for p in head.parameters()):,} parameters, {cfg.epochs} epochs, device {device}")
+        f"{sum(p.numel() for p in head.parameters()):,} parameters, {cfg.epochs} epochs, "
+        f"shift {cfg.shift} px = {cells} cell{'' if cells == 1 else 's'} of {1 << split} px, device {device}")
     # Small stores are read once; larger ones a few shards at a time, every epoch.
     cached = None
     if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
@@ -208,8 +233,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
                 for s in range(0, stop, cfg.batch_size):
                     idx = order[s : s + cfg.batch_size]
                     x = features[idx].float()
-                    if cfg.shift:
-                        x = random_shift(x, cfg.shift, generator)
+                    x = random_shift(x, cells, generator)  # 0 cells: unchanged
                     x, y = x.to(device, memory_format=layout), labels[idx].to(device)
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * onecycle_factor(min(step, total_steps - 1), total_steps)
@@ -238,6 +262,8 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "head": cfg.head,
         "classes": classes,
         "dropout": cfg.dropout,
+        "shift_pixels": cfg.shift,
+        "shift_cells": cells,
         "features": manifest["features"],
         "obfuscator": manifest["obfuscator"],
         "train_store": {"dataset": manifest["dataset"], "count": n},
@@ -250,6 +276,8 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "final_test_accuracy": metrics[-1].get("test_accuracy"),
         "test_items": None if test_manifest is None else test_manifest["count"],
         "epochs": cfg.epochs,
+        "shift_pixels": cfg.shift,
+        "shift_cells": cells,
         "seconds": round(time.perf_counter() - start, 1),
         "seed": cfg.seed,
         "veil_version": __version__,

@@ -13,32 +13,23 @@ from tests.conftest import DEMO_NPZ
 from torch import nn
 
 from veil import rundir
-from veil.attack import (
-    AttackConfig,
-    attack,
-    attack_data,
-    attack_matrix,
-    attack_obfuscator,
-    ceiling_key,
-    fit_attacker,
-    floor_scores,
-    linkage,
-    reconstruct,
-    resolve_settings,
-    saved_attack,
-)
-from veil.attack_tables import format_table, to_markdown
+from veil.attack.attackers import attack_data, convergence_flags, fit_attacker, reconstruct
+from veil.attack.harness import attack, attack_matrix, attack_obfuscator, ceiling_key, saved_attack
+from veil.attack.scoring import floor_scores, linkage, reid_rates, score, under_trained
+from veil.attack.settings import AttackConfig, resolve_settings, seed_for
+from veil.attack.tables import format_table, to_markdown
+from veil.attack.whitebox import invert
 from veil.cli import main
 from veil.config import ConfigError
 from veil.data import read_npz, to_float, to_tensor_images
 from veil.defences import GaussianNoise
 from veil.errors import AttackError
-from veil.metrics import draw_candidates, psnr, reid_ranks, standardised, top_k_rate, total_variation
+from veil.metrics import draw_candidates, expected_top_k, match_counts, psnr, reid_ranks, standardised, top_k_rate, total_variation
 from veil.models import RECONSTRUCTORS
 from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run
-from veil.train import feature_maps, plan, train
-from veil.whitebox import invert
+from veil.runtime import feature_maps
+from veil.train import plan, train
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -100,7 +91,7 @@ def test_standardised_matching_finds_a_recoloured_image_that_pixel_matching_miss
 
 
 def test_the_class_floor_rebuilds_each_user_as_its_class_mean():
-    from veil.attack import class_floor_scores, class_means
+    from veil.attack.scoring import class_floor_scores, class_means
 
     torch.manual_seed(0)
     # Two classes far apart in brightness, the attacker has images of class 0 and 1 only (class 2: its overall mean).
@@ -207,26 +198,46 @@ def test_whitebox_from_mean_image_is_the_floor_when_features_carry_nothing(demo_
 
 
 def _epoch_patience_runs_out(curve: list[dict], s: AttackConfig) -> int | None:
-    """The stopping rule replayed on a curve: an epoch whose val_psnr beats the best before it by
-    more than min_delta resets the patience, any other uses one up; the epoch at which `patience`
-    epochs in a row have not improved (None if that never happens)."""
+    """The stopping rule replayed on a curve: an epoch whose val_psnr beats the best before it (by any
+    amount) resets the patience, any other uses one up; the epoch at which `patience` epochs in a row
+    brought no new best (None if that never happens)."""
     best, waited = -math.inf, 0
     for c in curve:
-        waited = 0 if c["val_psnr"] > best + s.min_delta else waited + 1
+        waited = 0 if c["val_psnr"] > best else waited + 1
         best = max(best, c["val_psnr"])
         if waited >= s.patience:
             return c["epoch"]
     return None
 
 
-def test_early_stopping_stops_at_the_epoch_patience_runs_out(demo_images):
-    # No gain can reach min_delta, so only epoch 1 (against a best of -inf) counts as an improvement:
-    # training must stop at epoch 1 + patience of the 20 allowed.
+def test_early_stopping_counts_epochs_without_a_new_best_and_min_delta_only_slows_the_learning_rate(demo_images):
+    # No gain can reach min_delta, so every epoch halves the learning rate; but each new best, however small,
+    # resets the patience, so the attacker trains on while it still gains (the old rule stopped at epoch 3).
     s = small_settings(max_epochs=20, patience=2, lr=2e-2, min_delta=1e6)
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
     _, curve = fit_attacker("resrec", Unshuffle(), data, s, 0.125, 1, seed=0)
-    assert [c["epoch"] for c in curve] == [1, 2, 3]
-    assert [c["waited"] for c in curve] == [0, 1, 2]  # the last record says patience ended it, not the cap
+    # epoch 1 beats a best of -inf (no plateau); from then on each epoch gains less than min_delta
+    assert [c["lr"] for c in curve] == pytest.approx([2e-2] + [2e-2 * 0.5**i for i in range(len(curve) - 1)])
+    assert len(curve) > 1 + s.patience and _epoch_patience_runs_out(curve, s) in (len(curve), None)
+    best = -math.inf
+    for c in curve:  # waited is 0 exactly on a new best
+        assert (c["waited"] == 0) == (c["val_psnr"] > best)
+        best = max(best, c["val_psnr"])
+
+
+def test_convergence_flags_name_each_reason_a_figure_is_a_lower_bound():
+    def curve(vals, trains):
+        best, waited, out = -math.inf, 0, []
+        for i, (v, t) in enumerate(zip(vals, trains)):
+            waited = 0 if v > best else waited + 1
+            best = max(best, v)
+            out.append({"epoch": i + 1, "val_psnr": v, "train_psnr": t, "waited": waited})
+        return out
+
+    assert convergence_flags(curve([12.0, 13.0, 12.9, 12.8], [12.5, 13.5, 13.6, 13.7]), 2) == []  # ended by patience, fitted
+    assert convergence_flags(curve([12.0, 13.0, 13.1], [12.5, 13.5, 13.6]), 2) == ["cap", "best-last"]  # still gaining
+    assert convergence_flags(curve([12.0, 13.0, 12.9], [12.5, 13.5, 13.6]), 2) == ["cap"]
+    assert convergence_flags(curve([12.0, 13.0, 12.9, 12.8], [11.0, 12.5, 12.6, 12.7]), 2) == ["under-fit"]  # train below held-out at its best
 
 
 def test_early_stopping_ends_a_plateau_and_keeps_the_best_weights(demo_images):
@@ -236,10 +247,10 @@ def test_early_stopping_ends_a_plateau_and_keeps_the_best_weights(demo_images):
     reconstructor, curve = fit_attacker("simrec", Constant(), data, s, 0.25, 2, seed=0)
     assert len(curve) < s.max_epochs
     # It stopped where the rule says, not before: the last `patience` epochs did not beat the best
-    # before them by min_delta, and every earlier run of non-improving epochs was shorter.
+    # before them, and every earlier run of epochs without a new best was shorter.
     assert _epoch_patience_runs_out(curve, s) == len(curve)
     best_before = max(c["val_psnr"] for c in curve[: -s.patience])
-    assert all(c["val_psnr"] <= best_before + s.min_delta for c in curve[-s.patience :])
+    assert all(c["val_psnr"] <= best_before for c in curve[-s.patience :])
     # Here the best epoch is not the last (seen: epoch 4 of 6, 12.49 dB against 12.47), so the
     # weights returned must be the best epoch's, restored, not simply the last ones.
     best = max(curve, key=lambda c: c["val_psnr"])
@@ -249,7 +260,7 @@ def test_early_stopping_ends_a_plateau_and_keeps_the_best_weights(demo_images):
 
 
 def test_an_attacker_never_finite_on_its_held_out_images_fails_naming_itself(demo_images, monkeypatch):
-    import veil.attack as attack_mod
+    import veil.attack.attackers as attack_mod
 
     s = small_settings(max_epochs=3, patience=5)
     data = attack_data(demo_images[:100], demo_images[100:120], True, s)
@@ -336,6 +347,76 @@ def test_linkage_finds_every_user_behind_a_deterministic_f_and_fewer_behind_stro
     assert blurred["reid_top1"] < 0.5 and blurred == {**linkage(noisy, users, cand, s, "defended"), "seconds": blurred["seconds"]}  # seeded
 
 
+def test_a_tie_at_the_top_is_split_and_the_tie_against_rate_stays_beside_it():
+    # Four pool images; 0 and 1 are exact copies (one code behind a quantiser), 2 and 3 far away.
+    pool = torch.zeros(4, 1, 2, 2)
+    pool[2], pool[3] = 1.0, 0.5
+    queries = pool[[0, 0, 2]].clone()  # user 0 twice (candidates with and without its copy), user 2
+    candidates = torch.tensor([[0, 1, 2, 3], [0, 2, 3, 1], [2, 0, 1, 3]])
+    ahead, tied = match_counts(queries, pool, candidates)
+    assert ahead.tolist() == [0, 0, 0] and tied.tolist() == [1, 1, 0]
+    assert expected_top_k(ahead, tied, 1) == pytest.approx((0.5 + 0.5 + 1) / 3)  # a 2-way tie at the top scores 1/2
+    assert expected_top_k(ahead, tied, 2) == pytest.approx(1.0)
+    assert top_k_rate(reid_ranks(queries, pool, candidates), 1) == pytest.approx(1 / 3)  # every tie against: the lower bound
+    r = score(pool, torch.tensor([0, 0, 2]), queries, candidates)
+    assert r["reid_top1"] == pytest.approx(2 / 3) and r["reid_top1_lower"] == pytest.approx(1 / 3) and r["reid_tied"] == pytest.approx(2 / 3)
+    # A gap far below any real distance but above rounding is still a tie; a real gap is not.
+    near = pool.clone()
+    near[1] += 1e-13
+    assert match_counts(queries[:1], near, candidates[:1])[1].tolist() == [1]
+    near[1] += 1e-3
+    assert match_counts(queries[:1], near, candidates[:1]) == (torch.tensor([0]), torch.tensor([0]))
+
+
+class Quantised(nn.Module):
+    """A deterministic code of 2 levels per cell: many users share a code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.avg_pool2d(x, 16) > 0.45).float()  # N x C x 2 x 2, 2^12 codes at most
+
+
+def test_linkage_splits_ties_between_users_sharing_a_code(demo_images):
+    s = small_settings(n_candidates=10)
+    users = demo_images[:200]
+    cand = draw_candidates(torch.arange(200), 200, s.n_candidates, torch.Generator().manual_seed(0))
+    r = linkage(Quantised(), users, cand, s, "defended")
+    assert r["reid_top1_lower"] < r["reid_top1"] <= 1.0 and r["reid_tied"] > 0 and r["draws"] == 1
+    codes = Quantised()(to_float(users)).flatten(1)
+    shared = (codes[cand[:, 1:]] == codes[cand[:, :1]]).all(-1).sum(1)  # candidates with the user's own code
+    assert r["reid_top1"] == pytest.approx((1 / (1 + shared).float()).mean().item())  # the true one among them, found by a guess
+    assert r["reid_top1_lower"] == pytest.approx((shared == 0).float().mean().item())
+
+
+def test_noise_linkage_matches_against_the_mean_of_many_draws(demo_images):
+    # One draw against one draw doubles the noise in the distance; the attacker, free to query f, averages draws.
+    s = small_settings(n_candidates=10)
+    users = demo_images[:100]
+    cand = draw_candidates(torch.arange(100), 100, s.n_candidates, torch.Generator().manual_seed(0))
+    noisy = nn.Sequential(Unshuffle(), GaussianNoise(1.0))
+    single = linkage(noisy, users, cand, small_settings(n_candidates=10, linkage_max_draws=1), "defended")
+    template = linkage(noisy, users, cand, s, "defended")
+    assert single["draws"] == 1 and template["draws"] >= 16 and template["draws_settled"]
+    assert template["reid_top1"] > single["reid_top1"] + 0.2  # measured: 0.63 with one draw, 0.97 with 16
+    # Many more draws than it took change the rate by less than its standard error (or one user).
+    torch.manual_seed(1)
+    many = sum(feature_maps(noisy, users, 500) for _ in range(128)) / 128
+    p = template["reid_top1"]
+    torch.manual_seed(seed_for(s.seed, "defended", "users"))
+    stored = feature_maps(noisy, users, s.eval_batch_size)  # the same stored draw linkage() matched against
+    more = reid_rates(stored, many, cand)["reid_top1"]
+    assert abs(more - p) <= max(math.sqrt(p * (1 - p) / 100), 1 / 100) + 1e-6
+
+
+def test_the_whitebox_is_judged_against_the_floor_of_the_users_it_inverted():
+    result = {"floor": {"psnr": 12.71}, "defended": {"whitebox": {"psnr_mean": 12.60, "floor_psnr": 12.55}, "simrec": {"psnr_mean": 12.70}}}
+    assert under_trained(result) == ["defended/simrec"]  # 12.60 dB is above its own users' floor, 12.70 below all users'
+    from veil.attack.results import strongest
+
+    table = {"whitebox": {"psnr_mean": 12.9, "floor_psnr": 12.4}, "unet": {"psnr_mean": 13.0}}
+    assert strongest(table, "psnr_mean", {"psnr": 12.71, "ssim": 0.1}) == ("whitebox", 12.9)  # 0.5 dB above its users' floor against 0.29
+    assert strongest(table, "psnr_mean") == ("unet", 13.0)  # without the floor: the raw figure
+
+
 def test_attack_data_is_disjoint_and_seeded(demo_images):
     s = small_settings()
     data = attack_data(demo_images[:300], demo_images[300:400], True, s)
@@ -369,7 +450,7 @@ def fake_result(defended_psnr: float) -> dict:
         "defended": {"simrec": entry}, "undefended": {"simrec": dict(entry, psnr_mean=20.0)}, "settings": AttackConfig().__dict__,
         "seed": 0, "attacker_width": 0.25, "device": "cpu", "torch_threads": 2, "torch_version": "x", "veil_version": "x", "date": "x", "seconds": 1.0,
     }
-    from veil.attack import under_trained
+    from veil.attack.scoring import under_trained
 
     result["under_trained"] = under_trained(result)
     return result
@@ -505,13 +586,17 @@ def test_an_attacker_stopped_by_the_epoch_cap_is_marked_as_a_lower_bound(tiny_ru
     result = attack(tiny_run, resolve_settings(s), log=lambda *_: None)
     assert result["capped"] == ["defended/simrec", "defended/resrec"]
     assert [result["defended"][n]["stopped"] for n in ("simrec", "resrec")] == ["cap", "cap"] and "stopped" not in result["defended"]["whitebox"]
+    assert all("cap" in result["defended"][n]["flags"] for n in ("simrec", "resrec")) and set(result["unconverged"]) == {"defended/simrec", "defended/resrec"}
     md, csv_rows = (tiny_run / "attack" / "attack.md").read_text(), (tiny_run / "attack" / "attack.csv").read_text().splitlines()
-    assert md.count("(cap)") == 3 and "defended/simrec, defended/resrec" in md  # two cells and the note
+    assert md.count("(cap") == 4 and "defended/simrec (cap" in md and "Not converged" in md  # two cells and the note's two names
     header = csv_rows[0].split(",")
     assert [r.split(",")[header.index("stopped")] for r in csv_rows[1:] if ",simrec," in r or ",whitebox," in r] == ["cap", ""]
-    stopped = attack(tiny_run, resolve_settings({**s, "attackers": "simrec", "max_epochs": 6, "patience": 1, "min_delta": 1e6}), log=lambda *_: None)
-    assert stopped["defended"]["simrec"]["epochs"] == 2 and stopped["defended"]["simrec"]["stopped"] == "patience" and stopped["capped"] == []
-    assert "(cap)" not in (tiny_run / "attack" / "attack.md").read_text()
+    assert [r.split(",")[header.index("flags")].split("+")[0] for r in csv_rows[1:] if ",simrec," in r] == ["cap"]
+    assert result["attacker_width"] == {"defended": 0.0625}  # one width per side attacked (the undefended side was not)
+    stopped = attack(tiny_run, resolve_settings({**s, "attackers": "simrec", "max_epochs": 40, "patience": 1, "lr": 0.05}), log=lambda *_: None)
+    r = stopped["defended"]["simrec"]
+    assert r["stopped"] == "patience" and r["epochs"] < 40 and stopped["capped"] == []
+    assert ("(cap" in (tiny_run / "attack" / "attack.md").read_text()) == ("cap" in r["flags"])
 
 
 def numbers(result: dict) -> dict:
@@ -600,7 +685,7 @@ def test_veil_attack_errors_are_one_line(tmp_path, capsys):
 
 def test_defence_none_is_attacked_once_for_both_columns(tiny_config, tmp_path, monkeypatch):
     """With no defence the undefended obfuscator is the defended one: its attack is not run twice."""
-    import veil.attack as attack_mod
+    import veil.attack.harness as attack_mod
 
     tiny_config.train.defence = "none"
     train(tiny_config, tmp_path / "run", log=lambda *_: None)
@@ -629,7 +714,7 @@ def test_a_secret_rotation_of_the_channels_hides_nothing_from_an_attacker_who_ma
 
 
 def test_an_attack_saved_before_a_setting_existed_counts_it_at_its_default():
-    from veil.attack import result_settings
+    from veil.attack.settings import result_settings
 
     s = resolve_settings({"max_epochs": 3})
     old = {k: v for k, v in dataclasses.asdict(s).items() if k != "ceiling"}  # an attack.json written before --ceiling

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from veil.attack.results import CLASS_FLOOR, CLASS_FLOOR_LABELS, FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX, defence_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.plots import plot_image_rows
-from veil.results import CLASS_FLOOR, CLASS_FLOOR_LABELS, FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX, defence_label
 
 
 def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dict[str, dict]) -> None:
@@ -30,10 +30,13 @@ def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dic
 
 
 CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor",
-              "epochs", "best_epoch", "seconds_per_epoch", "seconds", "reid_std_top1", "reid_std_top5", "stopped")
+              "epochs", "best_epoch", "seconds_per_epoch", "seconds", "reid_std_top1", "reid_std_top5", "stopped", "flags",
+              "reid_top1_lower", "reid_top5_lower", "reid_std_top1_lower", "reid_tied", "floor_psnr")
 COST_FIELDS = CSV_FIELDS[10:14]  # what an attacker cost (a learned one: epochs to its early stop); empty where it does not apply
 STD_FIELDS = CSV_FIELDS[14:16]  # re-identification after standardising per channel; empty in an attack.json made before it
 # "stopped": patience | cap (a learned attacker: what ended its training); empty for the others and in older attack.json
+# "flags": a learned attacker's convergence flags (cap, best-last, under-fit), separated by '+'
+LOWER_FIELDS = CSV_FIELDS[18:23]  # ties counted against the attacker, the share of tied queries, the floor over the users scored; empty before scoring version 2
 
 
 def to_csv(result: dict) -> str:
@@ -41,9 +44,9 @@ def to_csv(result: dict) -> str:
     lines = [",".join(CSV_FIELDS)]
 
     def row(which: str, name: str, r: dict) -> str:
-        values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < floor["psnr"]).lower()]
+        values = [which, name] + [f"{r[k]:.6g}" for k in CSV_FIELDS[2:7]] + [str(r["n_candidates"]), str(r["n_images"]), str(r["psnr_mean"] < r.get("floor_psnr", floor["psnr"])).lower()]
         return ",".join(values + [f"{r[k]:g}" if k in r else "" for k in COST_FIELDS] + [f"{r[k]:.6g}" if k in r else "" for k in STD_FIELDS]
-                        + [r.get("stopped", "")])
+                        + [r.get("stopped", ""), "+".join(r.get("flags", []))] + [f"{r[k]:.6g}" if k in r else "" for k in LOWER_FIELDS])
 
     lines.append(row(FLOOR, "mean_image", floor))
     for k, r in result.get(CLASS_FLOOR, {}).items():  # absent from an attack.json made before it existed
@@ -53,14 +56,15 @@ def to_csv(result: dict) -> str:
             lines.append(row(which, name, r))
     for which, r in result.get(LINKAGE, {}).items():  # no image rebuilt: no PSNR, SSIM or floor
         lines.append(",".join([which, LINKAGE, "", "", "", f"{r['reid_top1']:.6g}", f"{r['reid_top5']:.6g}", str(r["n_candidates"]), str(r["n_images"]), "",
-                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else "", "", "", ""]))
+                               "", "", "", f"{r['seconds']:g}" if "seconds" in r else "", "", "", "", ""]
+                              + [f"{r[k]:.6g}" if k in r else "" for k in LOWER_FIELDS]))
     return "\n".join(lines) + "\n"
 
 
 def _cell(r: dict | None, floor: float) -> list[str]:
     if not r:
         return ["n/a"] * 4
-    flag = (" (!)" if r["psnr_mean"] < floor else "") + (" (cap)" if r.get("stopped") == "cap" else "")
+    flag = (" (!)" if r["psnr_mean"] < r.get("floor_psnr", floor) else "") + flag_marks(r)
     std = f" ({r['reid_std_top1']:.1%})" if "reid_std_top1" in r else ""
     return [f"{r['psnr_mean']:.2f} ± {r['psnr_std']:.2f}{flag}", f"{r['ssim_mean']:.3f}", f"{r['reid_top1']:.1%}{std}", f"{r['reid_top5']:.1%}"]
 
@@ -86,8 +90,17 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def flag_marks(r: dict) -> str:
+    """' (cap)', ' (cap, best-last)', ...: a learned attacker's convergence flags (' (cap)' alone in an older attack.json)."""
+    flags = r.get("flags", ["cap"] if r.get("stopped") == "cap" else [])
+    return f" ({', '.join(flags)})" if flags else ""
+
+
 def _linkage_cell(r: dict | None) -> list[str]:
-    return ["—", "—", f"{r['reid_top1']:.1%}", f"{r['reid_top5']:.1%}"] if r else ["n/a"] * 4
+    if not r:
+        return ["n/a"] * 4
+    lower = f" (≥{r['reid_top1_lower']:.1%})" if "reid_top1_lower" in r and r["reid_top1_lower"] != r["reid_top1"] else ""
+    return ["—", "—", f"{r['reid_top1']:.1%}{lower}", f"{r['reid_top5']:.1%}"]
 
 
 def _notes(result: dict) -> list[str]:
@@ -95,12 +108,14 @@ def _notes(result: dict) -> list[str]:
     notes = [
         f"Re-identification: rank of the true image among {result[FLOOR]['n_candidates']} candidate users' images by pixel MSE "
         f"(chance: top-1 {chance['top1']:.1%}, top-5 {chance['top5']:.1%}); in brackets, top-1 after standardising each image "
-        f"per channel (a match on shapes, not brightness or colour cast).",
+        f"per channel (a match on shapes, not brightness or colour cast). Ties are split: a candidate exactly as close as the true "
+        f"image shares the rank with it (a j-way tie at the top scores 1/j); linkage's cell gives in brackets the rate with every tie "
+        f"counted against the attacker, a lower bound.",
     ]
     if result.get(CLASS_FLOOR):
         notes.append(
             "Class floors: each user's image rebuilt as the mean of the attacker's own images of one class, the user's true class "
-            "(what any store that classifies perfectly gives away) or the class the defended run's classifier reads from the stored map. "
+            "(what any store that classifies perfectly gives away) or the class the run's own classifier (trained with the obfuscator) reads from the stored map. "
             "An attacker near these has learnt little beyond the label the store exists to give."
         )
     acc = result.get("accuracy", {})
@@ -111,6 +126,8 @@ def _notes(result: dict) -> list[str]:
         notes.append(
             "Linkage: the attacker computes f of each candidate image itself and ranks the candidates by the MSE between its feature map "
             "and the stored one; it rebuilds no image, so it has no PSNR and is not one of the attackers above. A deterministic f cannot hide it."
+            + "".join(f" Against the {w} (random) obfuscator the attacker's template is the mean of {r['draws']} draws of f(candidate)."
+                      for w, r in result[LINKAGE].items() if r.get("draws", 1) > 1)
         )
     if result.get("step", 0) < result.get("steps", 0):
         notes.append(f"(!) The run had not finished training: its checkpoint at step {result['step']} of {result['steps']} was attacked (--allow-unfinished).")
@@ -123,12 +140,27 @@ def _notes(result: dict) -> list[str]:
             "(!) PSNR below the constant-image floor: " + ", ".join(result["under_trained"]) + ". That attacker was under-trained; "
             "its number is not evidence of privacy."
         )
-    if result.get("capped"):
+    if result.get("unconverged"):
+        notes.append(
+            "Not converged, so its figures are a lower bound on what it can do, not a privacy claim: "
+            + ", ".join(f"{name} ({', '.join(flags)})" for name, flags in result["unconverged"].items())
+            + ". cap: --max-epochs ended it before patience ran out; best-last: its last epoch was its best; under-fit: at its best epoch its "
+            "training PSNR was still below its held-out PSNR. Raise --max-epochs (and --patience) until none is flagged."
+        )
+    elif result.get("capped"):
         notes.append(
             "(cap) Stopped by --max-epochs before patience ran out, so it may still have been gaining: " + ", ".join(result["capped"])
             + ". Its figures are a lower bound on what it can do; raise --max-epochs for a privacy claim."
         )
     return notes
+
+
+def attacker_widths(result: dict) -> str:
+    """'0.25' or 'defended 0.25, undefended 1' (attack.json records one width per side; older ones a number)."""
+    w = result["attacker_width"]
+    if not isinstance(w, dict):
+        return f"{w:g}"
+    return f"{next(iter(w.values())):g}" if len(set(w.values())) == 1 else ", ".join(f"{k} {v:g}" for k, v in w.items())
 
 
 def to_markdown(result: dict) -> str:
@@ -140,7 +172,7 @@ def to_markdown(result: dict) -> str:
         f"{result['dataset']}, training reconstructor {result['training_reconstructor']}, defence {defence_label(result)}. "
         f"Attackers trained from scratch on {result['n_attacker_train']} attacker images ({result['n_attacker_val']} more held out "
         f"for early stopping: at most {s['max_epochs']} epochs, patience {s['patience']}, augmentation {'on' if s['augment'] else 'off'}), "
-        f"width {result['attacker_width']}; scored on {result['n_users']} users' images (PSNR mean ± std over images).",
+        f"width {attacker_widths(result)}; scored on {result['n_users']} users' images (PSNR mean ± std over images).",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",

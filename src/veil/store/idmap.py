@@ -24,7 +24,7 @@ from pathlib import Path
 
 from veil.errors import StoreError
 from veil.io import atomic_write_text
-from veil.location import Location
+from veil.store.location import Location
 
 FORMAT = "veil-id-map"
 

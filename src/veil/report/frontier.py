@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from veil import config as config_mod
+from veil.attack.results import ATTACKER_NAMES, CLASS_FLOOR, LINKAGE, db, pct, read_attack, strongest, strongest_reid
 from veil.defences import DEFENCES, point_symbol, strength_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.models.obfuscator import code_bytes
 from veil.plots import line_style, new_figure, png_bytes
-from veil.results import ATTACKER_NAMES, CLASS_FLOOR, LINKAGE, db, pct, read_attack, strongest, strongest_reid
 from veil.sweepdir import COST_FILE, STORE_CLASSIFIER, read_sweep
 
 
@@ -43,25 +43,27 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
             "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
             "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "class_reid_top1": None, "read_class_reid_top1": None, "cut": cut,
-            "capped": [], "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
+            "capped": [], "flags": {}, "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
             # What the point cost the sweep (wall seconds; a forked point's pretraining was paid by its donor).
             "train_seconds": cost.get("train"), "attack_seconds": cost.get("attack"), "store_seconds": cost.get("store_classifier"),
             "seconds": cost.get("total"),
         }
         if attack and attack["defended"]:
-            row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean")
-            row["ssim_attacker"], row["ssim"] = strongest(attack["defended"], "ssim_mean")
+            row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean", attack["floor"])
+            row["ssim_attacker"], row["ssim"] = strongest(attack["defended"], "ssim_mean", attack["floor"])
             row["reid_attacker"], row["reid_top1"] = strongest_reid(attack["defended"])
             row["n_candidates"] = next(iter(attack["defended"].values()))["n_candidates"]  # one candidate draw for every attacker
             row["floor_psnr"] = attack["floor"]["psnr"]
             # Attackers that max_epochs stopped before patience ran out: their figures are lower bounds.
             row["capped"] = sorted(name for name, r in attack["defended"].items() if r.get("stopped") == "cap")
+            # Every convergence flag (cap, best-last, under-fit; an older attack.json has only the cap).
+            row["flags"] = {name: r.get("flags", ["cap"] if r.get("stopped") == "cap" else []) for name, r in attack["defended"].items()}
             row["linkage_top1"] = attack.get(LINKAGE, {}).get("defended", {}).get("reid_top1")
             # The label alone, scored by the same two match rules: the re-identification a classifying store cannot go below.
             for field, k in (("class_reid_top1", "true"), ("read_class_reid_top1", "predicted")):
                 r = attack.get(CLASS_FLOOR, {}).get(k)
                 row[field] = max(r["reid_top1"], r["reid_std_top1"]) if r else None
-            top = strongest(attack["undefended"], "psnr_mean")
+            top = strongest(attack["undefended"], "psnr_mean", attack["floor"])
             row["undefended_psnr"] = top[1] if top else None
         rows.append(row)
     mark_dominated(rows)
@@ -100,8 +102,10 @@ def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r[
 
 
 def cap_mark(row: dict) -> str:
-    """' (cap)' when the point's strongest attacker (by PSNR) was stopped by max_epochs: its PSNR is a lower bound."""
-    return " (cap)" if row.get("psnr_attacker") in row.get("capped", []) else ""
+    """' (cap)', ' (cap, best-last)', ' (under-fit)', ...: the convergence flags of the point's strongest attacker (by PSNR),
+    whose PSNR is then a lower bound; '' when it converged."""
+    flags = row.get("flags", {}).get(row.get("psnr_attacker")) or (["cap"] if row.get("psnr_attacker") in row.get("capped", []) else [])
+    return f" ({', '.join(flags)})" if flags else ""
 
 
 def frontier_table(rows: list[dict]) -> list[list[str]]:
@@ -181,7 +185,7 @@ def write_frontier(sweep_dir: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)  # lists and dicts as JSON
     atomic_write_text(sweep_dir / "frontier.csv", buf.getvalue())
     if any(r["psnr"] is not None and r["test_accuracy"] is not None for r in rows):
         atomic_write_bytes(sweep_dir / "frontier.png", plot_frontier(rows))

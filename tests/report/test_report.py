@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from veil import config as config_mod
+from veil.attack.results import accuracy_by_round, psnr_by_round, read_attack, shown_rounds
 from veil.errors import ReportError
-from veil.report import report
-from veil.results import accuracy_by_round, psnr_by_round, read_attack, shown_rounds
+from veil.report.sections import report
 from veil.rundir import read_metrics
 from veil.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUIET = {"log": lambda *_: None}
 
 

@@ -3,7 +3,7 @@
 From a start image (the attacker's mean image), find x in [0, 1] minimising
 |f(x) - z|^2 / |z|^2 + w * TV(x) per image, z the stored feature map and TV a total-variation
 prior of weight w. The attacker picks w on its own held-out images, never the users'. The attack
-harness (attack.py) runs it beside the learned attackers and scores it alike.
+harness (harness.py) runs it beside the learned attackers and scores it alike.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from veil.data import to_float
 from veil.errors import AttackError
 from veil.metrics import psnr, total_variation
-from veil.train import feature_maps
+from veil.runtime import feature_maps
 
 TUNE_IMAGES = 32  # held-out attacker images on which the white-box attacker chooses its TV weight
 

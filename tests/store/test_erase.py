@@ -9,12 +9,14 @@ import pytest
 import torch
 from tests.conftest import make_store, read_all
 from tests.faults import folder_bytes, run_veil
-from tests.test_store import run_with_another_obfuscator
+from tests.store.test_store import run_with_another_obfuscator
 
-from veil import idmap
 from veil.cli import main
-from veil.erase import erase, parse_ids
-from veil.store import MANIFEST, StoreError, erased_ids, id_hex, leftovers, obfuscate, read_manifest, verify
+from veil.errors import StoreError
+from veil.store import idmap
+from veil.store.erase import erase, parse_ids
+from veil.store.format import MANIFEST, erased_ids, id_hex, leftovers, read_manifest, verify
+from veil.store.obfuscate import obfuscate
 
 SPREAD = [5, 40, 41, 200, 239]  # items in shards 0, 1, 1, 6 and 7 of 32-item shards
 
@@ -223,7 +225,7 @@ def test_id_map_resolves_items_outside_the_store_and_loses_erased_lines(store_ru
 
 
 def test_id_map_survives_an_interrupted_obfuscate(store_run, tmp_path, monkeypatch):
-    from veil import store as store_mod
+    import veil.store.obfuscate as store_mod
 
     id_map = tmp_path / "ids.jsonl"
     real = store_mod.write_manifest

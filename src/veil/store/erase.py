@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-from veil import idmap
 from veil.errors import StoreError
-from veil.location import Location, locate, remove
-from veil.store import (
+from veil.store import idmap
+from veil.store.format import (
     FORMAT_VERSION,
     check_complete,
     check_listing,
@@ -49,6 +48,7 @@ from veil.store import (
     write_manifest,
     write_shard,
 )
+from veil.store.location import Location, locate, remove
 from veil.version import __version__
 
 ID_HEX = re.compile(r"[0-9a-f]{32}")
