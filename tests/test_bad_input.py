@@ -9,8 +9,11 @@ loaders: the answer is a valid object or ConfigError/DataError, never another ex
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import json
+import shutil
 import tempfile
 import typing
 from collections import Counter
@@ -18,15 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from PIL import Image
+from safetensors.torch import load, save
+from tests.conftest import make_store
 
 from veil import config as config_mod
 from veil.cli import main
 from veil.config import Config, ConfigError, DataConfig
-from veil.data import DataError, Splits, load_splits, read_folder
+from veil.data import DataError, Splits, load_splits, read_folder, read_npz
+from veil.errors import StoreError
+from veil.store.classify import accuracy_of, predict
+from veil.store.dataset import open_store
+from veil.store.format import MANIFEST, labels_digest
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -550,3 +561,145 @@ def test_store_commands_refuse_bad_input_in_one_line_and_change_nothing(capsys, 
     err = store_cli_error(capsys, ["verify", "nosuch://bucket/store"], *watched)
     assert "no filesystem for 'nosuch://'" in err
     assert snapshot(other)  # the other store was never touched either
+
+
+# ----------------------------------------------------------------------------- every bad input one clear line (issue 28)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, store_run) -> dict:
+    """A store (with its id map), a run with a damaged summary.json, a store of classes the run lacks, an npz with a label -1."""
+    root = tmp_path_factory.mktemp("bad-input")
+    private = root / "private"
+    private.mkdir()
+    images, labels, classes = read_npz(store_run["npz"])
+    fruit = root / "fruit"  # classes 'apple' (not one of CIFAR-10's) and 'cat'
+    for name, label in (("apple", 0), ("cat", 3)):
+        (fruit / name).mkdir(parents=True)
+        for i in (labels == label).nonzero()[0][:3]:
+            Image.fromarray(images[i]).save(fruit / name / f"{i}.png")
+    damaged = root / "damaged-run"
+    shutil.copytree(store_run["run"], damaged)
+    (damaged / "summary.json").write_text('{"pretrain_test_accuracy": 0.5, "final_')
+    minus_one = save_npz(root / "minus-one.npz", images=images[:20], labels=np.r_[-1, labels[1:20]], classes=np.array(classes))
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny(store_run["npz"])))
+    return {
+        "root": root, "run": store_run["run"], "private": private, "damaged": damaged, "minus_one": minus_one, "config": config,
+        "store": make_store(store_run, root, shard_size=16, id_map=private / "ids.jsonl"),
+        "fruit": make_store(store_run, root, data=f"folder:{fruit}", name="fruit-store"),
+        "image": fruit / "cat" / sorted(p.name for p in (fruit / "cat").iterdir())[0],
+    }
+
+
+def _obfuscate(c: dict, *more: str) -> list[str]:
+    return ["obfuscate", "--run", str(c["run"]), "--device", "cpu", "--no-progress", *more]
+
+
+# (argv from the fixture, what the one line must say); every case exits 2 and changes nothing of the run, store or id map.
+BAD_COMMANDS = {
+    # 3. predict --store compares the store's classes with the classifier's by name, and refuses one it lacks
+    "predict --store with a class the run lacks": (lambda c: ["predict", "--run", str(c["run"]), "--store", str(c["fruit"]), "--device", "cpu"],
+                                                   "class 'apple' of the store is not among the classifier's 10 classes (airplane, automobile"),
+    # 4. labels out of range never reach a store
+    "obfuscate of a label -1": (lambda c: _obfuscate(c, "--data", f"npz:{c['minus_one']}", "--out", str(c["root"] / "minus-one-store")),
+                                "minus-one.npz: labels must be in 0..9 for 10 classes, found -1.."),
+    # 5. report --images bounds: refused, not clamped (a typo should not silently draw 32 images)
+    "report --images 0": (lambda c: ["report", str(c["run"]), "--images", "0"], "--images must be in 1..32 (users' images per row of Figures 4 and 5), got 0"),
+    "report --images -3": (lambda c: ["report", str(c["run"]), "--images", "-3"], "--images must be in 1..32 (users' images per row of Figures 4 and 5), got -3"),
+    "report --images 100000": (lambda c: ["report", str(c["run"]), "--images", "100000"], "got 100000"),
+    # 7. a damaged summary.json, named
+    "attack, summary.json damaged": (lambda c: ["attack", str(c["damaged"])], "damaged-run/summary.json: damaged, not valid JSON (Unterminated string"),
+    "obfuscate --run, summary.json damaged": (lambda c: ["obfuscate", "--run", str(c["damaged"]), "--data", "run:test", "--out", str(c["root"] / "s"),
+                                                         "--device", "cpu"], "damaged-run/summary.json: damaged, not valid JSON"),
+    "predict --run, summary.json damaged": (lambda c: ["predict", "--run", str(c["damaged"]), str(c["image"]), "--device", "cpu"],
+                                            "damaged-run/summary.json: damaged, not valid JSON (Unterminated string starting at: line 1 column 33 "
+                                            "(char 32)); `veil train --resume"),
+    # 8. the smaller ones
+    "attack --seed 99999999999999999999": (lambda c: ["attack", str(c["run"]), "--seed", "99999999999999999999"],
+                                           "--seed must be in 0..2**32-1, got 99999999999999999999"),
+    "attack --seed -1": (lambda c: ["attack", str(c["run"]), "--seed", "-1"], "--seed must be in 0..2**32-1, got -1"),
+    "train-classifier --lr nan": (lambda c: ["train-classifier", str(c["store"]), "--out", str(c["root"] / "clf"), "--lr", "nan", "--no-progress"],
+                                  "--lr must be a finite number > 0, got nan"),
+    "train-classifier --dropout 1.5": (lambda c: ["train-classifier", str(c["store"]), "--out", str(c["root"] / "clf"), "--dropout", "1.5"],
+                                       "error: --dropout must be a finite number in [0, 1), got 1.5"),
+    "train-classifier --weight-decay -1": (lambda c: ["train-classifier", str(c["store"]), "--out", str(c["root"] / "clf"), "--weight-decay", "-1"],
+                                           "error: --weight-decay must be a finite number >= 0, got -1.0"),
+    "train --nproc 0": (lambda c: ["train", "--config", str(c["config"]), "--out", str(c["root"] / "r"), "--nproc", "0"],
+                        "--nproc must be >= 1 (processes to train with), got 0"),
+    "train --resume RUN --config X": (lambda c: ["train", "--resume", str(c["run"]), "--config", str(c["config"])],
+                                      "continues that run with its own config.yaml, in its own folder; it takes no --config "),
+    "train --resume RUN --out Y": (lambda c: ["train", "--resume", str(c["run"]), "--out", str(c["root"] / "elsewhere")], "it takes no --out "),
+    "train t_sub=0": (lambda c: ["train", "--config", str(c["config"]), "--out", str(c["root"] / "r"), "train.t_main=1", "train.t_sub=0"],
+                      "train.t_sub=0 gives the 1 round(s) of defence adversarial no epoch that trains the obfuscator, so 'after adversarial' would be "
+                      "the pretrained one; set train.t_sub >= 1, or train.t_main=0 for no rounds"),
+    "train, overrides after --out": (lambda c: ["train", "--config", str(c["config"]), "seed=1", "--out", str(c["root"] / "r"), "trian.t_sub=1"],
+                                     "override: unknown config key 'trian.t_sub'. Did you mean 'train.t_sub'?"),  # read as an override
+    "predict --show -5": (lambda c: ["predict", "--run", str(c["run"]), "--store", str(c["store"]), "--show", "-5"],
+                          "--show must be -1 (all) or a count >= 0, got -5"),
+    "obfuscate --out memory://": (lambda c: _obfuscate(c, "--data", "run:test", "--out", "memory://x"),
+                                  "memory://x: a memory:// store lives inside one process and would vanish when veil exits"),
+    "append the same images twice": (lambda c: _obfuscate(c, "--data", "run:test", "--append", str(c["store"]), "--id-map", str(c["private"] / "ids.jsonl")),
+                                     "--data run:test: these 60 items are exactly the store's first items of "),
+    "sweep --out onto a run": (lambda c: ["sweep", "--config", str(c["config"]), "--lambdas", "0", "--out", str(c["run"])],
+                               "holds a run (config.yaml), not a sweep; give the sweep a folder of its own"),
+    "obfuscate, relative path not found": (lambda c: _obfuscate(c, "--data", "npz:no/such.npz", "--out", str(c["root"] / "s")),
+                                           f"--data: .npz file not found: no/such.npz (relative to the working directory, {Path.cwd()})"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMANDS))
+def test_each_bad_command_is_one_line_and_changes_nothing(capsys, bad, case):
+    argv, message = BAD_COMMANDS[case]
+    argv = argv(bad)
+    err = store_cli_error(capsys, argv, bad["run"], bad["store"], bad["private"], bad["damaged"])
+    assert message in err, err
+    for made in ("minus-one-store", "s", "clf", "r", "elsewhere"):
+        assert not (bad["root"] / made).exists(), made  # nothing left to block the next try
+
+
+def test_predict_scores_a_store_against_the_classifiers_classes_by_name(tmp_path, store_run, capsys):
+    """A store of two class folders through a CIFAR-10 run: its labels 0 and 1 index its own two classes, which are
+    two of the run's ten; predictions are scored against the class of the same name."""
+    from veil.rundir import load_run
+
+    images, labels, classes = read_npz(store_run["npz"])
+    run = load_run(store_run["run"])
+    with torch.no_grad():
+        named = [classes[k] for k in run.classifier(run.obfuscator(torch.from_numpy(images[:60]).permute(0, 3, 1, 2).float() / 255)).argmax(1)]
+    common = Counter(named).most_common(1)[0][0]  # a class the tiny run does predict
+    other = "cat" if common != "cat" else "dog"
+    folder, picks = tmp_path / "pets", {common: [i for i, n in enumerate(named) if n == common][:5], other: [i for i, n in enumerate(named) if n != common][:5]}
+    for name, chosen in picks.items():
+        (folder / name).mkdir(parents=True)
+        for i in chosen:
+            Image.fromarray(images[i]).save(folder / name / f"{i:03d}.png")
+    store = make_store(store_run, tmp_path, data=f"folder:{folder}")
+    preds = predict(store_run["run"], store=store, device="cpu")
+    expected = [name for name in sorted(picks) for _ in picks[name]]  # the store's classes: its folders by name
+    assert [p.true_label for p in preds] == [classes.index(name) for name in expected]
+    right = sum(p.name == name for p, name in zip(preds, expected))
+    assert accuracy_of(preds) == right / len(preds) and right >= len(picks[common]) - 1  # by name, not by comparing indices of two class lists
+    assert main(["predict", "--run", str(store_run["run"]), "--store", str(store)]) == 0
+    assert f"accuracy against the store's labels: {right / len(preds):.2%} ({len(preds)} items)" in capsys.readouterr().out
+
+
+def test_open_store_checks_counts_and_label_range_cheaply(tmp_path, store_run):
+    store = make_store(store_run, tmp_path, shard_size=16)
+    manifest = json.loads((store / MANIFEST).read_text())
+    (store / MANIFEST).write_text(json.dumps({**manifest, "count": 61}))
+    with pytest.raises(StoreError, match=r"manifest\.json: count is 61 but its shards list 60 items$"):
+        open_store(store)
+    # A shard holding a label beyond the classes, its checksums made to agree (what the old obfuscate could write).
+    first = manifest["shards"][1]
+    tensors = load((store / first["file"]).read_bytes())
+    tensors["labels"][0] = 10
+    data = save(tensors)
+    (store / first["file"]).write_bytes(data)
+    first.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    all_labels = torch.cat([load((store / s["file"]).read_bytes())["labels"] for s in manifest["shards"]])
+    (store / MANIFEST).write_text(json.dumps({**manifest, "labels_sha256": labels_digest(all_labels)}))
+    ds = open_store(store)
+    assert ds[0][1] == int(all_labels[0])  # shard 0 is fine
+    with pytest.raises(StoreError, match=r"shard-00001\.safetensors: labels must be in 0\.\.9, found \d\.\.10$"):
+        ds[16]

@@ -314,3 +314,48 @@ def test_only_the_writing_process_tidies_the_run_directory_on_resume(finished, t
     assert done == info["step"] and snapshot(run) == before  # loaded, nothing touched
     rundir.restore(run, nets, opts, info, writer=True)
     assert not stale.exists() and len(rundir.read_metrics(run)) == done  # process 0 tidies
+
+
+# ----------------------------------------------------------------------------- a lost latest.json, lost checkpoints
+
+
+def test_resume_without_latest_json_takes_up_the_newest_complete_checkpoint(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    before = snapshot(run)
+    (run / "checkpoints" / "latest.json").unlink()
+    missing = (rf"{re.escape(str(run / 'checkpoints' / 'latest.json'))}: missing, though {re.escape(str(run / 'checkpoints'))} holds step-00007; "
+               rf"`veil train --resume {re.escape(str(run))}` resumes from the newest complete one")
+    with pytest.raises(CheckpointError, match=missing):
+        rundir.load_run(run)
+    err = cli_error(capsys, ["attack", str(run)])  # the truth, not "no checkpoint yet"
+    assert re.search(missing, err), err
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "latest.json was missing; resuming from step-00007, the newest complete checkpoint (every file's sha256 checked)" in out
+    assert f"resuming {run} after step 7 of 7" in out
+    assert snapshot(run) == before  # nothing trained again: every checkpoint, the log and the summary as they were, latest.json back
+
+
+def test_resume_without_latest_json_refuses_when_no_checkpoint_is_whole(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    (run / "checkpoints" / "latest.json").unlink()
+    (run / "checkpoints" / "step-00007" / "classifier.safetensors").unlink()
+    before = snapshot(run)
+    err = cli_error(capsys, ["train", "--resume", str(run)])
+    assert "latest.json: missing, and no step folder holds a complete checkpoint (" in err
+    assert "step-00007/classifier.safetensors: file is missing (it was recorded with sha256 " in err
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_to_train_again_over_a_run_whose_checkpoints_are_gone(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    err = cli_error(capsys, ["train", "--resume", str(run)])
+    assert (f"{run}: summary.json records 7 steps, but {run / 'checkpoints'} holds no checkpoint, which covers 0; the later checkpoints are "
+            f"gone (a kill loses at most one step), so --resume would train them again over that record") in err
+    assert snapshot(run) == before
+    (run / "summary.json").unlink()
+    err = cli_error(capsys, ["train", "--resume", str(run)])
+    assert f"{run}: metrics.jsonl records 7 steps, but" in err
+    assert not (run / "checkpoints").exists()

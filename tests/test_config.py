@@ -65,3 +65,26 @@ def test_a_reconstructor_pool_names_known_members_once():
             config_mod.from_dict({"model": {"reconstructor": bad}})
     with pytest.raises(ConfigError, match="train.reinit_every must be >= 0, got -1"):
         config_mod.from_dict({"train": {"reinit_every": -1}})
+
+
+def test_data_task_is_checked_when_read():
+    for task in ("none", "cifar10-superclass", "0,1,8,9;2,3,4,5,6,7", " 0, 1 ; 2,3,4,5,6,7,8,9 "):
+        config_mod.from_dict({"data": {"task": task}})
+    config_mod.from_dict({"data": {"dataset": "mnist", "task": "mnist-parity"}})
+    config_mod.from_dict({"data": {"dataset": "npz", "path": "x.npz", "task": "0;1;2"}})  # the class count is checked on loading
+    for task, message in (
+        ("0,1,8;2,3,4,5,6,7", "class 9 in no group of '0,1,8;2,3,4,5,6,7'"),
+        ("0,1,8,9;1,2,3,4,5,6,7", "class 1 in more than one place"),
+        ("0,1,8,9;2,3,4,5,6,7,10", "class 10 out of range: the data has classes 0..9"),
+        ("vehicles", "must be none, cifar10-superclass, mnist-parity or groups of class indices"),
+        ("0,1;a,b", "group 'a,b' of '0,1;a,b' is not a comma-separated list of class indices"),
+        ("0,1;;2", "group '' of"),
+    ):
+        with pytest.raises(ConfigError, match=rf"data\.task: {message}"):
+            config_mod.from_dict({"data": {"task": task}})
+    with pytest.raises(ConfigError, match=r"data.task: 'mnist-parity' is a labelling of mnist, not of data.dataset cifar10"):
+        config_mod.from_dict({"data": {"task": "mnist-parity"}})
+    with pytest.raises(ConfigError, match=r"data.task: 'cifar10-superclass' groups 10 classes, the data has 100"):
+        config_mod.from_dict({"data": {"dataset": "cifar100", "task": "cifar10-superclass"}})
+    with pytest.raises(ConfigError, match=r"data.n_later must be >= 0, got -1"):
+        config_mod.from_dict({"data": {"n_later": -1}})

@@ -136,3 +136,94 @@ def test_real_digit_sets_when_available(name):
     s = load_splits(DataConfig(dataset=name, data_dir=str(root), n_defender=100, n_attacker=50, n_test=50), 0)
     assert s.defender.images.shape == (100, 1, 32, 32) and not s.natural
     assert len(s.test) == 50
+
+
+# ----------------------------------------------------------------------------- the later split, data.task
+
+# data.fingerprint of the three splits, computed before the later split existed: every measured figure depends on them.
+SPLITS_BEFORE_LATER = {
+    ("tiny", 0): "e7b2676b28182d4ad7f05e1d6f5928b2947396105996afbcb0e3365a716ccd57",
+    ("tiny", 1): "20e2c37663bf5828d504d6e75a4aada86f4159925008d80e659b3d14d7a3fae6",
+    ("demo", 3): "1416c2a3805274395fc0ecb216e5ee29f001ee00e90311848a27b2e5144155f7",
+    ("mnist", 0): "0536247e14bfbc432e13b49583a12d6c2e9ddd5e38f1c5f5227c498451f421b9",
+}
+
+
+def test_the_three_splits_are_unchanged_by_the_later_split_and_the_task(tiny_npz, tmp_path):
+    from veil.data import fingerprint
+
+    for seed in (0, 1):
+        for extra in ({}, {"n_later": 7}, {"task": "cifar10-superclass"}):
+            cfg = DataConfig(dataset="npz", path=str(tiny_npz), test_fraction=0.25, attacker_fraction=0.25, **extra)
+            assert fingerprint(load_splits(cfg, seed)) == SPLITS_BEFORE_LATER[("tiny", seed)], (seed, extra)
+    demo = DataConfig(dataset="npz", path=str(DEMO_NPZ), cache_dir=str(tmp_path), n_defender=500, n_attacker=200, n_test=300)
+    s = load_splits(demo, 3)
+    assert fingerprint(s) == SPLITS_BEFORE_LATER[("demo", 3)] and (len(s.defender), len(s.attacker), len(s.test)) == (500, 200, 300)
+    root = shared_data_dir()
+    if (root / "mnist" / "train.npz").is_file():
+        mnist = load_splits(DataConfig(dataset="mnist", data_dir=str(root), n_defender=1000, n_attacker=500, n_test=500, n_later=10), 0)
+        assert fingerprint(mnist) == SPLITS_BEFORE_LATER[("mnist", 0)] and len(mnist.later) == 10
+
+
+def test_the_later_split_is_the_rest_of_the_training_images_disjoint_and_seeded(tmp_path):
+    # 2,000 demo images: 400 test, 1,600 training images, 320 in the attacker's pool and 1,280 in the defender's.
+    base = {"dataset": "npz", "path": str(DEMO_NPZ), "cache_dir": str(tmp_path), "n_defender": 500, "n_attacker": 200}
+    s = load_splits(DataConfig(**base), 3)
+    assert len(s.later) == 1600 - 500 - 200 == 900
+    sets = {k: _ids(getattr(s, k).images) for k in ("defender", "attacker", "test", "later")}
+    assert len(sets["later"]) == 900  # 900 distinct images
+    for a in sets:
+        for b in sets:
+            assert a == b or not (sets[a] & sets[b]), (a, b)
+    everything = _ids(torch.from_numpy(read_npz(DEMO_NPZ, tmp_path)[0]).permute(0, 3, 1, 2))
+    assert len(everything - sets["defender"] - sets["attacker"] - sets["test"] - sets["later"]) == 0  # every image is in one split
+    assert np.bincount(s.later.labels.numpy(), minlength=10).min() > 50 and s.later.classes == s.defender.classes  # fine labels
+    again, other = load_splits(DataConfig(**base), 3), load_splits(DataConfig(**base), 4)
+    assert torch.equal(again.later.images, s.later.images) and torch.equal(again.later.labels, s.later.labels)
+    assert not torch.equal(other.later.images[:10], s.later.images[:10])
+    first = load_splits(DataConfig(**base, n_later=100), 3).later  # n_later takes the first of the same order
+    assert len(first) == 100 and torch.equal(first.images, s.later.images[:100])
+
+
+def test_an_empty_later_split_is_refused_when_asked_for(tiny_npz):
+    s = load_splits(DataConfig(dataset="npz", path=str(tiny_npz), test_fraction=0.25, attacker_fraction=0.25, n_attacker=40), 0)
+    assert len(s.later) == 5 and len(s.later_images) == 5  # the attacker's pool of 45 keeps 40: 5 left over
+    full = load_splits(DataConfig(dataset="npz", path=str(tiny_npz), test_fraction=0.25, attacker_fraction=0.25), 0)
+    assert len(full.later_images) == 0  # loading is fine: training never asks for it
+    with pytest.raises(DataError, match=r"the later split is empty: the defender split \(data.n_defender = 0: all\) takes 135 of its pool of 135 and "
+                                        r"the attacker split \(data.n_attacker = 0: all\) 45 of its 45, every one of the 180 training images"):
+        _ = full.later
+
+
+def test_task_maps_cifar10_to_vehicle_and_animal_for_training_only(tiny_npz):
+    base = {"dataset": "npz", "path": str(tiny_npz), "test_fraction": 0.25, "attacker_fraction": 0.25, "n_defender": 90,
+            "task": "cifar10-superclass"}
+    fine, task = load_splits(DataConfig(**base), 0), load_splits(DataConfig(**base), 0, labelling="task")
+    assert task.num_classes == 2 and task.defender.classes == ["vehicle", "animal"]
+    assert fine.defender.classes[:2] == ["airplane", "automobile"] and len(fine.defender.classes) == 10
+    for part in ("defender", "attacker", "test", "later"):
+        a, b = getattr(fine, part), getattr(task, part)
+        assert torch.equal(a.images, b.images)
+        vehicle = torch.isin(a.labels, torch.tensor([0, 1, 8, 9]))  # airplane, automobile, ship, truck
+        assert torch.equal(b.labels, torch.where(vehicle, 0, 1)) and vehicle.any() and (~vehicle).any()
+    with pytest.raises(DataError, match=r"data.task is 'cifar10-superclass', but these splits carry the dataset's 10 fine classes"):
+        _ = fine.num_classes
+    groups = load_splits(DataConfig(**{**base, "task": "0,1,8,9;2,3,4,5,6,7"}), 0, labelling="task")
+    assert groups.defender.classes == ["airplane+automobile+ship+truck", "bird+cat+deer+dog+frog+horse"]
+    assert torch.equal(groups.test.labels, task.test.labels)
+
+
+def test_mnist_parity_and_tasks_that_do_not_fit_the_data(tmp_path):
+    rng = np.random.default_rng(0)
+    digits = tmp_path / "digits.npz"
+    np.savez(digits, images=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), labels=np.arange(60) % 10)
+    s = load_splits(DataConfig(dataset="npz", path=str(digits), task="mnist-parity"), 0, labelling="task")
+    fine = load_splits(DataConfig(dataset="npz", path=str(digits)), 0)
+    assert s.defender.classes == ["even", "odd"] and torch.equal(s.test.labels, fine.test.labels % 2)
+    named = tmp_path / "named.npz"  # ten classes, but not CIFAR-10's
+    np.savez(named, images=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), labels=np.arange(60) % 10, classes=np.array([f"c{i}" for i in range(10)]))
+    with pytest.raises(DataError, match=r"data.task: 'cifar10-superclass' needs CIFAR-10's classes"):
+        load_splits(DataConfig(dataset="npz", path=str(named), task="cifar10-superclass"), 0, labelling="task")
+    for labelling in ("fine", "task"):  # a task that does not fit the data is refused whichever labels are asked for
+        with pytest.raises(DataError, match=r"digits.npz: data.task: class 9 in no group"):
+            load_splits(DataConfig(dataset="npz", path=str(digits), task="0,1;2,3,4,5,6,7,8"), 0, labelling=labelling)

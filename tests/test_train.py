@@ -226,3 +226,24 @@ def test_flip_test_time_augmentation_adds_the_mirror_images_logits():
     assert evaluate(nets, data, 16, with_reconstructor=False, flip=True)["test_accuracy"] == 1.0
     plain = evaluate(nets, data, 16, with_reconstructor=False)["test_accuracy"]
     assert plain == pytest.approx((plain_logits.argmax(1) == labels).float().mean().item()) and plain < 0.9
+
+
+def test_a_kill_between_the_first_checkpoint_and_latest_json_resumes_from_that_checkpoint(tiny_config, tmp_path, monkeypatch):
+    reference = train(tiny_config, tmp_path / "a", log=lambda *_: None)
+    real_write = rundir.atomic_write_json
+
+    def killed_at_the_first_pointer(path, obj):  # noqa: ANN001, ANN202
+        if str(path).endswith("latest.json"):
+            raise KeyboardInterrupt("simulated kill")  # step-00001 renamed into place, latest.json never written
+        return real_write(path, obj)
+
+    monkeypatch.setattr(rundir, "atomic_write_json", killed_at_the_first_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, tmp_path / "b", log=lambda *_: None)
+    monkeypatch.setattr(rundir, "atomic_write_json", real_write)
+    assert (tmp_path / "b" / "checkpoints" / "step-00001").is_dir() and not (tmp_path / "b" / "checkpoints" / "latest.json").exists()
+    lines = []
+    resumed = train(tiny_config, tmp_path / "b", resume=True, log=lines.append)
+    assert "resuming from step-00001, the newest complete checkpoint" in lines[0] and f"resuming {tmp_path / 'b'} after step 1 of" in lines[1]
+    for key in ("pretrain_test_accuracy", "final_test_accuracy", "final_test_psnr", "undefended_test_psnr"):
+        assert resumed[key] == reference[key], key

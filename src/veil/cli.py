@@ -23,6 +23,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_mod.describe_keys())
         return 0
+    if args.nproc < 1:
+        raise config_mod.ConfigError(f"--nproc must be >= 1 (processes to train with), got {args.nproc}")
+    if args.resume and (args.config or args.out):
+        given = f"--config {args.config}" if args.config else f"--out {args.out}"
+        raise config_mod.ConfigError(f"--resume {args.resume} continues that run with its own config.yaml, in its own folder; it takes no {given} "
+                                     f"(KEY=VALUE may change only how it runs)")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # One process per device through PyTorch's own launcher, each running this same command.
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -98,8 +104,11 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_obfuscate(args: argparse.Namespace) -> int:
+    from veil.errors import StoreError
     from veil.store.obfuscate import obfuscate
 
+    if (args.out or "").startswith("memory://"):
+        raise StoreError(f"{args.out}: a memory:// store lives inside one process and would vanish when veil exits; give a folder or an object store URL")
     r = obfuscate(args.run, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
                   name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench, append=args.append, id_map=args.id_map)
     if args.append:
@@ -126,9 +135,25 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_growth(args: argparse.Namespace) -> int:
+    from veil.store.growth import RESULT, TABLE, GrowthConfig, growth
+
+    settings = GrowthConfig(epochs=args.epochs, heads=args.head, batch_size=args.batch_size, out=args.out or "", keep_stores=args.keep_stores,
+                            seed=args.seed, device=args.device, progress=not args.no_progress)
+    growth(args.run, settings)
+    out = Path(args.out) if args.out else Path(args.run) / "growth"
+    print()
+    print((out / TABLE).read_text())
+    print(f"written to {out}/ ({RESULT}, {TABLE}, classifiers/)")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from veil.errors import StoreError
     from veil.store.classify import accuracy_of, predict
 
+    if args.show < -1:
+        raise StoreError(f"--show must be -1 (all) or a count >= 0, got {args.show}")
     predictions = predict(args.run, images=args.images, store=args.store, classifier=args.classifier, device=args.device)
     shown = predictions if args.show < 0 else predictions[: args.show]
     width = max([len("item")] + [len(p.item) for p in shown])
@@ -197,6 +222,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from veil.report.frontier import cap_mark
     from veil.sweep import parse_attack_settings, parse_store_settings, parse_strengths, sweep
 
+    if (Path(args.out) / "config.yaml").is_file():
+        from veil.errors import ConfigError
+
+        raise ConfigError(f"--out {args.out}: holds a run (config.yaml), not a sweep; give the sweep a folder of its own")
     settings = parse_attack_settings(args.attack)
     rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings,
                  store_epochs=args.store_classifier, store_settings=parse_store_settings(args.store), share_pretraining=not args.no_fork)
@@ -220,6 +249,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     if bool(args.run_dir) == bool(args.matrix):
         raise ConfigError("veil attack needs one RUN_DIR, or --matrix RUN_A RUN_B ... (not both)")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in 0..2**32-1, got {args.seed}")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AttackConfig) if getattr(args, f.name) is not None}
     settings = resolve_settings(given)
     if args.matrix:
@@ -298,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="PIXELS" if name == "shift" else None, help=f"{docs.get(name, '')} (default {f.default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("growth", help="does a store grow? classifiers on N and N + M stored items beside the image and label stores (resumable)")
+    p.add_argument("run", metavar="RUN", help="a finished run directory; needs later images (data.n_defender / data.n_attacker leave some)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of every classifier, the store classifiers' and the image store's (default 30)")
+    p.add_argument("--head", default="vgg16", metavar="H1,H2,...", help=f"store classifier heads, comma-separated, of {', '.join(HEADS)} (default vgg16)")
+    p.add_argument("--batch-size", type=int, default=128, help="items per optimisation step of every classifier (default 128)")
+    p.add_argument("--out", metavar="DIR", help="where to measure (default RUN/growth): inputs.json, classifiers/, growth.json, growth.md")
+    p.add_argument("--keep-stores", action="store_true", help="keep the three stores in DIR/stores (default: deleted at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every classifier (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_growth)
 
     p = sub.add_parser("predict", help="class and confidence of new images, or of a store's items")
     p.add_argument("--run", required=True, help="run directory: its obfuscator (and, unless --classifier, its classifier)")
@@ -383,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     from veil.train import Stopped
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides may also come after an option (`train --config c a=1 --out D b=2`)
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()

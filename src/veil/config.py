@@ -49,6 +49,13 @@ class DataConfig:
     """Keep at most this many attacker-train images (0 = all)."""
     n_test: int = 0
     """Keep at most this many test images (0 = all)."""
+    n_later: int = 0
+    """Keep at most this many later images (0 = all): the training images in neither the defender nor the attacker
+    split, never seen by f or the attacker; `veil growth` appends them to the defender store."""
+    task: str = "none"
+    """The labelling training uses (f, g and all of `veil train`), coarser than the dataset's: none | cifar10-superclass
+    (vehicle: airplane, automobile, ship, truck; animal: the other six) | mnist-parity (even, odd) | groups of class
+    indices, one per ';' and every class once (e.g. '0,1,8,9;2,3,4,5,6,7'). Stores and the attack keep the fine labels."""
     augment: bool = True
     """Random crop (4-pixel padding) on training batches, plus horizontal flip for natural images."""
     on_bad_image: str = "error"
@@ -161,6 +168,14 @@ class Config:
 
 SECTIONS = ("data", "model", "train")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "npz", "folder")
+CLASS_COUNTS = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}  # the named datasets' classes
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# data.task's named labellings: the dataset they are meant for, the groups of fine classes (group g becomes
+# class g), and the groups' names.
+TASKS = {
+    "cifar10-superclass": ("cifar10", [[0, 1, 8, 9], [2, 3, 4, 5, 6, 7]], ["vehicle", "animal"]),
+    "mnist-parity": ("mnist", [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], ["even", "odd"]),
+}
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("onecycle", "step", "constant")
 BAD_IMAGE_ACTIONS = ("error", "skip")
@@ -170,6 +185,39 @@ MAX_PHASE_EPOCHS = 1_000_000  # the paper's runs have ~500; far more is a typo t
 RESUME_MAY_CHANGE = ("device", "progress", "data.data_dir", "data.path", "data.cache_dir", "data.download", "train.precision", "train.channels_last", "train.compile")
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off", "true", "false")
+
+
+def task_groups(task: str, num_classes: int | None = None) -> tuple[list[list[int]], list[str] | None]:
+    """data.task -> its groups of fine classes (group g holds the classes that become class g) and, for a named
+    task, the groups' names (None for groups given as indices). `num_classes`, where known, must be covered
+    exactly; without it the groups must cover 0..their largest index. Raises ValueError saying what is wrong
+    (config.validate and veil.data name data.task in front of it)."""
+    if task in TASKS:
+        _, groups, names = TASKS[task]
+        if num_classes is not None and num_classes != 10:
+            raise ValueError(f"'{task}' groups 10 classes, the data has {num_classes}")
+        return [list(g) for g in groups], list(names)
+    shape = "none, " + ", ".join(TASKS) + " or groups of class indices, one per ';' (e.g. '0,1,8,9;2,3,4,5,6,7')"
+    if ";" not in task:
+        raise ValueError(f"must be {shape}, got '{task}'")
+    groups = []
+    for part in task.split(";"):
+        items = [x.strip() for x in part.split(",")]
+        if not all(re.fullmatch(r"\d+", x) for x in items):
+            raise ValueError(f"group '{part.strip()}' of '{task}' is not a comma-separated list of class indices; must be {shape}")
+        groups.append([int(x) for x in items])
+    seen = [c for g in groups for c in g]
+    repeated = sorted({c for c in seen if seen.count(c) > 1})
+    if repeated:
+        raise ValueError(f"class{'es' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} in more than one place of '{task}'; every class goes into exactly one group")
+    top = num_classes if num_classes is not None else max(seen) + 1
+    outside = sorted(c for c in seen if c >= top)
+    if outside:
+        raise ValueError(f"class{'es' if len(outside) > 1 else ''} {', '.join(map(str, outside))} out of range: the data has classes 0..{top - 1}")
+    missing = sorted(set(range(top)) - set(seen))
+    if missing:
+        raise ValueError(f"class{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} in no group of '{task}'; every class goes into exactly one group")
+    return groups, None
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -320,8 +368,16 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(d.on_bad_image in BAD_IMAGE_ACTIONS, f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_ACTIONS)}, got '{d.on_bad_image}'")
     need(0 < d.attacker_fraction < 1, f"data.attacker_fraction must be in (0, 1), got {d.attacker_fraction}")
     need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
-    for k in ("n_defender", "n_attacker", "n_test"):
+    for k in ("n_defender", "n_attacker", "n_test", "n_later"):
         need(getattr(d, k) >= 0, f"data.{k} must be >= 0, got {getattr(d, k)}")
+    if d.task != "none":
+        try:
+            task_groups(d.task, CLASS_COUNTS.get(d.dataset))
+        except ValueError as e:
+            need(False, f"data.task: {e}")
+        meant = TASKS[d.task][0] if d.task in TASKS else None
+        need(meant is None or d.dataset in (meant, "npz", "folder"),
+             f"data.task: '{d.task}' is a labelling of {meant}, not of data.dataset {d.dataset}; give its groups of class indices instead (e.g. '0,1,8,9;2,3,4,5,6,7')")
     need(0 < m.width <= 8, f"model.width must be in (0, 8] (1.0 = the paper's VGG16), got {m.width}")
     need(1 <= m.split <= 5, f"model.split must be 1..5 VGG blocks, got {m.split}")
     # VGG16 halves the image five times (the classifier needs >= 1x1 at the end) and the

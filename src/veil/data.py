@@ -1,7 +1,11 @@
-"""Datasets -> uint8 tensors in memory; the three-way split; whole-batch augmentation.
+"""Datasets -> uint8 tensors in memory; the splits; data.task's labels; whole-batch augmentation.
 
 Every dataset becomes an `ImageSet`: uint8 images N x C x 32 x 32 and int64 labels. Training
 code never sees files: it indexes these tensors (on the training device) batch by batch.
+
+The splits carry the dataset's own (fine) labels. `load_splits(cfg, seed, labelling="task")` gives
+the same images with data.task's coarser labels instead: what training reads. Stores and the attack
+read the fine ones.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from veil.config import DataConfig
+from veil.config import CIFAR10_CLASSES, DataConfig, task_groups
 from veil.io import atomic_write_bytes
 
 NATURAL = ("cifar10", "cifar100")  # datasets that get horizontal flips
@@ -55,6 +59,10 @@ class Splits:
     name: str
     natural: bool  # horizontal flips make sense (not for digits)
     skipped: list[str] = field(default_factory=list)  # "file: reason" of unreadable images left out
+    later_images: ImageSet | None = None  # training images in neither defender nor attacker (may be empty; see `later`)
+    no_later: str = ""  # why the later split is empty, naming the keys to change
+    task: str = "none"  # data.task the splits were read under
+    labelling: str = "fine"  # fine: the dataset's own labels | task: data.task's (what training reads)
 
     @property
     def channels(self) -> int:
@@ -62,7 +70,20 @@ class Splits:
 
     @property
     def num_classes(self) -> int:
+        """Classes of the labels training reads. Asked of fine splits under a data.task it has no single answer
+        (the classifier has the task's classes, the labels the dataset's), so it is refused."""
+        if self.task != "none" and self.labelling == "fine":
+            raise DataError(f"data.task is '{self.task}', but these splits carry the dataset's {len(self.defender.classes)} fine classes; "
+                            f"training reads the task's with load_splits(cfg, seed, labelling='task')")
         return len(self.defender.classes)
+
+    @property
+    def later(self) -> ImageSet:
+        """The later images: training images in neither the defender nor the attacker split, in a fixed seeded
+        order (data.n_later of them, 0 = all); refused when there are none."""
+        if self.later_images is None or len(self.later_images) == 0:
+            raise DataError(self.no_later or "the later split is empty")
+        return self.later_images
 
 
 # ----------------------------------------------------------------------------- readers
@@ -320,8 +341,30 @@ def check_labels(labels: np.ndarray, classes: list[str], where: str) -> None:
         raise DataError(f"{where}: labels must be in 0..{len(classes) - 1} for {len(classes)} classes, found {labels.min()}..{labels.max()}")
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """The three disjoint splits: defender-train, attacker-train, test (users), fixed by `seed`."""
+def task_table(task: str, classes: list[str], where: str) -> tuple[torch.Tensor, list[str]]:
+    """data.task for a dataset's classes -> (int64 table: fine class -> the task's class) and the task's class names.
+    A group given by indices is named by its members ('airplane+automobile+ship+truck')."""
+    try:
+        groups, names = task_groups(task, len(classes))
+    except ValueError as e:
+        raise DataError(f"{where}: data.task: {e}") from None
+    if task == "cifar10-superclass" and not all(c.isdigit() for c in classes) and tuple(classes) != CIFAR10_CLASSES:
+        raise DataError(f"{where}: data.task: 'cifar10-superclass' needs CIFAR-10's classes ({', '.join(CIFAR10_CLASSES)}), "
+                        f"the data has {', '.join(classes)}; give the groups of class indices instead")
+    table = torch.empty(len(classes), dtype=torch.long)
+    for g, members in enumerate(groups):
+        table[members] = g
+    return table, names or ["+".join(classes[c] for c in members) for members in groups]
+
+
+def load_splits(cfg: DataConfig, seed: int, labelling: str = "fine") -> Splits:
+    """The disjoint splits: defender-train, attacker-train, test (users), and the later images, fixed by `seed`.
+
+    labelling: fine (the dataset's own labels: stores, the attack, `veil growth`) | task (data.task's coarser ones: what
+    training reads; the same as fine when data.task is none). The images are the same either way.
+    """
+    if labelling not in ("fine", "task"):
+        raise ValueError(f"labelling must be 'fine' or 'task', got {labelling!r}")
     rng = np.random.default_rng(seed)
     skipped: list[str] = []
     if cfg.dataset in ("npz", "folder"):
@@ -361,11 +404,32 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     test_idx = rng.permutation(len(test[1]))
     if cfg.n_test:
         test_idx = test_idx[: cfg.n_test]
+    # The later images: what n_defender and n_attacker left of their pools, in an order drawn after every
+    # draw above (so the three splits are what they were before the later split existed).
+    pools = (len(order) - n_attacker, n_attacker)
+    rest = np.concatenate([order[n_attacker + len(defender_idx) :], order[len(attacker_idx) : n_attacker]])
+    later_idx = rest[rng.permutation(len(rest))]
+    if cfg.n_later:
+        later_idx = later_idx[: cfg.n_later]
+    no_later = (
+        f"{where}: the later split is empty: the defender split (data.n_defender = {cfg.n_defender}{': all' if not cfg.n_defender else ''}) "
+        f"takes {len(defender_idx)} of its pool of {pools[0]} and the attacker split (data.n_attacker = {cfg.n_attacker}{': all' if not cfg.n_attacker else ''}) "
+        f"{len(attacker_idx)} of its {pools[1]}, every one of the {len(order)} training images; set data.n_defender or data.n_attacker "
+        f"below its pool to leave later images"
+    )
 
-    def make(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, what: str) -> ImageSet:
-        if len(idx) == 0:
+    table, task_classes = task_table(cfg.task, classes, where) if cfg.task != "none" else (None, classes)  # checked whichever labels are read
+    if labelling == "fine":
+        table, task_classes = None, classes
+
+    def make(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, what: str, empty_ok: bool = False) -> ImageSet:
+        if len(idx) == 0 and not empty_ok:
             raise DataError(f"{where}: the {what} split is empty; use more images or other fractions")
-        return ImageSet(to_tensor_images(images[idx], cfg.image_size, where), torch.from_numpy(labels[idx].copy()), classes)
+        y = torch.from_numpy(labels[idx].copy())
+        y = y if table is None else table[y]
+        if len(idx) == 0:  # N x C x S x S with N = 0
+            return ImageSet(torch.zeros((0, images.shape[-1], cfg.image_size, cfg.image_size), dtype=torch.uint8), y, task_classes)
+        return ImageSet(to_tensor_images(images[idx], cfg.image_size, where), y, task_classes)
 
     return Splits(
         defender=make(*train, defender_idx, "defender-train"),
@@ -374,11 +438,16 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         name=name,
         natural=natural,
         skipped=skipped,
+        later_images=make(*train, later_idx, "later", empty_ok=True),
+        no_later=no_later,
+        task=cfg.task,
+        labelling=labelling,
     )
 
 
 def fingerprint(splits: Splits) -> str:
-    """sha256 over the three splits' images, labels and class names: the same data, image for image."""
+    """sha256 over the three splits' images, labels and class names: the same data, image for image.
+    (The later images are not in it: a run's fingerprint does not change with data.n_later.)"""
     h = hashlib.sha256()
     for part in (splits.defender, splits.attacker, splits.test):
         h.update(f"{tuple(part.images.shape)}:{part.classes}".encode())

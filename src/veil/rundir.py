@@ -151,9 +151,35 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict[str, torch.nn.Module], 
             shutil.rmtree(old, ignore_errors=True)
 
 
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The step folders present, newest first (a folder being written is named .step-NNNNN.tmp and is not one)."""
+    found = [d for d in checkpoints(run_dir).glob("step-*") if d.is_dir() and d.name[len("step-") :].isdigit()]
+    return sorted(found, key=lambda d: int(d.name[len("step-") :]), reverse=True)
+
+
+def newest_complete_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest step folder whose info.json and every file it lists pass their sha256 check, and what was wrong
+    with each newer one (for when latest.json is missing)."""
+    problems = []
+    for d in step_dirs(run_dir):
+        try:
+            read_info(d, STEP_INFO)
+            return d, problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems
+
+
 def latest_step_dir(run_dir: Path) -> Path | None:
+    """The folder latest.json names; None before the first checkpoint. A missing latest.json beside step folders
+    is an error naming them: only `veil train --resume` takes up the newest complete one (and writes latest.json)."""
     pointer = checkpoints(run_dir) / "latest.json"
     if not pointer.is_file():
+        found = step_dirs(run_dir)
+        if found:
+            raise CheckpointError(f"{pointer}: missing, though {checkpoints(run_dir)} holds {', '.join(d.name for d in found[:3])}; "
+                                  f"`veil train --resume {run_dir}` resumes from the newest complete one and writes it again "
+                                  f"(and trains nothing more if the run had finished)")
         return None
     try:
         d = checkpoints(run_dir) / json.loads(pointer.read_text())["dir"]
@@ -218,10 +244,15 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
 
 
 def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: dict,
-            writer: bool = True) -> int:
+            writer: bool = True, log=print) -> int:  # noqa: ANN001
     """Load the newest checkpoint into `nets` and `optimizers`; return how many steps it covers (0: none yet).
     Only the `writer` (process 0 of a multi-process run) tidies the run directory: another process removing
-    temporary files could remove the one the writer is about to rename."""
+    temporary files could remove the one the writer is about to rename.
+
+    With latest.json missing, the newest step folder that passes every sha256 check is taken (the writer writes
+    latest.json for it again); step folders none of which is complete are refused. A run directory whose log or
+    summary covers more than one step past the checkpoint found (a kill leaves at most one) is refused too:
+    its checkpoints were lost, and training again would overwrite what they were the record of."""
     run_dir, root = Path(run_dir), checkpoints(run_dir)
     # Temporary files a kill left behind (never read: real files appear only by rename).
     stale = [*root.glob(".*.tmp"), *(root / "undefended").glob(".*.tmp"), *run_dir.glob(".metrics.jsonl.*.tmp"), *run_dir.glob(".summary.json.*.tmp")]
@@ -230,7 +261,15 @@ def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[st
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    step_dir = latest_step_dir(run_dir)
+    pointer, recovered = root / "latest.json", False
+    if pointer.is_file():
+        step_dir = latest_step_dir(run_dir)
+    else:
+        step_dir, problems = newest_complete_checkpoint(run_dir)
+        if step_dir is None and problems:
+            raise CheckpointError(f"{pointer}: missing, and no step folder holds a complete checkpoint ({problems[0]}); refusing to train "
+                                  f"the run again over them")
+        recovered = step_dir is not None
     done = 0
     if step_dir is not None:
         saved = read_info(step_dir, STEP_INFO)
@@ -240,9 +279,34 @@ def restore(run_dir: Path, nets: dict[str, torch.nn.Module], optimizers: dict[st
         for name, opt in optimizers.items():
             optimizer_from_file(opt, step_dir / f"optim-{name}.safetensors")
         done = int(saved["step"])
+    check_nothing_lost(run_dir, done, step_dir)
+    if recovered:
+        log(f"{pointer} was missing; resuming from {step_dir.name}, the newest complete checkpoint (every file's sha256 checked)")
+        if writer:
+            atomic_write_json(pointer, {"step": done, "dir": step_dir.name})
     if writer:
         truncate_metrics(run_dir, done)
     return done
+
+
+def check_nothing_lost(run_dir: Path, done: int, step_dir: Path | None) -> None:
+    """Refuse to train again over steps the log or summary records beyond the checkpoint (a kill leaves at most one)."""
+    run_dir = Path(run_dir)
+    logged = sorted({r["step"] for r in read_metrics(run_dir) if isinstance(r.get("step"), int) and r["step"] >= done})
+    summary_steps = 0
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary_steps = int(json.loads((run_dir / "summary.json").read_text()).get("steps", 0))
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+            summary_steps = 0  # a damaged summary says nothing; it is written again at the end
+    beyond = max(len(logged), summary_steps - done)
+    if beyond > 1:
+        what = f"the newest checkpoint, {step_dir.name}, covers {done}" if step_dir is not None else f"{checkpoints(run_dir)} holds no checkpoint, which covers 0"
+        raise CheckpointError(
+            f"{run_dir}: {'summary.json' if summary_steps - done == beyond else 'metrics.jsonl'} records {done + beyond} steps, but {what}; "
+            f"the later checkpoints are gone (a kill loses at most one step), so --resume would train them again over that record. "
+            f"Put the checkpoints back, or train a new run with --out"
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -259,6 +323,7 @@ class Run:
     reconstructor: torch.nn.Module
     undefended_obfuscator: torch.nn.Module | None
     metrics: list[dict] = field(default_factory=list)
+    undefended_classifier: torch.nn.Module | None = None  # g right after pretraining, beside undefended_obfuscator
     summary: dict = field(default_factory=dict)
     channels: int = 3
     num_classes: int = 10
@@ -283,16 +348,30 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     nets = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)
     for name in NETWORKS:
         load_module(nets[name], step_dir / f"{name}.safetensors")
-    undefended = None
+    undefended = undefended_classifier = None
     if (checkpoints(run_dir) / "undefended" / "obfuscator.safetensors").is_file():
         if (checkpoints(run_dir) / "undefended" / "info.json").is_file():
             read_info(checkpoints(run_dir) / "undefended")
-        undefended = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)["obfuscator"]
+        pretrained = build_networks(cfg.model, info["channels"], info["num_classes"], cfg.data.image_size, obfuscator_layer(cfg), cfg.seed)
+        undefended = pretrained["obfuscator"]
         load_module(undefended, checkpoints(run_dir) / "undefended" / "obfuscator.safetensors")
         undefended.to(device).eval()
+        if (checkpoints(run_dir) / "undefended" / "classifier.safetensors").is_file():
+            undefended_classifier = pretrained["classifier"]
+            load_module(undefended_classifier, checkpoints(run_dir) / "undefended" / "classifier.safetensors")
+            undefended_classifier.to(device).eval()
     for net in nets.values():
         net.to(device).eval()
     summary_path = run_dir / "summary.json"
+    summary = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{summary_path}: damaged, not valid JSON ({e}); `veil train --resume {run_dir}` writes it again") from None
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"{summary_path}: damaged, a JSON object expected, got {type(summary).__name__}; "
+                                  f"`veil train --resume {run_dir}` writes it again")
     return Run(
         path=run_dir,
         config=cfg,
@@ -300,8 +379,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         classifier=nets["classifier"],
         reconstructor=nets["reconstructor"],
         undefended_obfuscator=undefended,
+        undefended_classifier=undefended_classifier,
         metrics=read_metrics(run_dir),
-        summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
+        summary=summary,
         channels=info["channels"],
         num_classes=info["num_classes"],
         class_names=info.get("class_names", []),

@@ -542,9 +542,18 @@ def _open_run_dir(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> None
             atomic_write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg))
 
 
+def check_rounds(t: TrainConfig) -> None:
+    """Refuse rounds that would train nothing of f (t_sub=0): the summary's "after" would be the pretrained obfuscator."""
+    phases = get_defence(t.defence).round_phases
+    if phases and t.t_main > 0 and not any(t.epochs_of(p) for p in phases if p not in RECONSTRUCTOR_PHASES):
+        raise TrainingError(f"train.t_sub=0 gives the {t.t_main} round(s) of defence {t.defence} no epoch that trains the obfuscator, so "
+                            f"'after {t.defence}' would be the pretrained one; set train.t_sub >= 1, or train.t_main=0 for no rounds")
+
+
 def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboard: bool = False) -> dict:  # noqa: ANN001
+    check_rounds(cfg.train)
     device = rt.device
-    splits: Splits = load_splits(cfg.data, cfg.seed)
+    splits: Splits = load_splits(cfg.data, cfg.seed, labelling="task")  # training learns the task's labels (data.task)
     writer_class = tensorboard_writer_class() if tensorboard else None  # fails before anything is written
     # Only now that the data loaded: bad input must not leave a run directory that blocks the next try.
     _open_run_dir(cfg, run_dir, resume, rt)
@@ -568,7 +577,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
     done = 0
     if resume:
         # Checks every file's sha256, the config and the data against the checkpoint before loading.
-        done = rundir.restore(run_dir, nets, opts, info, writer=rt.is_main)
+        done = rundir.restore(run_dir, nets, opts, info, writer=rt.is_main, log=log)
         log(f"resuming {run_dir} after step {done} of {len(steps)}")
     run_costs = costs(nets["obfuscator"], cfg)  # on the plain network, before compiling
     runtime.wrap_networks(nets, rt)  # compile and DDP come after loading: DDP copies process 0's weights

@@ -521,14 +521,24 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
         r = result["class_floor"][k]
         assert r["n_images"] == result["n_users"] and 0 <= r["reid_top1"] <= r["reid_top5"] <= 1 and math.isfinite(r["psnr_mean"])
     assert "| floor: class mean, true label |" in (folder / "attack.md").read_text()
+    assert "| floor: class mean, label the run's classifier reads |" in (folder / "attack.md").read_text()  # the run's g, not a store classifier
     # Linkage by feature matching, apart from the attackers: a deterministic f links every stored map to its image.
     for which in ("defended", "undefended"):
         assert result["linkage"][which]["reid_top1"] == 1.0 and result["linkage"][which]["n_candidates"] == 10
         assert "linkage" not in result[which]
     assert "linkage: feature matching (attacker computes f(candidate))" in out
     csv = (folder / "attack.csv").read_text().splitlines()
-    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 2 + 6 + 2
+    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 2 + 2 + 6 + 2  # floors, references, attackers, linkage
     assert csv[-2].startswith("defended,linkage,,,,1,1,10,")
+    assert [line.split(",")[1] for line in csv if line.startswith("reference,")] == ["image_store", "label_store"]
+    # The reference stores: the image store gives everything away; the label store keeps the pretrained classifier's class.
+    image, label = result["reference_stores"]["image"], result["reference_stores"]["label"]
+    assert image["psnr_mean"] == pytest.approx(100.0) and image["reid_top1"] == 1.0 and image["bytes_per_item"] == 3 * 32 * 32
+    assert label["bytes_per_item"] == 1 and label["linkage"]["distinct_codes"] <= 10
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert label["accuracy"] == pytest.approx(summary["pretrain_test_accuracy"], abs=1e-9)  # the pretrained classifier's own accuracy, reproduced
+    assert set(result["linkage"]["defended"]["changed"]) == {"flip", "shift", "jpeg", "brighter"}
+    assert "| reference: label store (keeps the class read) |" in (folder / "attack.md").read_text() and "shifted 2 px" in (folder / "attack.md").read_text()
     header = csv[0].split(",")
     simrec = dict(zip(header, next(line for line in csv if line.startswith("defended,simrec,")).split(",")))
     assert int(simrec["epochs"]) == result["defended"]["simrec"]["epochs"] and float(simrec["seconds_per_epoch"]) > 0
@@ -540,12 +550,15 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
 
 
 def test_a_ceiling_from_another_run_of_the_same_images_and_not_of_others(tiny_run, tiny_config, tmp_path, capsys):
-    deeper = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, split=3), train=dataclasses.replace(tiny_config.train, defence="none"))
+    deeper = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, split=3, width=0.125), train=dataclasses.replace(tiny_config.train, defence="none"))
     train(deeper, tmp_path / "deeper", log=lambda *_: None)
     assert main(["attack", str(tmp_path / "deeper"), "--ceiling", str(tiny_run), *TINY_FLAGS]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "deeper" / "attack" / "attack.json").read_text())
     assert result["ceiling_run"] == str(tiny_run) and f"the undefended (pretrained) obfuscator of {tiny_run} (--ceiling)" in out
+    # Each side's attackers are as wide as the obfuscator they attack, and attack.json says so per side.
+    assert result["attacker_width"] == {"defended": 0.125, "undefended": tiny_config.model.width} and "defended 0.125, undefended 0.0625" in (tmp_path / "deeper" / "attack" / "attack.md").read_text()
+    assert result["reference_stores"]["label"]["labels_from"].startswith(str(tiny_run))  # the label the ceiling's pretrained classifier reads
     # The undefended columns are the other run's pretrained split (cut at block 2), not this run's own (block 3).
     own = attack(tmp_path / "deeper", resolve_settings({"attackers": "simrec", "max_epochs": 2, "batch_size": 16, "n_candidates": 10,
                                                          "whitebox": False, "progress": False}), log=lambda *_: None)
@@ -720,3 +733,68 @@ def test_an_attack_saved_before_a_setting_existed_counts_it_at_its_default():
     old = {k: v for k, v in dataclasses.asdict(s).items() if k != "ceiling"}  # an attack.json written before --ceiling
     assert result_settings(old) == result_settings(s)
     assert result_settings({**old, "ceiling": "runs/other"}) != result_settings(s)
+
+
+# ----------------------------------------------------------------------------- changed copies and the reference stores
+
+
+def test_changed_copies_are_what_they_say(demo_images):
+    from veil.attack.copies import changed_copies
+
+    x = demo_images[:6]
+    c = changed_copies(x)
+    assert set(c) == {"flip", "shift", "jpeg", "brighter"} and all(v.shape == x.shape and v.dtype == torch.uint8 for v in c.values())
+    assert torch.equal(c["flip"], x.flip(-1)) and torch.equal(c["flip"].flip(-1), x)
+    assert torch.equal(c["shift"][..., 2:, 2:], x[..., :-2, :-2])  # moved 2 right and 2 down
+    assert torch.equal(c["shift"][..., :2, 2:], x[..., :1, :-2].expand(-1, -1, 2, -1))  # the uncovered rows repeat the edge
+    assert torch.equal(c["brighter"], (x.float() * 1.1).round().clamp(0, 255).to(torch.uint8)) and (c["brighter"] >= x).all()
+    err = psnr(to_float(x), to_float(c["jpeg"]))
+    assert (err > 22).all() and (err < 45).all()  # quality 50: a visibly lossy copy, not the image nor noise
+
+
+def test_linkage_from_changed_copies_and_the_code_entropy(demo_images):
+    from veil.attack.copies import changed_copies
+
+    s = small_settings(n_candidates=10)
+    users = demo_images[:80]
+    cand = draw_candidates(torch.arange(80), 80, s.n_candidates, torch.Generator().manual_seed(0))
+    r = linkage(Unshuffle(), users, cand, s, "defended", changed_copies(users))
+    assert r["reid_top1"] == 1.0 and r["changed"]["brighter"]["reid_top1"] > 0.9  # pixels rearranged: a brighter copy is still closest
+    assert r["changed"]["flip"]["reid_top1"] < r["reid_top1"]
+    assert r["distinct_codes"] == 80 and r["code_entropy_bits"] == pytest.approx(math.log2(80))  # every item distinct
+    q = linkage(Quantised(), users, cand, s, "defended")
+    codes = Quantised()(to_float(users)).flatten(1)
+    _, counts = torch.unique(codes, dim=0, return_counts=True)
+    p = counts.double() / 80
+    assert q["distinct_codes"] == len(counts) < 80 and q["code_entropy_bits"] == pytest.approx(float(-(p * p.log2()).sum()))
+
+
+class Labels(nn.Module):
+    """A 'classifier' reading a fixed class from the mean brightness of the map: 3 classes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        return torch.stack([-(m - c).abs() for c in (0.3, 0.45, 0.6)], 1)
+
+
+def test_the_reference_stores_bound_a_configuration(demo_images):
+    from veil.attack.copies import changed_copies
+    from veil.attack.references import image_store, label_store, read_labels
+
+    users = demo_images[:90]
+    cand = draw_candidates(torch.arange(90), 90, 10, torch.Generator().manual_seed(0))
+    copies = changed_copies(users)
+    image = image_store(users, copies, cand)
+    assert image["psnr_mean"] == pytest.approx(100.0) and image["ssim_mean"] == pytest.approx(1.0) and image["reid_top1"] == 1.0
+    assert image["linkage"]["reid_top1"] == 1.0 and image["bytes_per_item"] == 3 * 32 * 32
+    f = nn.Identity()
+    labels = read_labels(f, Labels(), users, 500)
+    means = torch.rand(3, 3, 32, 32)
+    truth = labels.clone()
+    truth[:9] = (truth[:9] + 1) % 3  # the label store is right on 81 of 90
+    label = label_store(f, Labels(), users, truth, copies, means, cand, 500)
+    assert label["accuracy"] == pytest.approx(81 / 90) and label["bytes_per_item"] == 1
+    assert label["psnr_mean"] == pytest.approx(psnr(to_float(users), means[labels]).mean().item(), abs=1e-5)  # the class mean, read
+    same = (labels[cand[:, 1:]] == labels[cand[:, :1]]).sum(1)  # candidates of the same class: all tie with the true one
+    assert label["linkage"]["reid_top1"] == pytest.approx((1 / (1 + same).float()).mean().item())
+    assert label["linkage"]["distinct_codes"] == len(set(labels.tolist())) <= 3

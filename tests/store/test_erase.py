@@ -233,7 +233,7 @@ def test_id_map_survives_an_interrupted_obfuscate(store_run, tmp_path, monkeypat
 
     def killed_at_third(loc, manifest):
         calls["n"] += 1
-        if calls["n"] == 3:  # shard 2 written and mapped, not yet listed
+        if calls["n"] == 4:  # after the first manifest and shards 0, 1: shard 2 written and mapped, not yet listed
             raise KeyboardInterrupt("kill")
         real(loc, manifest)
 

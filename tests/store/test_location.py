@@ -10,6 +10,7 @@ from tests.conftest import make_store, read_all
 
 import veil
 from veil.cli import main
+from veil.data import load_splits
 from veil.errors import StoreError
 from veil.store.erase import erase
 from veil.store.format import id_hex, read_manifest, verify
@@ -45,8 +46,11 @@ def test_memory_round_trip_obfuscate_verify_open_erase_verify(store_run, tmp_pat
     assert where(locate(memory_url), "manifest.json") == memory_url + "/manifest.json"
     assert main(["verify", memory_url, "--no-progress"]) == 0
     assert "OK, 58 items" in capsys.readouterr().out
-    obfuscate_cli = ["obfuscate", "--run", str(store_run["run"]), "--data", "run:test", "--append", memory_url, "--no-progress", "--device", "cpu"]
-    assert main(obfuscate_cli) == 0 and verify(memory_url)["count"] == 118
+    obfuscate_cli = ["obfuscate", "--run", str(store_run["run"]), "--data", "run:defender", "--append", memory_url, "--no-progress", "--device", "cpu"]
+    defender = len(load_splits(store_run["cfg"].data, store_run["cfg"].seed).defender)
+    assert main(obfuscate_cli) == 0 and verify(memory_url)["count"] == 58 + defender
+    # The same items again (run:test holds the two erased ones): refused, nothing added.
+    assert main([*obfuscate_cli[:4], "run:test", *obfuscate_cli[5:]]) == 2 and verify(memory_url)["count"] == 58 + defender
 
 
 def test_file_url_is_a_local_folder(store_run, tmp_path):

@@ -237,9 +237,17 @@ def test_interrupted_obfuscate_leaves_no_whole_looking_half_shard_and_resumes(ti
     with pytest.raises(StoreError, match="incomplete \\(32 of 60 items.*run the same command again"):
         verify(out)
 
-    # A kill between the shard's rename and the manifest's update leaves a whole shard the manifest does not list.
-    real_write = store_mod.write_manifest
-    monkeypatch.setattr(store_mod, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("kill")))
+    # A kill between the shard's rename and the manifest's update leaves a whole shard the manifest does not list
+    # (the rerun's first manifest, naming the shards still to come, is written; the next one is not).
+    real_write, writes = store_mod.write_manifest, {"n": 0}
+
+    def killed_at_second(loc, manifest):
+        writes["n"] += 1
+        if writes["n"] == 2:
+            raise KeyboardInterrupt("kill")
+        real_write(loc, manifest)
+
+    monkeypatch.setattr(store_mod, "write_manifest", killed_at_second)
     with pytest.raises(KeyboardInterrupt):
         make_store(tiny, tmp_path, shard_size=16)
     monkeypatch.setattr(store_mod, "write_manifest", real_write)

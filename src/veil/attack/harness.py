@@ -32,7 +32,9 @@ from torch import nn
 
 from veil import data as data_mod
 from veil.attack.attackers import AttackData, attack_data, convergence_flags, fit_attacker, fixed_features, reconstruct, stored_features
-from veil.attack.results import CLASS_FLOOR, FLOOR, LINKAGE, SCORING_VERSION, WHITEBOX, defence_label
+from veil.attack.copies import changed_copies
+from veil.attack.references import IMAGE, LABEL, image_store, label_store
+from veil.attack.results import CLASS_FLOOR, FLOOR, LINKAGE, REFERENCES, SCORING_VERSION, WHITEBOX, defence_label
 from veil.attack.scoring import (
     capped,
     class_floor_scores,
@@ -226,11 +228,32 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         LINKAGE: {},
     }
     log(f"  {'floor':10s} {'mean':8s} {_line(result[FLOOR])}")
-    means = class_means(splits.attacker.images.to(device), splits.attacker.labels.to(device), run.num_classes)
+    # The class floors use the fine labels (the store's); the class a classifier reads is in its run's own labelling
+    # (coarse under data.task), so its mean image is the attacker's mean of that labelling's class.
+    attacker_images = splits.attacker.images.to(device)
+    means = class_means(attacker_images, splits.attacker.labels.to(device), len(splits.attacker.classes))
+
+    def read_means(config) -> torch.Tensor:  # noqa: ANN001
+        if config.data.task == "none":
+            return means
+        coarse = load_splits(config.data, config.seed, labelling="task").attacker
+        return class_means(attacker_images, coarse.labels.to(device), len(coarse.classes))
+
     labels = {"true": splits.test.labels, "predicted": predicted_labels(run.obfuscator, run.classifier, data.users, s)}
-    result[CLASS_FLOOR] = class_floor_scores(means, data.users, labels, candidates)
+    result[CLASS_FLOOR] = {"true": class_floor_scores(means, data.users, {"true": labels["true"]}, candidates)["true"],
+                           "predicted": class_floor_scores(read_means(cfg), data.users, {"predicted": labels["predicted"]}, candidates)["predicted"]}
     for k, r in result[CLASS_FLOOR].items():
         log(f"  {'class':10s} {k:10s} {_line(r)}")
+    copies = changed_copies(data.users) if s.copies else None
+    if s.copies:  # the two stores every configuration sits between, scored by the same rules
+        source = reference if reference.undefended_classifier is not None else run
+        result[REFERENCES] = {IMAGE: image_store(data.users, copies, candidates)}
+        if source.undefended_classifier is not None and source.undefended_obfuscator is not None:
+            truth = load_splits(source.config.data, source.config.seed, labelling="task").test.labels if source.config.data.task != "none" else splits.test.labels
+            result[REFERENCES][LABEL] = {**label_store(source.undefended_obfuscator, source.undefended_classifier, data.users, truth, copies,
+                                                       read_means(source.config), candidates, s.eval_batch_size), "labels_from": f"{source.path} (its pretrained f and g)"}
+        for k, r in result[REFERENCES].items():
+            log(f"  {'reference':10s} {k + ' store':10s} {_line(r)}  linkage top-1 {r['linkage']['reid_top1']:6.1%}")
     figures: dict[str, dict] = {}
     widths = {}
     for which, obfuscator, model in (("defended", run.obfuscator, cfg.model), ("undefended", reference.undefended_obfuscator, reference.config.model)):
@@ -239,7 +262,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
             result[which] = {}
             continue
         widths[which] = width  # per side: a --ceiling run of another width is attacked at its own width
-        result[LINKAGE][which] = linkage(obfuscator, data.users, candidates, s, which)
+        result[LINKAGE][which] = linkage(obfuscator, data.users, candidates, s, which, copies)
         log(f"  {which:10s} {LINKAGE:8s} top-1 {result[LINKAGE][which]['reid_top1']:6.1%}  top-5 {result[LINKAGE][which]['reid_top5']:6.1%}  "
             f"(feature matching: the attacker computes f(candidate))")
         shared = which == "undefended" and ceilings is not None

@@ -55,7 +55,7 @@ def score(users: torch.Tensor, rows: torch.Tensor, reconstructions: torch.Tensor
 MIN_TEMPLATE_DRAWS = 16
 
 
-def linkage(obfuscator: nn.Module, users: torch.Tensor, candidates: torch.Tensor, s: AttackConfig, label: str) -> dict:
+def linkage(obfuscator: nn.Module, users: torch.Tensor, candidates: torch.Tensor, s: AttackConfig, label: str, copies: dict[str, torch.Tensor] | None = None) -> dict:
     """Linkage by feature matching: an attacker holding the candidate images, with the use of f, computes
     f(candidate) itself and ranks each stored feature map's candidates by the MSE between feature maps.
     Scored as re-identification (rank of the true image, ties split), but no image is rebuilt.
@@ -63,16 +63,36 @@ def linkage(obfuscator: nn.Module, users: torch.Tensor, candidates: torch.Tensor
     template, instead of comparing one draw with another (which doubles the noise in the distance); M doubles
     from 1 until, at MIN_TEMPLATE_DRAWS or more, a doubling moves the top-1 rate by less than its standard error
     (or M reaches s.linkage_max_draws).
+    `copies` ({kind: changed copies of users}, copies.changed_copies): the attacker holds another photo of each
+    user instead of the image itself and matches f(copy) against the store (tracking across photos): one
+    rate per kind under "changed". Also the entropy of the stored maps (code_entropy).
     users: uint8 P x C x H x W (every candidate is one of them); candidates: P x N, column 0 the true one."""
     start = time.perf_counter()
     stored = stored_features(obfuscator, users, s, label)  # the same draws the attackers are given
     torch.manual_seed(seed_for(s.seed, label, LINKAGE))
-    total, draws = feature_maps(obfuscator, users, s.eval_batch_size), 1  # the attacker's f(candidate), P x C' x H' x W'
+    result = _match(obfuscator, stored, users, candidates, s)
+    if copies:
+        result["changed"] = {}
+        for kind, images in copies.items():
+            torch.manual_seed(seed_for(s.seed, label, LINKAGE, kind))
+            r = _match(obfuscator, stored, images, candidates, s, draws=result["draws"])  # the template size the exact copy needed
+            result["changed"][kind] = {k: r[k] for k in ("reid_top1", "reid_top5", "reid_top1_lower", "draws")}
+    return {**result, **code_entropy(stored), "n_candidates": candidates.shape[1], "n_images": len(candidates),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _match(obfuscator: nn.Module, stored: torch.Tensor, images: torch.Tensor, candidates: torch.Tensor, s: AttackConfig, draws: int | None = None) -> dict:
+    """Re-identification of each stored map among its candidates by f(images) (the attacker's template: one
+    evaluation of a deterministic f, the mean of M draws of a random one, see linkage; `draws` fixes M)."""
+    if draws is not None and draws > 1:
+        total = sum(feature_maps(obfuscator, images, s.eval_batch_size) for _ in range(draws))
+        return {**reid_rates(stored, total / draws, candidates), "draws": draws, "draws_settled": True}
+    total, draws = feature_maps(obfuscator, images, s.eval_batch_size), 1  # the attacker's f(candidate), P x C' x H' x W'
     rates = reid_rates(stored, total, candidates)
     while is_random(obfuscator) and draws < s.linkage_max_draws:
         more = min(draws, s.linkage_max_draws - draws)
         for _ in range(more):
-            total += feature_maps(obfuscator, users, s.eval_batch_size)
+            total += feature_maps(obfuscator, images, s.eval_batch_size)
         draws += more
         new = reid_rates(stored, total / draws, candidates)
         p = new["reid_top1"]
@@ -81,7 +101,16 @@ def linkage(obfuscator: nn.Module, users: torch.Tensor, candidates: torch.Tensor
         if settled:
             break
     settled = not is_random(obfuscator) or draws < s.linkage_max_draws  # ended by the rule, not by the most draws allowed
-    return {**rates, "draws": draws, "draws_settled": settled, "n_candidates": candidates.shape[1], "n_images": len(candidates), "seconds": round(time.perf_counter() - start, 1)}
+    return {**rates, "draws": draws, "draws_settled": settled}
+
+
+def code_entropy(stored: torch.Tensor) -> dict:
+    """The empirical entropy of the stored maps over the users' store, in bits per item: a deterministic
+    quantiser's codes repeat, and log2(classes) is what a label store holds. At most log2(items), reached
+    when every item is distinct (as float features always are)."""
+    _, counts = torch.unique(stored.flatten(1), dim=0, return_counts=True)
+    p = counts.double() / len(stored)
+    return {"code_entropy_bits": float(-(p * p.log2()).sum()), "distinct_codes": len(counts)}
 
 
 def floor_scores(data: AttackData, candidates: torch.Tensor) -> dict:

@@ -53,6 +53,9 @@ class AttackConfig:
     """Linkage against a random obfuscator (the noise defence): the attacker's template of each candidate is the mean
     of M draws of f(candidate), M doubled from 1 until one more doubling moves the top-1 rate by less than its
     standard error, or M reaches this; the M used is in attack.json."""
+    copies: bool = True
+    """Also link from changed copies of the users' pictures (flipped, shifted 2 pixels, JPEG at quality 50, 10% brighter:
+    attack/copies.py), and score the reference stores (the image store and the label store) beside the obfuscators."""
     n_candidates: int = 100
     """Re-identification: candidates per reconstruction (the true user image and N-1 others at random)."""
     whitebox_images: int = 200

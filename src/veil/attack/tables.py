@@ -13,7 +13,17 @@ from pathlib import Path
 
 import torch
 
-from veil.attack.results import CLASS_FLOOR, CLASS_FLOOR_LABELS, FLOOR, LINKAGE, LINKAGE_LABEL, OBFUSCATORS, WHITEBOX, defence_label
+from veil.attack.results import (
+    CLASS_FLOOR,
+    CLASS_FLOOR_LABELS,
+    FLOOR,
+    LINKAGE,
+    LINKAGE_LABEL,
+    OBFUSCATORS,
+    REFERENCES,
+    WHITEBOX,
+    defence_label,
+)
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import psnr
 from veil.plots import plot_image_rows
@@ -51,6 +61,8 @@ def to_csv(result: dict) -> str:
     lines.append(row(FLOOR, "mean_image", floor))
     for k, r in result.get(CLASS_FLOOR, {}).items():  # absent from an attack.json made before it existed
         lines.append(row(CLASS_FLOOR, f"{k}_class_mean", r))
+    for k, r in result.get(REFERENCES, {}).items():  # the image store and the label store, scored like an attacker
+        lines.append(row("reference", f"{k}_store", r))
     for which in OBFUSCATORS:
         for name, r in result.get(which, {}).items():
             lines.append(row(which, name, r))
@@ -78,6 +90,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for k, r in result.get(CLASS_FLOOR, {}).items():  # the label as the only leak (the defended run's classifier for 'predicted')
         cells = _cell(r, -math.inf)
         rows.append([f"floor: {CLASS_FLOOR_LABELS[k]}", *cells, *(cells if k == "true" else ["—"] * 4)])
+    for k, r in result.get(REFERENCES, {}).items():  # the two stores every configuration sits between
+        rows.append([f"reference: {REFERENCE_LABELS[k]}", *_cell(r, -math.inf), *["—"] * 4])
     names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
     for name in names:
         label = name
@@ -87,6 +101,25 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([label, *_cell(result.get("defended", {}).get(name), floor["psnr"]), *_cell(result.get("undefended", {}).get(name), floor["psnr"])])
     if result.get(LINKAGE):
         rows.append([LINKAGE_LABEL, *_linkage_cell(result[LINKAGE].get("defended")), *_linkage_cell(result[LINKAGE].get("undefended"))])
+    return header, rows
+
+
+REFERENCE_LABELS = {"image": "image store (keeps the images)", "label": "label store (keeps the class read)"}
+COPY_LABELS = {"flip": "flipped", "shift": "shifted 2 px", "jpeg": "JPEG q50", "brighter": "10% brighter"}
+
+
+def linkage_rows(result: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Linkage from the exact picture and from changed copies, with what each store holds (code entropy, distinct
+    codes among the users' items, bytes per item): the obfuscators' rows and the two reference stores'. None in an
+    attack.json made without changed copies."""
+    sources = {f"{which} obfuscator": r for which, r in result.get(LINKAGE, {}).items() if "changed" in r}
+    sources.update({REFERENCE_LABELS[k]: r["linkage"] for k, r in result.get(REFERENCES, {}).items()})
+    if not sources:
+        return None
+    kinds = list(dict.fromkeys(k for r in sources.values() for k in r.get("changed", {})))
+    header = ["store", "exact copy", *[COPY_LABELS.get(k, k) for k in kinds], "code entropy (bits)", "distinct codes"]
+    rows = [[name, f"{r['reid_top1']:.1%}", *[f"{r['changed'][k]['reid_top1']:.1%}" if k in r.get("changed", {}) else "n/a" for k in kinds],
+             f"{r['code_entropy_bits']:.2f}", str(r["distinct_codes"])] for name, r in sources.items()]
     return header, rows
 
 
@@ -117,6 +150,14 @@ def _notes(result: dict) -> list[str]:
             "Class floors: each user's image rebuilt as the mean of the attacker's own images of one class, the user's true class "
             "(what any store that classifies perfectly gives away) or the class the run's own classifier (trained with the obfuscator) reads from the stored map. "
             "An attacker near these has learnt little beyond the label the store exists to give."
+        )
+    if result.get(REFERENCES):
+        label = result[REFERENCES].get("label")
+        notes.append(
+            "Reference stores: the image store keeps the images (an attacker's answer is the image itself); the label store keeps only "
+            "the class read by " + (f"{label['labels_from']} ({label['accuracy']:.2%} right on these users)" if label else "a pretrained classifier (none found)")
+            + ", so its best image is the attacker's mean of that class and linkage can only match labels. A configuration worth keeping "
+            "sits between them: `veil growth` says what a later classifier learns from each."
         )
     acc = result.get("accuracy", {})
     if acc.get("defended") is not None or acc.get("undefended") is not None:
@@ -178,6 +219,11 @@ def to_markdown(result: dict) -> str:
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    links = linkage_rows(result)
+    if links:
+        lines += ["", "Linkage top-1 (ties split) from the exact picture and from changed copies, and what each store holds:", "",
+                  "| " + " | ".join(links[0]) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(links[0]) - 1)) + " |"]
+        lines += ["| " + " | ".join(r) + " |" for r in links[1]]
     lines += [""] + _notes(result)
     lines += [
         "",
@@ -189,10 +235,13 @@ def to_markdown(result: dict) -> str:
 
 def format_table(result: dict) -> str:
     """The side-by-side table for the terminal."""
-    header, rows = table_rows(result)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(header), *[fmt(r) for r in rows], "", *_notes(result)])
+    tables = [table_rows(result)] + ([linkage_rows(result)] if linkage_rows(result) else [])
+    lines = []
+    for header, rows in tables:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda r, widths=widths: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        lines += [fmt(header), *[fmt(r) for r in rows], ""]
+    return "\n".join([*lines, *_notes(result)])
 
 
 def matrix_csv(matrix: dict) -> str:

@@ -386,10 +386,15 @@ def config_section(run: RunResults, page: Page) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+MAX_IMAGES = 32  # --images: more would make a figure over 38 inches wide
+
+
 def report(run_dirs: list[str | Path], out: str | Path | None = None, n_images: int = 8, log=print) -> dict[str, Path]:  # noqa: ANN001
     """Write report.html and report.md (and the figures beside them) for runs and sweeps."""
     if not run_dirs:
         raise ReportError("veil report needs at least one RUN_DIR")
+    if not 1 <= n_images <= MAX_IMAGES:  # one row of Figures 4 and 5: 1.15 inches an image
+        raise ReportError(f"--images must be in 1..{MAX_IMAGES} (users' images per row of Figures 4 and 5), got {n_images}")
     run_paths, sweeps, matrices = expand_dirs([Path(d) for d in run_dirs])
     out = Path(out) if out else Path(run_dirs[0])
     runs = [read_run(p) for p in run_paths]

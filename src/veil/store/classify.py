@@ -21,6 +21,7 @@ made by another obfuscator is refused.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +62,12 @@ def small_head(channels: int, num_classes: int, width: float, split: int, dropou
     ))
 
 
-HEADS = {"vgg16": vgg16_head, "small": small_head}
+def vgg16_wide_head(channels: int, num_classes: int, width: float, split: int, dropout: float) -> nn.Module:
+    """A larger head: the rest of VGG16-BN at twice the run's width (about 4x vgg16's parameters), a model structure the run never trained."""
+    return init_xavier(Classifier(num_classes, 2 * width, split, dropout, channels))
+
+
+HEADS = {"vgg16": vgg16_head, "small": small_head, "vgg16-wide": vgg16_wide_head}
 
 
 def build_head(name: str, features: dict, obfuscator: dict, num_classes: int, dropout: float) -> nn.Module:
@@ -73,7 +79,7 @@ def build_head(name: str, features: dict, obfuscator: dict, num_classes: int, dr
 @dataclass
 class HeadConfig:
     head: str = "vgg16"
-    """vgg16 (the paper's classifier g, the rest of VGG16-BN) | small (two conv blocks and a linear layer)."""
+    """vgg16 (the paper's classifier g, the rest of VGG16-BN) | small (two conv blocks and a linear layer) | vgg16-wide (vgg16 at twice the width)."""
     epochs: int = 30
     """Passes over the store."""
     batch_size: int = 128
@@ -110,8 +116,13 @@ def check_head_config(cfg: HeadConfig) -> None:
         raise StoreError(f"--channels-last must be auto, on or off, got '{cfg.channels_last}'")
     if cfg.shift < 0:
         raise StoreError(f"--shift must be >= 0 pixels, got {cfg.shift}")
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
-        raise StoreError(f"invalid training settings: lr {cfg.lr}, weight_decay {cfg.weight_decay}, dropout {cfg.dropout}, label_smoothing {cfg.label_smoothing}")
+    for key, ok, want in (("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+                          ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"), ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)")):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or not ok:  # NaN fails every comparison, inf passes some
+            raise StoreError(f"--{key.replace('_', '-')} must be a finite number {want}, got {value}")
+    if not 0 <= cfg.seed < 2**32:
+        raise StoreError(f"--seed must be in 0..2**32-1, got {cfg.seed}")
 
 
 def shift_cells(pixels: int, split: int) -> int:
@@ -340,10 +351,24 @@ def _predictions(logits: torch.Tensor, items: list[str], classes: list[str], tru
     ]
 
 
+def _label_map(store_classes: list[str], classes: list[str], store: str | Path) -> torch.Tensor:
+    """Store label -> the classifier's index of the same class name (a store's labels index its own class list),
+    so that a prediction is compared with the item's class by name; a store class the classifier lacks is refused."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in store_classes if name not in index]
+    if unknown:
+        raise StoreError(f"{store}: class{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown[:5]))} of the store "
+                         f"{'are' if len(unknown) > 1 else 'is'} not among the classifier's {len(classes)} classes ({', '.join(classes[:10])}"
+                         f"{', ...' if len(classes) > 10 else ''}); its predictions cannot be scored against the store's labels")
+    return torch.tensor([index[name] for name in store_classes], dtype=torch.int64)
+
+
 @torch.inference_mode()
 def predict(run_dir: str | Path, images: list[str] | None = None, store: str | Path | None = None, classifier: str | Path | None = None,
             device: str = "auto", batch_size: int = 500) -> list[Prediction]:
-    """Class and confidence of image files (obfuscator, then classifier) or of a store's items (classifier only)."""
+    """Class and confidence of image files (obfuscator, then classifier) or of a store's items (classifier only).
+    A store item's true_label is its class as the classifier numbers it (matched by name: the store may list its
+    classes in another order, or fewer of them); a store with a class the classifier lacks is refused."""
     if (images and store) or not (images or store):
         raise StoreError("give image files or --store STORE (not both)")
     dev = resolve_device(device)
@@ -351,14 +376,15 @@ def predict(run_dir: str | Path, images: list[str] | None = None, store: str | P
     head, classes, fp = _classifier_for(run, classifier, dev)
     out: list[Prediction] = []
     if store is not None:
-        verify(store, fingerprint=fp)  # a store from another obfuscator is refused here
+        manifest = verify(store, fingerprint=fp)  # a store from another obfuscator is refused here
+        to_classifier = _label_map(manifest["dataset"]["classes"], classes, store)
         data = open_store(store, dtype=None, cache_shards=1)
         for k in range(data.num_shards):
             shard = data.shard(k)
             for s in range(0, len(shard["labels"]), batch_size):
                 logits = head(shard["features"][s : s + batch_size].to(dev).float())
                 ids = [row.numpy().tobytes().hex() for row in shard["ids"][s : s + batch_size]]
-                out += _predictions(logits, ids, classes, shard["labels"][s : s + batch_size])
+                out += _predictions(logits, ids, classes, to_classifier[shard["labels"][s : s + batch_size]])
         return out
     size = run.config.data.image_size
     mode = "L" if run.channels == 1 else "RGB"

@@ -4,8 +4,9 @@
     features, label = ds[0]                             # C x H x W float32, int
     loader = DataLoader(ds, batch_size=128, sampler=ShardShuffle(ds, generator))
 
-Shards are read when one of their items is first asked for, each checked against the manifest
-(size, sha256, shapes), and at most `cache_shards` of them are held, the least recently used
+Opening checks what is cheap (the manifest's count against its shards' counts, the shard list);
+shards are read when one of their items is first asked for, each checked against the manifest
+(size, sha256, shapes, labels in the range of the classes), and at most `cache_shards` of them are held, the least recently used
 dropped: memory is about cache_shards shards whatever the size of the store (each item returned
 is a copy, so holding items does not hold their shard). Random access over the whole store
 (DataLoader(shuffle=True)) would read a shard for nearly every item; ShardShuffle is a random
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from veil.store.format import check_complete, check_listing, read_manifest, read_shard
+from veil.errors import StoreError
+from veil.store.format import check_complete, check_counts, check_label_range, check_listing, read_manifest, read_shard
 from veil.store.location import Location, locate
 
 
@@ -36,6 +38,7 @@ class StoreDataset(Dataset):
         self.manifest = read_manifest(self.location)
         check_complete(self.location, self.manifest)
         check_listing(self.location, self.manifest)
+        check_counts(self.location, self.manifest)
         self.ids, self.dtype, self.cache_shards = ids, dtype, cache_shards
         self.classes: list[str] = self.manifest["dataset"]["classes"]
         self.starts = [0]  # first item of each shard, and the total at the end
@@ -57,8 +60,16 @@ class StoreDataset(Dataset):
             return self._cache[k]
         while len(self._cache) >= self.cache_shards:
             self._cache.popitem(last=False)
-        self._cache[k] = read_shard(self.location, self.manifest, k)
-        return self._cache[k]
+        try:
+            shard = read_shard(self.location, self.manifest, k)
+        except StoreError:
+            if read_manifest(self.location) != self.manifest:  # an erase or append replaced the manifest (and this shard) since
+                raise StoreError(f"{self.location.url}: changed since it was opened (an erase or append replaced "
+                                 f"{self.manifest['shards'][k]['file']}); open it again") from None
+            raise
+        check_label_range(self.location, self.manifest, k, shard["labels"])
+        self._cache[k] = shard
+        return shard
 
     def __getitem__(self, index: int) -> tuple:
         n = len(self)

@@ -19,6 +19,10 @@ The erasure log is the manifest's `erasures` list: when (UTC) and which ids, not
 lives in the manifest so that it is committed in the same atomic write as the shards that no
 longer hold those ids (a separate file could disagree with the store after a kill); verify checks
 that no shard holds a logged id.
+
+An erase holds the store's lock (location.writer_lock): a second change started meanwhile is refused.
+SIGTERM or Ctrl-C before step 3 stops it with the store unchanged (what step 2 wrote stays pending,
+for the next change to delete); from step 3 on the erase is finished first.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from veil.errors import StoreError
 from veil.store import idmap
 from veil.store.format import (
     FORMAT_VERSION,
+    StopSignals,
     check_complete,
     check_listing,
     checked_shards,
@@ -48,7 +53,8 @@ from veil.store.format import (
     write_manifest,
     write_shard,
 )
-from veil.store.location import Location, locate, remove
+from veil.store.location import Location, locate, remove, writer_lock
+from veil.train import Stopped
 from veil.version import __version__
 
 ID_HEX = re.compile(r"[0-9a-f]{32}")
@@ -75,19 +81,32 @@ def parse_ids(args: list[str]) -> list[str]:
 
 def erase(store: str | Path | Location, ids: list[str] = (), id_map: str | Path | None = None, items: list[str] = (),
           progress: bool = False, log=print) -> dict:  # noqa: ANN001
-    """Remove the items with these ids (and those the id map gives for `items`) from the store.
-    An id that the store never held is an error and nothing is changed; one already erased is reported."""
+    """Remove the items with these ids (and those the id map gives for `items`) from the store, holding its lock.
+    An id that the store never held is an error and nothing is changed; one already erased is reported.
+    SIGTERM / Ctrl-C before the commit stops with the store unchanged; after it, the erase is finished first."""
     loc = locate(store)
+    with writer_lock(loc, "veil erase"), StopSignals() as stop:
+        result = _erase(loc, ids, id_map, items, progress, log, stop)
+    if result["stale"]:
+        log(f"{len(result['stale'])} id-map line(s) named items that were never stored (left by an interrupted obfuscate or append); "
+            f"removed from {id_map}")
+    if stop.signum:
+        log(f"signal {stop.signum} arrived after the erasure was committed; it was finished first")
+    return result
+
+
+def _erase(loc: Location, ids: list[str], id_map: str | Path | None, items: list[str], progress: bool, log, stop: StopSignals) -> dict:  # noqa: ANN001
     manifest = read_manifest(loc)
     check_complete(loc, manifest)
     check_listing(loc, manifest)
     wanted = list(dict.fromkeys(i.lower() for i in ids))
-    map_entries = None
+    map_entries, from_map = None, set()
     if id_map is not None:
         idmap.check_outside(id_map, loc)
         head, map_entries = idmap.read(id_map)
         idmap.check_store(id_map, head, manifest, loc.url)
-        wanted = list(dict.fromkeys(wanted + idmap.resolve(id_map, map_entries, list(items))))
+        from_map = set(idmap.resolve(id_map, map_entries, list(items))) - set(wanted)
+        wanted = list(dict.fromkeys(wanted + sorted(from_map)))
     elif items:
         raise StoreError("--items needs --id-map FILE, the map that `veil obfuscate --id-map` wrote for this store")
     if not wanted:
@@ -110,10 +129,16 @@ def erase(store: str | Path | Location, ids: list[str] = (), id_map: str | Path 
                 hits[k] = [p for p, _ in found]
                 seen.update(i for _, i in found)
     n_found = sum(len(v) for v in hits.values())
+    # An id-map line whose id the store never listed was written by an obfuscate or append killed before its
+    # commit: that item was never stored, and its line goes with the erased ones.
+    stale = (todo - seen) & from_map
+    todo -= stale
     if seen != todo:
         unknown = sorted(todo - seen)
         raise StoreError(f"{loc.url}: {len(unknown)} id(s) not in the store and never erased from it: {', '.join(unknown[:3])}"
                          f"{', ...' if len(unknown) > 3 else ''}; nothing was erased")
+    if stop.signum:
+        raise Stopped(f"stopped before erasing anything: {loc.url} is unchanged; run the same command again", stop.signum)
 
     cleaned = remove_leftovers(loc, manifest)  # a retired shard of an interrupted erase may still hold erased items
     if not todo:
@@ -121,7 +146,7 @@ def erase(store: str | Path | Location, ids: list[str] = (), id_map: str | Path 
             write_manifest(loc, {**manifest, "pending": [], "retired": []})
         _prune_map(id_map, map_entries, set(wanted))
         return {"erased": 0, "already": already, "shards_rewritten": 0, "cleaned": cleaned, "items": manifest["count"],
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "stale": sorted(stale)}
 
     # Pass 2: the shards that hold erased items, rewritten under new names; the manifest names them first.
     first = next_shard_index(loc, manifest)
@@ -129,6 +154,8 @@ def erase(store: str | Path | Location, ids: list[str] = (), id_map: str | Path 
     write_manifest(loc, {**manifest, "pending": list(new_names.values()), "retired": []})
     shards, kept_labels = [], []
     for k, entry in enumerate(manifest["shards"]):
+        if stop.signum:  # before the commit: the shards written so far stay pending, for the next change to delete
+            raise Stopped(f"stopped before the erasure was committed: {loc.url} is unchanged; run the same command again", stop.signum)
         if k not in hits:
             shards.append(entry)
             kept_labels.append(labels[k])
@@ -148,13 +175,14 @@ def erase(store: str | Path | Location, ids: list[str] = (), id_map: str | Path 
         "erasures": manifest["erasures"] + [{"utc": utc_now(), "ids": sorted(todo)}],
         "pending": [], "retired": retired,
     }
-    write_manifest(loc, new)  # the commit: from here on the store is the new one
+    write_manifest(loc, new)  # the commit: from here on the store is the new one, and a signal waits until the erase is finished
     for name in retired:
         remove(loc, name)
     write_manifest(loc, {**new, "retired": []})
     _prune_map(id_map, map_entries, set(wanted))
     seconds = time.perf_counter() - start
-    return {"erased": n_found, "already": already, "shards_rewritten": len(hits), "cleaned": cleaned, "items": new["count"], "seconds": seconds}
+    return {"erased": n_found, "already": already, "shards_rewritten": len(hits), "cleaned": cleaned, "items": new["count"], "seconds": seconds,
+            "stale": sorted(stale)}
 
 
 def _prune_map(id_map: str | Path | None, entries: list[tuple[str, str]] | None, erased: set[str]) -> None:

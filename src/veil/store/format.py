@@ -22,10 +22,20 @@ named in the manifest's `pending` list first, and shards it replaced stay in `re
 are deleted; verify ignores those two kinds of unlisted file (any other is reported), and the
 next erase or append deletes them.
 
-Writing is resumable: each shard of a new store is written, then the manifest (with `"complete":
-false` until the last shard) is replaced. A kill leaves at worst a temporary file or a shard the
-manifest does not list; running the same command again checks the listed shards and writes the
-rest. Memory holds one shard of features (`shard_size` items) and one batch at a time.
+Writing is resumable from the first byte: a new store's manifest is written before its first
+shard (`"complete": false`, no shards listed, every shard to come in `pending`); each shard is
+then written and the manifest replaced to list it. A kill leaves at worst a temporary file or a
+pending shard the manifest does not list; running the same command again checks the listed shards,
+deletes the rest and writes them again. Memory holds one shard of features (`shard_size` items)
+and one batch at a time.
+
+One writer at a time: every change holds the store's lock (location.writer_lock), so two changes
+never pick the same new shard name or delete each other's files. SIGTERM or Ctrl-C during a
+change is noted (StopSignals) and acted on at the change's next safe point: after a whole shard of
+a new store, or before an erase or append commits (after the commit it is finished first).
+
+`items_sha256` (of the store's first items, and of each append) is the sha256 of the stored
+features and labels of those items, in order: appending exactly the same items again is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import hashlib
 import json
 import re
 import secrets
+import signal
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +55,7 @@ from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
 from veil.errors import StoreError
-from veil.store.location import Location, is_folder, locate, names, read_bytes, remove, where, write_bytes
+from veil.store.location import Location, exists, is_folder, locate, names, read_bytes, remove, where, write_bytes
 
 FORMAT = "veil-store"
 FORMAT_VERSION = 2  # 2: store id, non-consecutive shard names (erase, append), pending/retired, erasure log
@@ -67,6 +79,12 @@ def utc_now() -> str:
 
 
 # ----------------------------------------------------------------------------- manifest
+
+
+def update_items_digest(digest, features: torch.Tensor, labels: torch.Tensor) -> None:  # noqa: ANN001
+    """Feed a shard's stored features (their bytes, any dtype) and labels into an items_sha256 digest."""
+    digest.update(features.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(labels.to(torch.int64).numpy().tobytes())
 
 
 def labels_digest(labels: torch.Tensor) -> str:
@@ -178,18 +196,38 @@ def check_listing(loc: Location, manifest: dict) -> None:
         raise StoreError(f"{where(loc, strays[0])}: not listed in the manifest (left by an interrupted run, or added later)")
 
 
+def check_counts(loc: Location, manifest: dict) -> None:
+    """What the manifest alone can say: a class list, whole item counts, and a total that is their sum."""
+    path = where(loc, MANIFEST)
+    classes = manifest["dataset"].get("classes") if isinstance(manifest["dataset"], dict) else None
+    if not isinstance(classes, list) or not classes:
+        raise StoreError(f"{path}: dataset.classes should be a list of class names, got {classes!r}")
+    counts = [s.get("count") if isinstance(s, dict) else None for s in manifest["shards"]]
+    if not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise StoreError(f"{path}: every shard's count should be a whole number >= 0, got {next(c for c in counts if not isinstance(c, int) or c < 0)!r}")
+    if sum(counts) != manifest["count"]:
+        raise StoreError(f"{path}: count is {manifest['count']} but its shards list {sum(counts)} items")
+
+
+def check_label_range(loc: Location, manifest: dict, index: int, labels: torch.Tensor) -> None:
+    """A shard's labels must index the store's classes."""
+    n_classes = len(manifest["dataset"]["classes"])
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise StoreError(f"{where(loc, manifest['shards'][index]['file'])}: labels must be in 0..{n_classes - 1}, "
+                         f"found {labels.min().item()}..{labels.max().item()}")
+
+
 def checked_shards(loc: Location, manifest: dict, progress: bool = False, decode: bool = True):  # noqa: ANN201
     """Yield (index, tensors) of every shard, each checked (read_shard; labels in range; no erased id);
     once the last is read, check the total count and the labels' sha256 against the manifest."""
-    digest, count, n_classes = hashlib.sha256(), 0, len(manifest["dataset"]["classes"])
+    digest, count = hashlib.sha256(), 0
     erased = erased_ids(manifest)
     for i in tqdm(range(len(manifest["shards"])), desc="verify", disable=not progress, leave=False):
         shard = read_shard(loc, manifest, i, decode)  # one shard at a time: memory stays bounded
         labels, path = shard["labels"], where(loc, manifest["shards"][i]["file"])
         digest.update(labels.numpy().tobytes())
         count += len(labels)
-        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-            raise StoreError(f"{path}: labels must be in 0..{n_classes - 1}, found {labels.min().item()}..{labels.max().item()}")
+        check_label_range(loc, manifest, i, labels)
         if erased:
             back = [i for i in id_hex(shard["ids"]) if i in erased]
             if back:
@@ -250,7 +288,10 @@ def iter_shards(store: str | Path | Location, manifest: dict):  # noqa: ANN201
 
 
 def write_shard(loc: Location, name: str, tensors: dict[str, torch.Tensor], index: int) -> dict:
-    """One shard under a new name (atomically where the backend can); returns its manifest entry."""
+    """One shard under a new name (atomically where the backend can); returns its manifest entry.
+    A name already taken is refused: a shard is never written over (the writer's lock keeps names apart)."""
+    if exists(loc, name):
+        raise StoreError(f"{where(loc, name)}: already exists; a new shard never replaces a file (is another program writing to the store?)")
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT, "shard": str(index)})
     write_bytes(loc, name, data)
     return {"file": name, "count": len(tensors["labels"]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -259,3 +300,33 @@ def write_shard(loc: Location, name: str, tensors: dict[str, torch.Tensor], inde
 def new_ids(n: int) -> torch.Tensor:
     """n random 128-bit ids (N x 16 uint8)."""
     return torch.frombuffer(bytearray(secrets.token_bytes(ID_BYTES * n)), dtype=torch.uint8).reshape(n, ID_BYTES)
+
+
+# ----------------------------------------------------------------------------- stopping a change
+
+
+class StopSignals:
+    """SIGTERM / Ctrl-C during a change of a store: noted in `signum`, for the change to stop at its next safe
+    point (it raises veil.train.Stopped there); a second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they were
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nveil: signal {signum} received; stopping at the next safe point (send again to stop now)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -69,14 +69,41 @@ def check_store(path: str | Path, head: dict, manifest: dict, store: str) -> Non
                          f"use the id map written with this store")
 
 
+def check_new(path: str | Path) -> None:
+    """A new store's id map must be a new file: refuse one that exists (it is another store's, or that store's own)."""
+    path = Path(path)
+    if path.exists():
+        head, _ = read(path)
+        raise StoreError(f"--id-map {path}: already exists (the id map of store {head['store_id'][:12]}...); choose another file")
+
+
+def check_covers(path: str | Path, manifest: dict, ids: list[str]) -> None:
+    """Resuming a new store: its id map must hold a line for every item already written (an interrupted run given no
+    id map, or another one, would leave those items without one)."""
+    if not ids:
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"--id-map {path}: not found, but {len(ids)} items of the store are already written without it; "
+                         f"finish the store as it was started (the same --id-map, or none)")
+    head, entries = read(path)
+    check_store(path, head, manifest, "the store")
+    have = {i for i, _ in entries}
+    missing = sum(i not in have for i in ids)
+    if missing:
+        raise StoreError(f"--id-map {path}: has no line for {missing} of the {len(ids)} items already written; "
+                         f"finish the store as it was started (the same --id-map, or none)")
+
+
 def start(path: str | Path, manifest: dict, keep_ids: list[str], resume: bool) -> None:
-    """Begin the id map of a store: a new file, or (resume) this store's existing map, keeping only the entries of ids in keep_ids."""
+    """Begin the id map of a store: a new file, or (resume) this store's existing map, keeping only the entries of ids in keep_ids
+    (lines of items an interrupted run wrote but never listed are dropped)."""
     path = Path(path)
     kept: list[tuple[str, str]] = []
+    if not resume:
+        check_new(path)
     if path.exists():
         head, entries = read(path)
-        if not resume:
-            raise StoreError(f"--id-map {path}: already exists (the id map of store {head['store_id'][:12]}...); choose another file")
         check_store(path, head, manifest, "the store")
         keep = set(keep_ids)
         kept = [e for e in entries if e[0] in keep]

@@ -11,10 +11,35 @@ so a file is written under its final name. The store relies on nothing more: it 
 under new names and the manifest last, so the manifest always lists whole shards (format.py). On a
 backend whose writes are neither renamed nor atomic (an FTP or SFTP server, say), a kill during
 the manifest's own write can leave it damaged; `veil verify` then says so.
+
+One writer per store: every change (obfuscate into it, --append, erase) runs inside
+`writer_lock(loc, command)`, which holds STORE/.veil-lock for as long as the change runs and
+refuses a second writer at once, naming the holder (command, pid, host, start time). Readers take
+no lock: they read the manifest, which changes only by one atomic replace. What the lock
+guarantees, by backend:
+
+    local folder (POSIX)   an OS lock (fcntl.flock) on the lock file: exclusive among the processes
+                           of this machine; the kernel drops it when its holder exits or is killed,
+                           so a dead holder never blocks the next writer (on a network file system,
+                           only as far as its flock support goes)
+    fsspec URLs, and a     a lock object, created by one exclusive create (fsspec's pipe_file
+    local folder without   mode="create"; O_EXCL locally): atomic where the backend makes that a
+    fcntl (Windows)        conditional write (memory://, a local folder; an object store package
+                           only if its pipe_file implements mode="create" as one); otherwise fsspec
+                           checks, then writes, and two writers starting in the same instant could
+                           both pass. A holder that died leaves the object behind: when it was on
+                           this host and its process is gone it is removed and taken over; from
+                           another host Veil cannot tell, so the message names the object to delete
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +48,13 @@ from fsspec.registry import known_implementations
 
 from veil.errors import StoreError
 from veil.io import atomic_write_bytes
+
+try:
+    import fcntl  # POSIX: a lock the kernel releases when its holder dies
+except ImportError:  # Windows: the lock object (writer_lock) for local folders too
+    fcntl = None
+
+LOCK = ".veil-lock"  # in the store's folder while a change runs: who holds it, as JSON
 
 
 @dataclass(frozen=True)
@@ -116,3 +148,145 @@ def remove(loc: Location, name: str) -> None:
 
 def size(loc: Location, name: str) -> int:
     return Path(_path(loc, name)).stat().st_size if loc.local else loc.fs.size(_path(loc, name))
+
+
+# ----------------------------------------------------------------------------- one writer per store
+
+
+def _process_start(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, Linux), so that a reused pid is not taken for its holder."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name in (...) may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _holder(command: str) -> dict:
+    return {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "pid_start": _process_start(os.getpid()), "token": secrets.token_hex(8)}
+
+
+def _describe(holder: dict | None) -> str:
+    if not isinstance(holder, dict):
+        return "its holder is not recorded yet"
+    return f"`{holder.get('command', '?')}` by pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started_utc', '?')}"
+
+
+def _parse(data: bytes) -> dict | None:
+    try:
+        holder = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _refusal(loc: Location, holder: dict | None, hint: str = "") -> StoreError:
+    return StoreError(f"{loc.url}: another change holds this store's lock ({_describe(holder)}); one change (obfuscate, --append, erase) "
+                      f"at a time: run this command again when it has finished{hint}")
+
+
+def _gone(holder: dict | None) -> bool:
+    """The holder's process ran on this host and no longer runs (another process under its pid does not count)."""
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # another user's process (alive), or not a pid at all: leave it to the user
+    start = _process_start(holder["pid"])
+    return holder.get("pid_start") is not None and start is not None and start != holder["pid_start"]
+
+
+def _flock(loc: Location, holder: dict) -> int:
+    """Take the OS lock on STORE/.veil-lock (never waiting) and record the holder in it; return its descriptor."""
+    path = _path(loc, LOCK)
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = None
+            for _ in range(20):  # the holder writes who it is just after taking the lock
+                other = _parse(os.pread(fd, 4096, 0))
+                if other is not None:
+                    break
+                time.sleep(0.02)
+            os.close(fd)
+            raise _refusal(loc, other) from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            data = json.dumps(holder).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            return fd
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+    raise StoreError(f"{where(loc, LOCK)}: could not take the lock, the file kept being replaced")
+
+
+def _read_lock_object(loc: Location) -> dict | None:
+    try:
+        return _parse(read_bytes(loc, LOCK))
+    except FileNotFoundError:
+        return None
+
+
+def _create_exclusively(loc: Location, name: str, data: bytes) -> None:
+    """Create a file that must not exist yet (FileExistsError if it does): O_EXCL locally, fsspec's create mode elsewhere."""
+    if loc.local:
+        fd = os.open(_path(loc, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return
+    try:
+        loc.fs.pipe_file(_path(loc, name), data, mode="create")
+    except TypeError:  # a backend whose pipe_file takes no mode: check, then write (best effort)
+        if loc.fs.isfile(_path(loc, name)):
+            raise FileExistsError(_path(loc, name)) from None
+        loc.fs.pipe_file(_path(loc, name), data)
+
+
+def _take_lock_object(loc: Location, holder: dict) -> None:
+    data = json.dumps(holder).encode()
+    for attempt in range(2):
+        try:
+            _create_exclusively(loc, LOCK, data)
+        except FileExistsError:
+            other = _read_lock_object(loc)
+            if attempt == 0 and _gone(other):
+                remove(loc, LOCK)  # its holder died on this host: take it over
+                continue
+            raise _refusal(loc, other, f" (if that process is no longer running, delete {where(loc, LOCK)})") from None
+        if _read_lock_object(loc) != holder:  # a backend without an atomic create let another writer in after us
+            raise _refusal(loc, _read_lock_object(loc))
+        return
+
+
+@contextlib.contextmanager
+def writer_lock(loc: Location, command: str):  # noqa: ANN201
+    """Hold the store's one writer lock while a change runs (the module docstring says what each backend
+    guarantees); a second writer is refused at once with a StoreError naming the holder. The store's
+    folder must exist."""
+    if not is_folder(loc):
+        raise StoreError(f"store not found: {loc.url}")
+    holder = _holder(command)
+    if loc.local and fcntl is not None:
+        fd = _flock(loc, holder)
+        try:
+            yield holder
+        finally:
+            Path(_path(loc, LOCK)).unlink(missing_ok=True)  # while still holding it: a writer that opened it retries (_flock)
+            os.close(fd)
+        return
+    _take_lock_object(loc, holder)
+    try:
+        yield holder
+    finally:
+        if _read_lock_object(loc) == holder:
+            remove(loc, LOCK)

@@ -5,6 +5,7 @@ obfuscator into a new store, or appended to one. The format it writes is format.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from veil.config import DataConfig
-from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, load_splits, read_named, read_npz, to_float, to_tensor_images
+from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, check_labels, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.errors import StoreError
 from veil.models.obfuscator import code_dtype, feature_shape, fingerprint, quantised_bits
 from veil.rundir import load_run
@@ -27,7 +28,9 @@ from veil.store.format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    SHARD_NAME,
     STORED_DTYPES,
+    StopSignals,
     check_complete,
     check_fingerprint,
     check_listing,
@@ -41,20 +44,22 @@ from veil.store.format import (
     remove_leftovers,
     shard_name,
     store_bytes,
+    update_items_digest,
     utc_now,
     write_manifest,
     write_shard,
 )
-from veil.store.location import Location, exists, locate, make_folder, names, remove
+from veil.store.location import LOCK, Location, exists, locate, make_folder, names, remove, writer_lock
+from veil.train import Stopped
 from veil.version import __version__
 
 # ----------------------------------------------------------------------------- sources
 
 NAMED = ("mnist", "fashion-mnist", "cifar10", "cifar100")
-SPLITS = ("all", "defender", "attacker", "test")
+SPLITS = ("all", "defender", "attacker", "test", "later")  # later: training images in neither defender nor attacker (data.n_later)
 SPEC_HELP = (
     "SOURCE[:SPLIT], SOURCE = run | mnist | fashion-mnist | cifar10 | cifar100 | npz:FILE.npz | folder:DIR, "
-    "SPLIT = all | defender | attacker | test (e.g. cifar10:test, run:test, npz:demo/cifar10-2k.npz, folder:photos/)"
+    "SPLIT = all | defender | attacker | test | later (e.g. cifar10:test, run:test, npz:demo/cifar10-2k.npz, folder:photos/)"
 )
 IDENTITY = ("format", "obfuscator", "dataset", "features", "shard_size", "count", "labels_sha256")  # what a resumed run must match
 
@@ -122,10 +127,15 @@ def load_image(path: Path, mode: str | None, image_size: int, pad_small: bool) -
     return arr if arr.ndim == 3 else arr[..., None]
 
 
+def _relative(path: Path) -> str:
+    """What a relative path that was not found is relative to."""
+    return "" if path.is_absolute() else f" (relative to the working directory, {Path.cwd()})"
+
+
 def folder_source(path: Path, image_size: int) -> Source:
     """One sub-folder per class, decoded batch by batch (the files are listed, never all held)."""
     if not path.is_dir():
-        raise DataError(f"image folder not found: {path}")
+        raise DataError(f"image folder not found: {path}{_relative(path)}")
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"{path}: expected one sub-folder per class, found none")
@@ -168,7 +178,7 @@ def open_source(spec: DataSpec, run_data: DataConfig, seed: int, name: str = "")
     if data.dataset == "npz":
         path = Path(data.path)
         if not path.is_file():
-            raise DataError(f"--data: .npz file not found: {path}")
+            raise DataError(f"--data: .npz file not found: {path}{_relative(path)}")
         images, labels, classes = read_npz(path, Path(data.cache_dir) if data.cache_dir else None)
     else:  # a named dataset: every image, the official train split then the test split
         tr_images, tr_labels, classes = read_named(data, train=True)
@@ -222,14 +232,19 @@ def _describe_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     return None
 
 
-def _resume_point(loc: Location, manifest: dict, log) -> list[str]:  # noqa: ANN001
-    """Check the shards an interrupted run listed; return their ids (hex), which an id map may keep."""
+def _resume_point(loc: Location, manifest: dict, digest, log) -> list[str]:  # noqa: ANN001
+    """Check the shards an interrupted run listed (their items go into `digest`) and return their ids (hex), which an
+    id map keeps; delete every other shard and temporary file in the folder: the interrupted run's unfinished work
+    (it held the store's lock, so they are nobody else's)."""
     ids: list[str] = []
     for i in range(len(manifest["shards"])):
-        ids += id_hex(read_shard(loc, manifest, i)["ids"])
+        shard = read_shard(loc, manifest, i, decode=False)
+        update_items_digest(digest, shard["features"], shard["labels"])
+        ids += id_hex(shard["ids"])
+    listed = {s["file"] for s in manifest["shards"]}
     for name in names(loc):
-        if name.startswith(".shard-") and name.endswith(".tmp"):
-            remove(loc, name)  # half-written shards of the interrupted run
+        if (SHARD_NAME.fullmatch(name) and name not in listed) or (name.startswith(".") and name.endswith(".tmp")):
+            remove(loc, name)
     log(f"resuming {loc.url}: {len(manifest['shards'])} shards ({len(ids)} of {manifest['count']} items) checked and kept")
     return ids
 
@@ -299,6 +314,7 @@ def obfuscate(
         raise DataError(f"--data {data}: images have {source.channels} channel(s), the obfuscator of {run_dir} takes {run.channels}")
     if len(source) == 0:
         raise DataError(f"--data {data}: no images")
+    check_labels(source.labels.numpy(), source.classes, f"--data {data}")  # a store's labels are class indices, as verify checks
     bits = quantised_bits(run.obfuscator)
     if dtype == "auto":
         dtype = code_dtype(bits)
@@ -307,10 +323,19 @@ def obfuscate(
     manifest = _new_manifest(source, run.obfuscator, fingerprint(run.obfuscator), run.config.data.image_size, shape, dtype, shard_size)
     enc = Encoder(run.obfuscator, dev, shape, dtype, bits, batch_size, data)
     if old is not None:
-        return _append(loc, old, manifest, enc, source, data, id_map, progress, log) | {"open_seconds": open_seconds}
+        return _append(loc, manifest, enc, source, data, id_map, progress, log, run_dir) | {"open_seconds": open_seconds}
+    make_folder(loc)
+    with writer_lock(loc, "veil obfuscate"), StopSignals() as stop:
+        return _create(loc, manifest, enc, source, data, id_map, progress, log, stop, bench, run, open_seconds)
 
-    first, kept_ids = 0, []
-    if exists(loc, MANIFEST):
+
+def _create(loc: Location, manifest: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log,  # noqa: ANN001
+            stop: StopSignals, bench: bool, run, open_seconds: float) -> dict:  # noqa: ANN001
+    """Write a new store, or finish an interrupted one; the caller holds the store's lock."""
+    shard_size, n_shards = manifest["shard_size"], -(-len(source) // manifest["shard_size"])
+    first, kept_ids, resumed = 0, [], exists(loc, MANIFEST)
+    digest = hashlib.sha256()  # items_sha256 of the store's items, shard by shard
+    if resumed:
         old = read_manifest(loc)
         diff = _describe_difference({k: old.get(k) for k in IDENTITY}, {k: manifest.get(k) for k in IDENTITY})
         if diff:
@@ -318,86 +343,130 @@ def obfuscate(
         if old["complete"]:
             log(f"{loc.url} is already complete ({old['count']} items); nothing to do")
             return {"items": old["count"], "written": 0, "shards": len(old["shards"]), "bytes": store_bytes(loc, old), "seconds": 0.0}
-        manifest = old
-        kept_ids = _resume_point(loc, manifest, log)
+        manifest = {**old, "pending": [shard_name(k) for k in range(len(old["shards"]), n_shards)], "retired": []}
+        kept_ids = _resume_point(loc, manifest, digest, log)
         first = len(manifest["shards"])
-    elif names(loc):
-        raise StoreError(f"{loc.url}: exists, is not empty and holds no {MANIFEST}; choose another --out")
+    else:
+        foreign = [n for n in names(loc) if n != LOCK and not (n.startswith(f".{MANIFEST}.") and n.endswith(".tmp"))]
+        if foreign:
+            raise StoreError(f"{loc.url}: exists, is not empty and holds no {MANIFEST}; choose another --out")
+        for n in names(loc):  # a kill during the very first manifest write leaves only its temporary file
+            if n != LOCK:
+                remove(loc, n)
+        manifest = {**manifest, "pending": [shard_name(k) for k in range(n_shards)]}
     if id_map is not None:
         if "store_id" not in manifest:
             raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
-        idmap.start(id_map, manifest, kept_ids, resume=first > 0)
-    make_folder(loc)
+        if resumed:
+            idmap.check_covers(id_map, manifest, kept_ids)
+        else:
+            idmap.check_new(id_map)
+    write_manifest(loc, manifest)  # before the first shard (on resume, naming the shards still to come): a kill from here on is resumable
+    if id_map is not None:
+        idmap.start(id_map, manifest, kept_ids, resume=resumed)
 
-    n_shards = -(-len(source) // shard_size)
     n_bench = min(len(source) - first * shard_size, shard_size)  # one shard's worth: memory stays bounded
-    bare_before = bare_forward_seconds(run.obfuscator, source, first * shard_size, n_bench, batch_size, dev) if bench else None
+    bare_before = bare_forward_seconds(run.obfuscator, source, first * shard_size, n_bench, enc.batch_size, enc.device) if bench else None
     start_time, start_cpu = time.perf_counter(), time.process_time()
     written = 0
     with torch.inference_mode(), tqdm(total=len(source), initial=first * shard_size, desc="obfuscate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for index in range(first, n_shards):
             a, b = index * shard_size, min(len(source), (index + 1) * shard_size)
-            features, ids = encode(enc, source, a, b, bar), new_ids(b - a)
-            entry = write_shard(loc, shard_name(index), {"features": features, "labels": source.labels[a:b].clone(), "ids": ids}, index)
+            features, ids, labels = encode(enc, source, a, b, bar), new_ids(b - a), source.labels[a:b].clone()
+            entry = write_shard(loc, shard_name(index), {"features": features, "labels": labels, "ids": ids}, index)
+            update_items_digest(digest, features, labels)
             if id_map is not None:
                 idmap.add(id_map, id_hex(ids), item_names(source, data, a, b))  # before the manifest lists the items
             manifest["shards"].append(entry)
+            manifest["pending"] = manifest["pending"][1:]
             manifest["complete"] = index + 1 == n_shards
+            if manifest["complete"]:
+                manifest["items_sha256"] = digest.hexdigest()
             write_manifest(loc, manifest)  # after the shard: a listed shard is always whole
             written += b - a
+            if stop.signum and manifest["complete"]:
+                log(f"signal {stop.signum} arrived while the last shard was written; {loc.url} is complete")
+            elif stop.signum:
+                raise Stopped(f"stopped after shard {index + 1} of {n_shards} ({b} of {len(source)} items written to {loc.url}); "
+                              f"run the same command again to finish it", stop.signum)
     seconds, cpu_seconds = time.perf_counter() - start_time, time.process_time() - start_cpu
     result = {"items": len(source), "written": written, "shards": n_shards, "bytes": store_bytes(loc, manifest),
               "seconds": seconds, "cpu_seconds": cpu_seconds, "open_seconds": open_seconds}
     if bench:
         # Timed before and after the store is written, and averaged, so that a change in machine load
         # during the run does not land on one side of the ratio only.
-        bare_after = bare_forward_seconds(run.obfuscator, source, first * shard_size, n_bench, batch_size, dev)
+        bare_after = bare_forward_seconds(run.obfuscator, source, first * shard_size, n_bench, enc.batch_size, enc.device)
         result["bare_images"] = n_bench
         result["bare_seconds"] = (bare_before[0] + bare_after[0]) / 2
         result["bare_cpu_seconds"] = (bare_before[1] + bare_after[1]) / 2
     return result
 
 
-def _append(loc: Location, old: dict, new: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log) -> dict:  # noqa: ANN001
-    """Add a source's items to a complete store as new shards; the manifest, replaced last, lists them."""
-    check_complete(loc, old)
-    for key, what in (("features", "feature shape and dtype"), ("dataset", "classes")):
-        a, b = old[key], new[key]
-        if key == "dataset":
-            a, b = a["classes"], b["classes"]
-        if a != b:
-            raise StoreError(f"{loc.url}: {what} {a} differ from what --data {data} gives with this run ({b}); items appended must match")
-    check_listing(loc, old)
-    if id_map is not None and "store_id" not in old:
-        raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
-    labels, ids = [], []
-    for _, shard in checked_shards(loc, old, progress):  # the whole store checked before anything is added
-        labels.append(shard["labels"])
-        ids += id_hex(shard["ids"])
-    if id_map is not None:
-        idmap.start(id_map, old, ids, resume=True)  # this store's earlier entries are kept (if the file has them)
-    remove_leftovers(loc, old)
-    first, size = next_shard_index(loc, old), old["shard_size"]
-    n_new = -(-len(source) // size)
-    manifest = {**old, "pending": [shard_name(first + k) for k in range(n_new)], "retired": []}
-    write_manifest(loc, manifest)  # the old store, naming the shards about to be written
-    start, entries = time.perf_counter(), []
-    with torch.inference_mode(), tqdm(total=len(source), desc="append", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for k in range(n_new):
-            a, b = k * size, min(len(source), (k + 1) * size)
-            features, new_id = encode(enc, source, a, b, bar), new_ids(b - a)
-            entries.append(write_shard(loc, shard_name(first + k), {"features": features, "labels": source.labels[a:b].clone(), "ids": new_id}, first + k))
+def _append(loc: Location, new: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log,  # noqa: ANN001
+            run_dir: str | Path) -> dict:
+    """Add a source's items to a complete store as new shards, holding its lock; the manifest, replaced last, lists them."""
+    with writer_lock(loc, "veil obfuscate --append"), StopSignals() as stop:
+        old = read_manifest(loc)  # again, under the lock: the store as it is now
+        check_fingerprint(old, new["obfuscator"]["fingerprint"], loc.url, f"--run {run_dir}")
+        check_complete(loc, old)
+        for key, what in (("features", "feature shape and dtype"), ("dataset", "classes")):
+            a, b = old[key], new[key]
+            if key == "dataset":
+                a, b = a["classes"], b["classes"]
+            if a != b:
+                raise StoreError(f"{loc.url}: {what} {a} differ from what --data {data} gives with this run ({b}); items appended must match")
+        check_listing(loc, old)
+        if id_map is not None and "store_id" not in old:
+            raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
+        labels, ids = [], []
+        for _, shard in checked_shards(loc, old, progress):  # the whole store checked before anything is added
+            labels.append(shard["labels"])
+            ids += id_hex(shard["ids"])
+        if id_map is not None:
+            idmap.start(id_map, old, ids, resume=True)  # this store's earlier entries are kept (if the file has them)
+        remove_leftovers(loc, old)
+        old = {**old, "pending": [], "retired": []}
+        first, size = next_shard_index(loc, old), old["shard_size"]
+        n_new = -(-len(source) // size)
+        write_manifest(loc, {**old, "pending": [shard_name(first + k) for k in range(n_new)]})  # the old store, naming the shards about to be written
+        start, entries, digest = time.perf_counter(), [], hashlib.sha256()
+
+        def undo(error: Exception) -> None:
+            """Raise `error` with the store as it was: the new shards deleted, the manifest without them, the id map without their lines."""
+            for entry in entries:
+                remove(loc, entry["file"])
+            write_manifest(loc, old)
             if id_map is not None:
-                idmap.add(id_map, id_hex(new_id), item_names(source, data, a, b))
-    manifest = {
-        **old, "veil_version": __version__, "format_version": FORMAT_VERSION,
-        "shards": old["shards"] + entries, "count": old["count"] + len(source),
-        "labels_sha256": labels_digest(torch.cat([*labels, source.labels])),
-        "appends": old["appends"] + [{"utc": utc_now(), "dataset": {k: new["dataset"][k] for k in ("name", "split")}, "count": len(source)}],
-        "pending": [], "retired": [],
-    }
-    write_manifest(loc, manifest)  # the commit: the new store
+                idmap.start(id_map, old, ids, resume=True)
+            raise error
+
+        with torch.inference_mode(), tqdm(total=len(source), desc="append", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for k in range(n_new):
+                a, b = k * size, min(len(source), (k + 1) * size)
+                features, new_id, new_labels = encode(enc, source, a, b, bar), new_ids(b - a), source.labels[a:b].clone()
+                entries.append(write_shard(loc, shard_name(first + k), {"features": features, "labels": new_labels, "ids": new_id}, first + k))
+                update_items_digest(digest, features, new_labels)
+                if id_map is not None:
+                    idmap.add(id_map, id_hex(new_id), item_names(source, data, a, b))
+                if stop.signum:
+                    undo(Stopped(f"stopped before the append was committed: {loc.url} is as it was; run the same command again", stop.signum))
+        before = [("the store's first items", old.get("items_sha256"))] + [(f"the items appended on {e['utc']}", e.get("items_sha256")) for e in old["appends"]]
+        repeat = next((what for what, d in before if d == digest.hexdigest()), None)
+        if repeat:
+            undo(StoreError(f"--data {data}: these {len(source)} items are exactly {repeat} of {loc.url}; appending them again would store "
+                            f"each twice (nothing was added)"))
+        manifest = {
+            **old, "veil_version": __version__, "format_version": FORMAT_VERSION,
+            "shards": old["shards"] + entries, "count": old["count"] + len(source),
+            "labels_sha256": labels_digest(torch.cat([*labels, source.labels])),
+            "appends": old["appends"] + [{"utc": utc_now(), "dataset": {k: new["dataset"][k] for k in ("name", "split")}, "count": len(source),
+                                          "items_sha256": digest.hexdigest()}],
+            "pending": [], "retired": [],
+        }
+        write_manifest(loc, manifest)  # the commit: the new store
     seconds = time.perf_counter() - start
+    if stop.signum:
+        log(f"signal {stop.signum} arrived after the append was committed; it was finished first")
     log(f"appended {len(source)} items to {loc.url} as {n_new} new shards ({manifest['count']} items now)")
     return {"items": manifest["count"], "written": len(source), "shards": len(manifest["shards"]), "bytes": store_bytes(loc, manifest),
             "seconds": seconds, "cpu_seconds": seconds}

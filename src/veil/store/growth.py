@@ -1,0 +1,426 @@
+"""`veil growth`: is a feature store worth more than its labels? The paper's reason for keeping one, measured.
+
+A store is worth keeping if a model trained on it *later* can learn more than the model that made it.
+`growth(run_dir, settings)` stores the run's defender images (N items) through its final obfuscator,
+and the same with the later images appended (N + M: training images that neither f nor the attacker
+saw, data.n_later), trains the store classifier on each (one per head given) and scores it on the
+stored test images. Beside it, on the same images: the image store (the whole VGG16 trained on the
+raw images with the store classifier's optimiser, schedule and epochs) and the label store (the
+class the run's undefended classifier reads from each test image: one byte, it cannot grow).
+Into RUN/growth/:
+
+    inputs.json                       the obfuscator's fingerprint, N, M and the data they were drawn from
+    stores/defender, stores/defender+later, stores/test     deleted at the end unless keep_stores
+    classifiers/store-HEAD-n/, classifiers/store-HEAD-n+m/   `veil train-classifier` directories
+    classifiers/image-n/, classifiers/image-n+m/             settings.json, metrics.jsonl, the weights, summary.json
+    growth.json, growth.md            per store: accuracy at N and at N + M, gain, growth ratio, bytes per item
+
+The growth ratio is a store's gain divided by the image store's gain (the image store's is 1 by
+construction). Every classifier directory is kept: a rerun skips each one finished with the same
+settings and trains again one that is missing, half made or made otherwise. The stores are made only
+when a classifier still needs them; a half-made one is resumed by `veil obfuscate` (and its append).
+A growth folder made from another obfuscator is refused.
+
+With data.task set, the run's networks learnt the task's coarse labels while the stores, the image
+store and the test keep the fine ones: the label store's accuracy is then that of reading each
+stored coarse class as the fine class most frequent in it among the defender images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from veil import runtime
+from veil.config import Config
+from veil.data import ImageSet, Splits, load_splits, task_table
+from veil.data import fingerprint as data_fingerprint
+from veil.defences import PRETRAIN
+from veil.errors import StoreError
+from veil.io import atomic_write_json, atomic_write_text, save_tensors
+from veil.models import build_networks
+from veil.models.obfuscator import fingerprint
+from veil.progress import progress_bar
+from veil.rundir import Run, load_run
+from veil.runtime import feature_maps, resolve_device
+from veil.store.classify import HEADS, HeadConfig, check_head_config, train_classifier
+from veil.store.format import MANIFEST, STORED_DTYPES, read_manifest
+from veil.store.obfuscate import obfuscate
+from veil.train import Step, evaluate, make_optimizers, plan, pretrain_lr_factor, train_obfuscator_classifier
+from veil.version import __version__
+
+INPUTS, RESULT, TABLE = "inputs.json", "growth.json", "growth.md"
+SIZES = ("n", "n+m")  # the two stores each classifier is trained on: the defender images, and those plus the later ones
+HOW = ("device", "channels_last", "progress")  # HeadConfig fields that change how a classifier runs, not what it learns
+
+
+@dataclass
+class GrowthConfig:
+    epochs: int = 30
+    """Epochs of every classifier: each store classifier and the image store's VGG16."""
+    heads: str = "vgg16"
+    """Store classifier heads, comma-separated (veil train-classifier --head: vgg16, small, vgg16-wide)."""
+    batch_size: int = 128
+    """Items per optimisation step of every classifier (veil train-classifier's default)."""
+    out: str = ""
+    """Folder of the measurement ('' = RUN/growth)."""
+    keep_stores: bool = False
+    """Keep the three stores at the end (by default deleted; a rerun that needs them makes them again)."""
+    seed: int = 0
+    """Seed of every classifier's initialisation, batch order and augmentation."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def head_names(settings: GrowthConfig) -> list[str]:
+    heads = [h.strip() for h in settings.heads.split(",") if h.strip()]
+    unknown = [h for h in heads if h not in HEADS]
+    if not heads or unknown:
+        raise StoreError(f"--head: {', '.join(unknown) or 'none given'}; give one or more of {', '.join(HEADS)}, comma-separated")
+    if len(set(heads)) != len(heads):
+        raise StoreError(f"--head names a head twice: {settings.heads}")
+    return heads
+
+
+def head_config(settings: GrowthConfig, head: str) -> HeadConfig:
+    """The store classifier of one head: veil train-classifier's defaults but for the head, epochs, batch, seed and device."""
+    return HeadConfig(head=head, epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, device=settings.device,
+                      progress=settings.progress)
+
+
+# ----------------------------------------------------------------------------- the folder's inputs
+
+
+def _images_digest(images: ImageSet) -> str:
+    h = hashlib.sha256()
+    h.update(images.images.cpu().contiguous().numpy().tobytes())
+    h.update(images.labels.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_made_from(out: Path, run_dir: Path, fp: str) -> dict | None:
+    """out/inputs.json as written by an earlier call (None if there is none); refused, naming it, when it was made
+    from another obfuscator (the run retrained since, or another run's folder)."""
+    path = out / INPUTS
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: not readable JSON ({e}); remove {out} to measure again") from None
+    if old.get("obfuscator_fingerprint") != fp:
+        raise StoreError(f"{path}: this growth folder was made from obfuscator {str(old.get('obfuscator_fingerprint'))[:16]}..., but {run_dir} "
+                         f"has obfuscator {fp[:16]}...; remove {out} or give another --out")
+    return old
+
+
+def check_inputs(out: Path, run_dir: Path, fp: str, splits: Splits) -> dict:
+    """out/inputs.json: what this folder measures. Written on the first call; later calls must match it."""
+    inputs = {"run": str(run_dir), "obfuscator_fingerprint": fp, "data_fingerprint": data_fingerprint(splits),
+              "later_fingerprint": _images_digest(splits.later), "n": len(splits.defender), "m": len(splits.later), "test_items": len(splits.test)}
+    old = check_made_from(out, run_dir, fp)
+    if old is not None:
+        for key in ("data_fingerprint", "later_fingerprint", "n", "m", "test_items"):
+            if old.get(key) != inputs[key]:
+                raise StoreError(f"{out / INPUTS}: made on other images ({key}: {old.get(key)} -> {inputs[key]}); remove {out} or give another --out")
+        return old
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / INPUTS, inputs)
+    return inputs
+
+
+# ----------------------------------------------------------------------------- the stores
+
+
+def _appended(path: Path, fp: str, n: int, m: int) -> bool:
+    """The N + M store is whole: N defender items and the M later ones appended, by this obfuscator."""
+    if not (path / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(path)
+    if manifest["obfuscator"]["fingerprint"] != fp:
+        raise StoreError(f"{path / MANIFEST}: a store of obfuscator {manifest['obfuscator']['fingerprint'][:16]}..., not of this run's {fp[:16]}...; "
+                         f"remove {path}")
+    later = [a for a in manifest.get("appends", []) if a["dataset"]["split"] == "later"]
+    if manifest["complete"] and manifest["count"] == n + m and later and later == manifest["appends"][-1:] and later[0]["count"] == m:
+        return True
+    if manifest["complete"] and manifest["count"] != n:  # neither the defender part nor the whole: not ours to finish
+        shutil.rmtree(path)
+    return False
+
+
+def make_stores(run_dir: Path, out: Path, fp: str, n: int, m: int, classes: list[str], seed: int, device: str, log) -> dict[str, Path]:  # noqa: ANN001
+    """out/stores/: the defender store (N items), the same with the later images appended (N + M), the test store.
+    Each is resumed where a kill left it; one already whole is left as it is."""
+    stores = out / "stores"
+    paths = {"n": stores / "defender", "n+m": stores / "defender+later", "test": stores / "test"}
+    quiet = lambda *_: None  # noqa: E731
+    torch.manual_seed(seed)  # the noise defence draws its noise while storing
+    for key, spec in (("n", "run:defender"), ("test", "run:test")):
+        obfuscate(run_dir, spec, paths[key], device=device, progress=False, log=quiet)
+    if not _appended(paths["n+m"], fp, n, m):
+        obfuscate(run_dir, "run:defender", paths["n+m"], device=device, progress=False, log=quiet)
+        obfuscate(run_dir, "run:later", append=paths["n+m"], device=device, progress=False, log=quiet)
+    for key, path in paths.items():
+        manifest = read_manifest(path)
+        want = {"n": n, "n+m": n + m}.get(key, manifest["count"])
+        if manifest["count"] != want or manifest["dataset"]["classes"] != classes:
+            raise StoreError(f"{path / MANIFEST}: {manifest['count']} items of classes {manifest['dataset']['classes']}, expected {want} of {classes}")
+    log(f"veil growth: stores in {stores} (defender {n}, defender + later {n + m}, test)")
+    return paths
+
+
+def bytes_per_item(manifest: dict) -> int:
+    """What one stored feature map takes: its values times the stored type's bytes (labels and ids aside)."""
+    values = int(np.prod(manifest["features"]["shape"]))
+    return values * torch.empty((), dtype=STORED_DTYPES[manifest["features"]["dtype"]]).element_size()
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def finished_store_classifier(d: Path, want: HeadConfig, fp: str, n_train: int, n_test: int) -> dict | None:
+    """d's summary when it is a finished `veil train-classifier` directory made with `want` (every field but HOW) on
+    n_train items of this obfuscator's store, scored on n_test; else None (missing, half made, damaged or made otherwise)."""
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        meta = json.loads((d / "classifier.json").read_text())
+        saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        same = all(saved.get(k) == v for k, v in asdict(want).items() if k not in HOW)
+        if same and meta["obfuscator"]["fingerprint"] == fp and summary["train_items"] == n_train and summary["test_items"] == n_test:
+            return summary
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    return None
+
+
+def image_config(run_cfg: Config, head: HeadConfig) -> Config:
+    """The image store's classifier: what `veil train` pretrains with model.split=2 model.bottleneck=none
+    model.feature_bits=0 (the run's f at the paper's cut, no defence layer, then g: the whole VGG16), on the store
+    classifier's settings (Adam, one-cycle, its learning rate, weight decay, batch, dropout, label smoothing and
+    epochs), with veil.data's crop (and flip, for natural images)."""
+    model = dataclasses.replace(run_cfg.model, split=2, bottleneck="none", bottleneck_channels=0, feature_bits=0, dropout=head.dropout,
+                                reconstructor="simrec")  # r is built beside f and g, never trained: the smallest one
+    train = dataclasses.replace(
+        run_cfg.train, defence="none", optimizer="adam", lr_obfuscator=head.lr, lr_classifier=head.lr, weight_decay=head.weight_decay,
+        batch_size=head.batch_size, label_smoothing=head.label_smoothing, pretrain_schedule="onecycle", pretrain_epochs=head.epochs,
+        precision="fp32", channels_last=head.channels_last, compile=False,
+    )
+    return dataclasses.replace(run_cfg, model=model, train=train, data=dataclasses.replace(run_cfg.data, augment=True), seed=head.seed,
+                               device=head.device, progress=head.progress)
+
+
+def image_settings(cfg: Config, natural: bool, n_train: int, n_test: int) -> dict:
+    """What an image classifier learns from (a finished one with other settings is trained again)."""
+    t = cfg.train
+    return {"model": asdict(cfg.model), "optimizer": t.optimizer, "lr": t.lr_obfuscator, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
+            "label_smoothing": t.label_smoothing, "schedule": t.pretrain_schedule, "epochs": t.pretrain_epochs, "augment": "crop+flip" if natural else "crop",
+            "seed": cfg.seed, "train_items": n_train, "test_items": n_test}
+
+
+def finished_image_classifier(d: Path, want: dict) -> dict | None:
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        return summary if summary.get("settings") == want else None
+    except (OSError, ValueError):
+        return None
+
+
+def train_image_classifier(images: ImageSet, test: ImageSet, natural: bool, cfg: Config, out: Path) -> dict:
+    """Train the whole VGG16 from scratch on raw images: `veil train`'s pretraining (train_obfuscator_classifier and
+    evaluate, seeded per epoch as a run's steps are) for cfg.train.pretrain_epochs epochs. Writes out/ and returns its summary."""
+    device = resolve_device(cfg.device)
+    rt = runtime.resolve(cfg, device)
+    settings = image_settings(cfg, natural, len(images), len(test))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "settings.json", settings)
+    torch.manual_seed(cfg.seed)
+    nets = build_networks(cfg.model, images.images.shape[1], len(images.classes), cfg.data.image_size, None, cfg.seed)  # r: built, never trained
+    runtime.prepare_networks(nets, rt)
+    opt = make_optimizers(nets, cfg.train)[PRETRAIN]
+    data, test = images.to(device), test.to(device)
+    n_epochs, batch = cfg.train.pretrain_epochs, cfg.train.batch_size
+    steps_per_epoch = max(1, len(data) // batch) if len(data) > batch else 1
+    metrics, start = [], time.perf_counter()
+    for epoch in range(1, n_epochs + 1):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch - 1)  # as a run's step: (seed, index) alone
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch - 1)
+        t0 = time.perf_counter()
+        with progress_bar(steps_per_epoch, f"{out.name} e{epoch}", cfg.progress) as bar:
+            record = train_obfuscator_classifier(nets, opt, data, natural, cfg, generator, Step(PRETRAIN, 0, epoch), None,
+                                                 pretrain_lr_factor("onecycle", epoch, n_epochs, steps_per_epoch), bar, rt)
+        record.update(evaluate(nets, test, cfg.train.eval_batch_size, with_reconstructor=False, rt=rt))
+        metrics.append({"epoch": epoch, **record, "seconds": round(time.perf_counter() - t0, 3)})
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
+    save_tensors(out / "obfuscator.safetensors", nets["obfuscator"].state_dict())
+    save_tensors(out / "classifier.safetensors", nets["classifier"].state_dict())
+    summary = {"settings": settings, "train_items": len(images), "test_items": len(test), "final_train_accuracy": metrics[-1]["train_accuracy"],
+               "final_test_accuracy": metrics[-1]["test_accuracy"], "epochs": n_epochs, "seconds": round(time.perf_counter() - start, 1),
+               "seed": cfg.seed, "veil_version": __version__, "torch_version": torch.__version__}
+    atomic_write_json(out / "summary.json", summary)  # last: a directory without it is half made
+    return summary
+
+
+@torch.no_grad()
+def label_store(run: Run, splits: Splits, batch_size: int) -> dict:
+    """The label store: the run's undefended classifier's class of each test image. Its accuracy is that classifier's
+    test accuracy; under a data.task its coarse class is read as the fine class most frequent in it among the
+    defender images (task_accuracy: against the coarse labels)."""
+    f, g = run.undefended_obfuscator, run.undefended_classifier
+    device = next(g.parameters()).device
+    features = feature_maps(f, splits.test.images.to(device), batch_size)
+    g.eval()
+    predicted = torch.cat([g(features[i : i + batch_size]).argmax(1) for i in range(0, len(features), batch_size)]).cpu()
+    truth = splits.test.labels
+    task = run.config.data.task
+    if task == "none":
+        return {"accuracy": int((predicted == truth).sum()) / len(truth), "task_accuracy": None}
+    table, _ = task_table(task, splits.test.classes, splits.name)
+    fine = splits.defender.labels
+    groups = int(table.max()) + 1
+    decode = torch.stack([torch.bincount(fine[table[fine] == c], minlength=len(table)).argmax() for c in range(groups)])
+    return {"accuracy": int((decode[predicted] == truth).sum()) / len(truth), "task_accuracy": int((predicted == table[truth]).sum()) / len(truth)}
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+def _row(name: str, kind: str, bytes_item: int, at_n: float, at_nm: float, dirs: list[str] | None) -> dict:
+    return {"name": name, "kind": kind, "bytes_per_item": bytes_item, "accuracy_at_n": at_n, "accuracy_at_n_plus_m": at_nm,
+            "gain": at_nm - at_n, "classifiers": dirs}
+
+
+def command_line(run_dir: Path, settings: GrowthConfig) -> str:
+    parts = ["veil growth", str(run_dir), f"--epochs {settings.epochs}", f"--head {settings.heads}", f"--batch-size {settings.batch_size}",
+             f"--seed {settings.seed}"]
+    return " ".join(parts + ([f"--out {settings.out}"] if settings.out else []) + (["--keep-stores"] if settings.keep_stores else []))
+
+
+def growth(run_dir: str | Path, settings: GrowthConfig, log=print) -> dict:  # noqa: ANN001
+    """Measure how much each kind of store gains from the later images (module docstring); write growth.json and
+    growth.md into settings.out (default RUN/growth) and return growth.json's content."""
+    run_dir = Path(run_dir)
+    heads = head_names(settings)
+    for h in heads:
+        check_head_config(head_config(settings, h))
+    began = time.perf_counter()
+    device = resolve_device(settings.device)
+    run = load_run(run_dir, device)
+    total = len(plan(run.config.train))
+    if run.step < total:
+        raise StoreError(f"{run_dir}: training has not finished (step {run.step} of {total}); finish it with `veil train --resume {run_dir}`")
+    if run.undefended_obfuscator is None or run.undefended_classifier is None:
+        raise StoreError(f"{run_dir}: no checkpoints/undefended/ obfuscator and classifier (the label store is their prediction)")
+    fp = fingerprint(run.obfuscator)
+    out = Path(settings.out) if settings.out else run_dir / "growth"
+    check_made_from(out, run_dir, fp)  # before the data is read: another obfuscator's folder fails fast
+    cfg = run.config
+    splits = load_splits(cfg.data, cfg.seed)  # the fine labels, as the stores keep them
+    later = splits.later  # refused when empty, naming data.n_defender and data.n_attacker
+    n, m, n_test = len(splits.defender), len(later), len(splits.test)
+    check_inputs(out, run_dir, fp, splits)
+    log(f"veil growth: {run_dir} ({splits.name}{', task ' + cfg.data.task if cfg.data.task != 'none' else ''}): N = {n} defender images, "
+        f"M = {m} later ones, {n_test} test images; heads {', '.join(heads)}, {settings.epochs} epochs each")
+    classifiers = out / "classifiers"
+    stores: dict[str, Path] | None = None
+    results: dict[str, dict] = {}
+
+    for h in heads:
+        want = head_config(settings, h)
+        for size, n_train in zip(SIZES, (n, n + m)):
+            d = classifiers / f"store-{h}-{size}"
+            summary = finished_store_classifier(d, want, fp, n_train, n_test)
+            if summary is None:
+                if stores is None:
+                    stores = make_stores(run_dir, out, fp, n, m, splits.defender.classes, cfg.seed, settings.device, log)
+                shutil.rmtree(d, ignore_errors=True)  # half made, or made otherwise: trained again
+                log(f"veil growth: training {d.name} on {n_train} stored items ({h} head)")
+                summary = train_classifier(stores[size], d, want, test_store=stores["test"], log=lambda *_: None)
+            else:
+                log(f"veil growth: {d.name} already trained with these settings; kept")
+            results[f"store-{h}-{size}"] = summary
+    if stores is not None:
+        bytes_store = bytes_per_item(read_manifest(stores["n"]))
+        if not settings.keep_stores:
+            shutil.rmtree(out / "stores")  # the classifiers are kept; a rerun that needs the stores makes them again
+    else:
+        meta = json.loads((classifiers / f"store-{heads[0]}-n" / "classifier.json").read_text())
+        bytes_store = bytes_per_item({"features": meta["features"]})
+
+    image_cfg = image_config(cfg, head_config(settings, "vgg16"))
+    for size, n_train in zip(SIZES, (n, n + m)):
+        d = classifiers / f"image-{size}"
+        summary = finished_image_classifier(d, image_settings(image_cfg, splits.natural, n_train, n_test))
+        if summary is None:
+            shutil.rmtree(d, ignore_errors=True)
+            images = splits.defender if size == "n" else ImageSet(torch.cat([splits.defender.images, later.images]),
+                                                                  torch.cat([splits.defender.labels, later.labels]), later.classes)
+            log(f"veil growth: training {d.name} (the whole VGG16) on {n_train} images")
+            summary = train_image_classifier(images, splits.test, splits.natural, image_cfg, d)
+        else:
+            log(f"veil growth: {d.name} already trained with these settings; kept")
+        results[f"image-{size}"] = summary
+
+    labels = label_store(run, splits, cfg.train.eval_batch_size)
+    rows = [
+        _row(f"features, {h} head", "features", bytes_store, results[f"store-{h}-n"]["final_test_accuracy"],
+             results[f"store-{h}-n+m"]["final_test_accuracy"], [f"classifiers/store-{h}-{s}" for s in SIZES]) | {"head": h}
+        for h in heads
+    ]
+    image = _row("image (the whole VGG16)", "image", splits.test.images[0].numel(), results["image-n"]["final_test_accuracy"],
+                 results["image-n+m"]["final_test_accuracy"], [f"classifiers/image-{s}" for s in SIZES]) | {"head": "vgg16 (whole network)"}
+    label = _row("label (the undefended classifier's class)", "label", 1, labels["accuracy"], labels["accuracy"], None) | {"head": None,
+                                                                                                                            "task_accuracy": labels["task_accuracy"]}
+    rows += [image, label]
+    for r in rows:
+        # The image store's is exactly 1; `or 0.0`: no -0.0 for a store that did not move (the label store).
+        r["growth_ratio"] = (r["gain"] / image["gain"]) or 0.0 if image["gain"] else None
+    result = {
+        "run": str(run_dir), "obfuscator_fingerprint": fp, "dataset": splits.name, "task": cfg.data.task, "classes": len(splits.test.classes),
+        "n": n, "m": m, "test_items": n_test, "epochs": settings.epochs, "heads": heads, "stores": rows,
+        "store_classifier": {k: v for k, v in asdict(head_config(settings, heads[0])).items() if k not in (*HOW, "head")},
+        "command": command_line(run_dir, settings), "seed": settings.seed, "date": time.strftime("%Y-%m-%d"), "device": str(device),
+        "seconds": round(time.perf_counter() - began, 1), "veil_version": __version__, "torch_version": torch.__version__,
+    }
+    atomic_write_json(out / RESULT, result)
+    atomic_write_text(out / TABLE, markdown(result))
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Growth of the stores of {result['run']}",
+        "",
+        f"{result['dataset']}{', trained on task ' + result['task'] if result['task'] != 'none' else ''}: N = {result['n']} defender images, "
+        f"M = {result['m']} later images (never seen by the obfuscator or the attacker), scored on {result['test_items']} test images "
+        f"({result['classes']} classes); every classifier {result['epochs']} epochs, seed {result['seed']}.",
+        "",
+        "| store | bytes per item | accuracy at N | accuracy at N + M | gain (points) | growth ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["stores"]:
+        ratio = "n/a" if r["growth_ratio"] is None else f"{r['growth_ratio']:.2f}"
+        lines.append(f"| {r['name']} | {r['bytes_per_item']} | {_pct(r['accuracy_at_n'])} | {_pct(r['accuracy_at_n_plus_m'])} | "
+                     f"{100 * r['gain']:+.2f} | {ratio} |")
+    lines += [
+        "",
+        "Growth ratio: a store's gain from the M later images divided by the image store's gain (the same training on the raw images).",
+        "",
+        f"`{result['command']}` ({result['date']}, {result['device']}, {result['seconds']:.0f} s, veil {result['veil_version']}, torch {result['torch_version']})",
+        "",
+    ]
+    return "\n".join(lines)
