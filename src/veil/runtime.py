@@ -172,3 +172,14 @@ def feature_maps(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, r
             out.append(obfuscator(to_float(images[start : start + batch_size], rt.memory_format)).float())
     obfuscator.train(mode)
     return torch.cat(out).contiguous()
+
+
+@torch.no_grad()
+def read_classes(obfuscator: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The class g(f(image)) of every uint8 image, batch by batch in eval mode (what a label store keeps)."""
+    features = feature_maps(obfuscator, images, batch_size)
+    mode = classifier.training
+    classifier.eval()
+    out = torch.cat([classifier(features[i : i + batch_size]).argmax(1) for i in range(0, len(features), batch_size)])
+    classifier.train(mode)
+    return out

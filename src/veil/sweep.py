@@ -76,21 +76,29 @@ def parse_strengths(text: str) -> list[float]:
     return values
 
 
-def parse_attack_settings(items: list[str]) -> dict:
-    """['max_epochs=5', 'whitebox=false'] -> {'max_epochs': 5, 'whitebox': False}, typed as AttackConfig's fields."""
-    hints = typing.get_type_hints(AttackConfig)
-    names = [f.name for f in dataclasses.fields(AttackConfig)]
+def parse_key_values(items: list[str], settings: type, flag: str, example: str, exclude: tuple[str, ...] = ()) -> dict:
+    """['max_epochs=5', 'whitebox=false'] -> {'max_epochs': 5, 'whitebox': False}, typed as the fields of the
+    dataclass `settings` (`exclude`: fields the option may not set); errors name `flag`."""
+    hints = typing.get_type_hints(settings)
+    names = [f.name for f in dataclasses.fields(settings) if f.name not in exclude]
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq:
-            raise ConfigError(f"--attack '{item}' must look like KEY=VALUE, e.g. --attack max_epochs=5")
+            raise ConfigError(f"{flag} '{item}' must look like KEY=VALUE, e.g. {flag} {example}")
+        if key == "epochs" and "epochs" in exclude:
+            raise ConfigError(f"{flag}: the epochs are --store-classifier EPOCHS")
         if key not in names:
-            raise ConfigError(f"--attack: unknown setting '{key}'; valid: {', '.join(names)}")
+            raise ConfigError(f"{flag}: unknown setting '{key}'; valid: {', '.join(names)}")
         raw = value if hints[key] is str else yaml.safe_load(value)
-        out[key] = config_mod._coerce(raw, hints[key], key, "--attack")
+        out[key] = config_mod._coerce(raw, hints[key], key, flag)
     return out
+
+
+def parse_attack_settings(items: list[str]) -> dict:
+    """['max_epochs=5', 'whitebox=false'] -> {'max_epochs': 5, 'whitebox': False}, typed as AttackConfig's fields."""
+    return parse_key_values(items, AttackConfig, "--attack", "max_epochs=5")
 
 
 # ----------------------------------------------------------------------------- an existing run
@@ -151,21 +159,7 @@ STORE_HOW = ("device", "channels_last", "progress")
 def parse_store_settings(items: list[str]) -> dict:
     """['shift=0', 'head=small'] -> {'shift': 0, 'head': 'small'}, typed as HeadConfig's fields (veil train-classifier's
     settings; sweep checks their values)."""
-    hints = typing.get_type_hints(HeadConfig)
-    names = [f.name for f in dataclasses.fields(HeadConfig) if f.name not in STORE_FIXED]
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq:
-            raise ConfigError(f"--store '{item}' must look like KEY=VALUE, e.g. --store shift=0")
-        if key == "epochs":
-            raise ConfigError("--store: the epochs are --store-classifier EPOCHS")
-        if key not in names:
-            raise ConfigError(f"--store: unknown setting '{key}'; valid: {', '.join(names)}")
-        raw = value if hints[key] is str else yaml.safe_load(value)
-        out[key] = config_mod._coerce(raw, hints[key], key, "--store")
-    return out
+    return parse_key_values(items, HeadConfig, "--store", "shift=0", STORE_FIXED)
 
 
 def store_head(cfg: config_mod.Config, epochs: int, settings: dict | None = None) -> HeadConfig:

@@ -29,7 +29,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ from veil.models.obfuscator import code_bytes, code_dtype, quantised_bits
 from veil.models.reconstructors import members
 from veil.progress import progress_bar
 from veil.runtime import Runtime, resolve_device
+from veil.signals import StopSignals
 from veil.version import __version__
 
 
@@ -445,33 +445,6 @@ def evaluate(nets: dict[str, nn.Module], data: ImageSet, batch_size: int, with_r
 # ----------------------------------------------------------------------------- the run
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to stop after the current phase-epoch is saved."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum = 0
-        self._old: dict = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        print(f"\nveil: signal {signum} received; stopping after this phase-epoch is saved (send again to stop now)", flush=True)
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def tensorboard_writer_class():  # noqa: ANN201
     """Optional: TensorBoard event files in RUN/tensorboard; needs the tensorboard package."""
     try:
@@ -590,7 +563,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
     )
     steps_per_epoch = max(1, len(defender) // cfg.train.batch_size) if len(defender) > cfg.train.batch_size else 1
     n_pretrain = sum(s.phase == PRETRAIN for s in steps)
-    with _StopFlag() as stop:
+    with StopSignals("after this phase-epoch is saved") as stop:
         for index in range(done, len(steps)):
             step = steps[index]
             # Seed by step index alone: a resumed run sees the same batches as an uninterrupted one.

@@ -779,7 +779,8 @@ class Labels(nn.Module):
 
 def test_the_reference_stores_bound_a_configuration(demo_images):
     from veil.attack.copies import changed_copies
-    from veil.attack.references import image_store, label_store, read_labels
+    from veil.attack.references import image_store, label_store
+    from veil.runtime import read_classes
 
     users = demo_images[:90]
     cand = draw_candidates(torch.arange(90), 90, 10, torch.Generator().manual_seed(0))
@@ -788,7 +789,7 @@ def test_the_reference_stores_bound_a_configuration(demo_images):
     assert image["psnr_mean"] == pytest.approx(100.0) and image["ssim_mean"] == pytest.approx(1.0) and image["reid_top1"] == 1.0
     assert image["linkage"]["reid_top1"] == 1.0 and image["bytes_per_item"] == 3 * 32 * 32
     f = nn.Identity()
-    labels = read_labels(f, Labels(), users, 500)
+    labels = read_classes(f, Labels(), users, 500)
     means = torch.rand(3, 3, 32, 32)
     truth = labels.clone()
     truth[:9] = (truth[:9] + 1) % 3  # the label store is right on 81 of 90

@@ -20,17 +20,17 @@ from torch import nn
 
 from veil.attack.scoring import code_entropy, reid_rates, score
 from veil.data import to_float
-from veil.runtime import feature_maps
+from veil.runtime import read_classes
 
 IMAGE, LABEL = "image", "label"
-LINKAGE_FIELDS = ("reid_top1", "reid_top5", "reid_top1_lower")
+COPY_FIELDS = ("reid_top1", "reid_top5", "reid_top1_lower")  # kept per changed copy
 
 
 def _linkage(stored: torch.Tensor, held: dict[str, torch.Tensor], candidates: torch.Tensor) -> dict:
     """Re-identification of each stored item among its candidates by the attacker's own version of each
     candidate ('exact': the image itself; else a changed copy)."""
     exact = reid_rates(stored, held["exact"], candidates)
-    changed = {kind: {k: v for k, v in reid_rates(stored, pool, candidates).items() if k in LINKAGE_FIELDS}
+    changed = {kind: {k: v for k, v in reid_rates(stored, pool, candidates).items() if k in COPY_FIELDS}
                for kind, pool in held.items() if kind != "exact"}
     return {**exact, "changed": changed, **code_entropy(stored)}
 
@@ -42,23 +42,15 @@ def image_store(users: torch.Tensor, copies: dict[str, torch.Tensor], candidates
     return {**score(x, torch.arange(len(x)), x, candidates), "linkage": _linkage(x, held, candidates), "bytes_per_item": x[0].numel()}
 
 
-@torch.no_grad()
-def read_labels(obfuscator: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The class g(f(image)) of every uint8 image, batch by batch."""
-    features = feature_maps(obfuscator, images, batch_size)
-    classifier.eval()
-    return torch.cat([classifier(features[i : i + batch_size]).argmax(1) for i in range(0, len(features), batch_size)])
-
-
 def label_store(obfuscator: nn.Module, classifier: nn.Module, users: torch.Tensor, true_labels: torch.Tensor, copies: dict[str, torch.Tensor],
                 means: torch.Tensor, candidates: torch.Tensor, batch_size: int) -> dict:
     """Only the class kept: the class means as the reconstructions, labels matched for linkage; `accuracy` is
     how often the kept class is the true one. obfuscator, classifier: the pretrained split whose label is kept;
     means: num_classes x C x H x W (the attacker's class means)."""
-    labels = read_labels(obfuscator, classifier, users, batch_size)
+    labels = read_classes(obfuscator, classifier, users, batch_size)
     k = means.shape[0]
     one_hot = lambda y: F.one_hot(y, k).double()[:, :, None, None]  # noqa: E731  (N x k x 1 x 1: a label as a map)
-    held = {"exact": one_hot(labels), **{kind: one_hot(read_labels(obfuscator, classifier, c, batch_size)) for kind, c in copies.items()}}
+    held = {"exact": one_hot(labels), **{kind: one_hot(read_classes(obfuscator, classifier, c, batch_size)) for kind, c in copies.items()}}
     x = to_float(users)
     return {**score(x, torch.arange(len(x)), means[labels.to(means.device)], candidates), "linkage": _linkage(one_hot(labels), held, candidates),
             "accuracy": (labels.cpu() == true_labels.cpu()).float().mean().item(), "bytes_per_item": 1}

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from veil.errors import StoreError
+from veil.signals import StopSignals
 from veil.store import idmap
 from veil.store.format import (
     FORMAT_VERSION,
-    StopSignals,
     check_complete,
     check_listing,
     checked_shards,

@@ -44,8 +44,6 @@ import hashlib
 import json
 import re
 import secrets
-import signal
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -302,31 +300,3 @@ def new_ids(n: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(secrets.token_bytes(ID_BYTES * n)), dtype=torch.uint8).reshape(n, ID_BYTES)
 
 
-# ----------------------------------------------------------------------------- stopping a change
-
-
-class StopSignals:
-    """SIGTERM / Ctrl-C during a change of a store: noted in `signum`, for the change to stop at its next safe
-    point (it raises veil.train.Stopped there); a second signal stops at once (KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they were
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nveil: signal {signum} received; stopping at the next safe point (send again to stop now)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

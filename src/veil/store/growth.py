@@ -51,7 +51,7 @@ from veil.models import build_networks
 from veil.models.obfuscator import fingerprint
 from veil.progress import progress_bar
 from veil.rundir import Run, load_run
-from veil.runtime import feature_maps, resolve_device
+from veil.runtime import read_classes, resolve_device
 from veil.store.classify import HEADS, HeadConfig, check_head_config, train_classifier
 from veil.store.format import MANIFEST, STORED_DTYPES, read_manifest
 from veil.store.obfuscate import obfuscate
@@ -276,11 +276,8 @@ def label_store(run: Run, splits: Splits, batch_size: int) -> dict:
     """The label store: the run's undefended classifier's class of each test image. Its accuracy is that classifier's
     test accuracy; under a data.task its coarse class is read as the fine class most frequent in it among the
     defender images (task_accuracy: against the coarse labels)."""
-    f, g = run.undefended_obfuscator, run.undefended_classifier
-    device = next(g.parameters()).device
-    features = feature_maps(f, splits.test.images.to(device), batch_size)
-    g.eval()
-    predicted = torch.cat([g(features[i : i + batch_size]).argmax(1) for i in range(0, len(features), batch_size)]).cpu()
+    g = run.undefended_classifier
+    predicted = read_classes(run.undefended_obfuscator, g, splits.test.images.to(next(g.parameters()).device), batch_size).cpu()
     truth = splits.test.labels
     task = run.config.data.task
     if task == "none":

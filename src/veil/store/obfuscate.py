@@ -21,6 +21,7 @@ from veil.errors import StoreError
 from veil.models.obfuscator import code_dtype, feature_shape, fingerprint, quantised_bits
 from veil.rundir import load_run
 from veil.runtime import resolve_device
+from veil.signals import StopSignals
 from veil.store import idmap
 from veil.store.format import (
     CODES,
@@ -30,7 +31,6 @@ from veil.store.format import (
     MANIFEST,
     SHARD_NAME,
     STORED_DTYPES,
-    StopSignals,
     check_complete,
     check_fingerprint,
     check_listing,
