@@ -703,3 +703,18 @@ def test_open_store_checks_counts_and_label_range_cheaply(tmp_path, store_run):
     assert ds[0][1] == int(all_labels[0])  # shard 0 is fine
     with pytest.raises(StoreError, match=r"shard-00001\.safetensors: labels must be in 0\.\.9, found \d\.\.10$"):
         ds[16]
+
+
+def test_every_command_prints_its_help(capsys):
+    """--help of every command formats (argparse %-formats help texts: a '%' in a docstring once broke `veil attack --help`)."""
+    import argparse
+
+    from veil.cli import build_parser, main
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "attack", "sweep", "growth"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert f"usage: veil {name}" in capsys.readouterr().out

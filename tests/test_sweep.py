@@ -20,7 +20,7 @@ from veil.cli import main
 from veil.config import ConfigError
 from veil.data import load_splits
 from veil.defences import strength_overrides
-from veil.report.frontier import frontier_rows, mark_dominated
+from veil.report.frontier import frontier_rows, frontier_table, mark_dominated
 from veil.report.sections import report
 from veil.rundir import load_run
 from veil.store.classify import HeadConfig
@@ -106,9 +106,18 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     for name, lam in (("lambda-0", 0.0), ("lambda-1", 1.0)):
         assert config_mod.load(out / name / "config.yaml").train.lambda_privacy == lam
 
-    # The frontier: each point's accuracy and its strongest attacker, read back from the runs.
-    assert [r["name"] for r in rows] == ["lambda-0", "lambda-1"]
-    for r in rows:
+    # The frontier: each point's accuracy and its strongest attacker, read back from the runs; then the two reference
+    # stores, scored as the first point's attack scored them (its users and candidates).
+    assert [r["name"] for r in rows] == ["lambda-0", "lambda-1", "image store", "label store"]
+    references = json.loads((out / "lambda-0" / "attack" / "attack.json").read_text())["reference_stores"]
+    image, label = rows[2:]
+    assert (image["reference"], label["reference"]) == ("image", "label") and image["reid_top1"] == 1.0 and image["linkage_top1"] == 1.0
+    assert label["psnr"] == references["label"]["psnr_mean"] and label["store_accuracy"] == references["label"]["accuracy"]
+    assert label["bytes_per_item"] == 1 and image["bytes_per_item"] == 3 * 32 * 32 and image["dominated_by"] == label["dominated_by"] == []
+    # No --growth: no growth columns anywhere.
+    assert all(r["growth_ratio"] is None for r in rows) and "growth ratio" not in frontier_table(rows)[0]
+    points = rows[:2]
+    for r in points:
         s = json.loads((out / r["name"] / "summary.json").read_text())
         a = json.loads((out / r["name"] / "attack" / "attack.json").read_text())
         assert set(a["defended"]) == {"simrec", "whitebox"} and a["settings"]["max_epochs"] == 1
@@ -119,7 +128,7 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
         assert r["floor_psnr"] == a["floor"]["psnr"] and r["n_candidates"] == 10
     assert json.loads((out / "frontier.json").read_text()) == rows
     # What each point cost: its parts add up to its total, which the frontier carries.
-    for r in rows:
+    for r in points:
         cost = json.loads((out / r["name"] / "cost.json").read_text())
         assert set(cost) == {"train", "attack", "total"} and cost["train"] > 0 and cost["attack"] > 0
         assert cost["total"] == pytest.approx(cost["train"] + cost["attack"], abs=0.11) and r["seconds"] == cost["total"]
@@ -155,6 +164,7 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert "Utility-privacy frontier: sweep" in md and "report-frontier-sweep.png" in md
     assert "| adversarial | lambda = 0 |" in md and "| adversarial | lambda = 1 |" in md
     assert "| lambda-0 |" in md and "| lambda-1 |" in md and "chance (N = 10)" in md and "chance (N = 8)" in md
+    assert "| image store |  |" in md and "| label store |  |" in md  # the reference rows of the frontier table
     assert frontier_rows(out)[0] == rows[0]
 
     # A second sweep with another defence: `veil report A B` overlays both frontiers on one plot.
@@ -285,7 +295,7 @@ def test_a_defence_without_strength_is_one_point_with_its_costs_on_the_frontier(
     with pytest.raises(ConfigError, match="--defence none has no strength: it is one point, give --lambdas 0"):
         sweep(config, [0.0, 1.0], out, defence="none", attack_settings=TINY_ATTACK, **QUIET)
     overrides = ["model.bottleneck=orthogonal", "model.bottleneck_channels=3", "model.feature_bits=2", "model.input_norm=channel"]
-    (row,) = sweep(config, [0.0], out, overrides, defence="none", attack_settings=TINY_ATTACK, **QUIET)
+    row, *_ = sweep(config, [0.0], out, overrides, defence="none", attack_settings=TINY_ATTACK, **QUIET)
     summary = json.loads((out / "none" / "summary.json").read_text())
     assert row["name"] == "none" and row["cut"] == "channel-standardised, split 2, orthogonal k=3, 2 bits"
     assert row["bytes_per_item"] == 3 * 8 * 8 == summary["features"]["bytes_per_item"]  # one byte per 2-bit code
@@ -352,7 +362,7 @@ def test_a_stopped_sweep_says_to_rerun_it_and_resumes_over_a_moved_data_file(tmp
     # The command's summary marks the strongest attacker's PSNR (cap) exactly when the cap stopped it (SimRec: 1 epoch, patience 3).
     capsys.readouterr()
     assert main(args) == 0
-    (row,) = frontier_rows(out)
+    row, *_ = frontier_rows(out)  # then the reference rows
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lambda-0"))
     assert row["capped"] == ["simrec"] and ("(cap)" in line) == (row["psnr_attacker"] == "simrec")
 
@@ -425,3 +435,45 @@ def test_a_forked_point_ends_bit_for_bit_where_a_point_that_pretrained_itself_en
             assert wa[net].keys() == wb[net].keys() and all(torch.equal(wa[net][k], wb[net][k]) for k in wb[net]), (a, net)
         assert _without_seconds(rundir.read_metrics(tmp_path / a)) == _without_seconds(rundir.read_metrics(tmp_path / b))
         assert load_run(tmp_path / a).undefended_obfuscator is not None
+
+
+def test_sweep_growth_measures_each_point_with_one_image_store_and_puts_it_on_the_frontier(tmp_path, monkeypatch):
+    import veil.store.growth as growth_mod
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_mod.to_yaml(tiny_cfg(make_tiny_npz(tmp_path / "tiny.npz"))))
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match="--growth-head: .*nohead"):
+        sweep(config, [0.0], out, attack_settings=TINY_ATTACK, growth_epochs=1, growth_heads="nohead", **QUIET)
+    with pytest.raises(ConfigError, match="--growth must be >= 0"):
+        sweep(config, [0.0], out, attack_settings=TINY_ATTACK, growth_epochs=-1, **QUIET)
+    assert not out.exists()
+    trained = []
+    real = growth_mod.train_image_classifier
+    monkeypatch.setattr(growth_mod, "train_image_classifier", lambda images, test, natural, cfg, d: trained.append(d) or real(images, test, natural, cfg, d))
+    # n_defender 60: what the test and attacker splits leave beyond it is the later split.
+    overrides = ["t_main=1", "data.n_defender=60"]
+    rows = sweep(config, [0.0, 1.0], out, overrides, attack_settings=TINY_ATTACK, growth_epochs=1, **QUIET)
+    assert sorted(d.name for d in trained) == ["image-n", "image-n+m"] and {d.parent for d in trained} == {out / "image-store"}  # once for both points
+    by_name = {r["name"]: r for r in rows}
+    for name in ("lambda-0", "lambda-1"):
+        g = json.loads((out / name / "growth" / "growth.json").read_text())
+        later = load_splits(config_mod.load(out / name / "config.yaml").data, 0).later
+        assert (g["n"], g["m"], g["epochs"]) == (60, len(later), 1) and len(later) > 0
+        features, image, label = g["stores"]
+        assert image["classifiers"] == [str(out / "image-store" / "image-n"), str(out / "image-store" / "image-n+m")]
+        assert image["growth_ratio"] == (1.0 if image["gain"] else None)  # 1 by construction, where the image store grew at all
+        r = by_name[name]
+        assert (r["growth_accuracy_at_n"], r["growth_accuracy_at_n_plus_m"], r["growth_ratio"]) == (
+            features["accuracy_at_n"], features["accuracy_at_n_plus_m"], features["growth_ratio"])
+        assert json.loads((out / name / "cost.json").read_text())["growth"] > 0
+    assert by_name["image store"]["growth_ratio"] == image["growth_ratio"] and by_name["label store"]["growth_ratio"] in (0.0, None)
+    assert by_name["label store"]["growth_gain"] == 0.0 and by_name["image store"]["store_accuracy"] == image["accuracy_at_n"]
+    header, *cells = frontier_table(rows)
+    assert "growth ratio" in header and dict(zip(header, cells[-2]))["growth: accuracy at N → N + M"].endswith(f"{100 * image['accuracy_at_n_plus_m']:.2f}%")
+    assert read_sweep(out)["growth"] == {"epochs": 1, "heads": "vgg16"}
+    # A rerun measures nothing again: every classifier is finished.
+    monkeypatch.setattr(growth_mod, "train_classifier", lambda *a, **k: pytest.fail("a store classifier was retrained"))
+    monkeypatch.setattr(growth_mod, "train_image_classifier", lambda *a, **k: pytest.fail("the image store was retrained"))
+    again = sweep(config, [0.0, 1.0], out, overrides, attack_settings=TINY_ATTACK, growth_epochs=1, **QUIET)
+    assert [r["growth_ratio"] for r in again] == [r["growth_ratio"] for r in rows]

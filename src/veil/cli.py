@@ -138,8 +138,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 def cmd_growth(args: argparse.Namespace) -> int:
     from veil.store.growth import RESULT, TABLE, GrowthConfig, growth
 
-    settings = GrowthConfig(epochs=args.epochs, heads=args.head, batch_size=args.batch_size, out=args.out or "", keep_stores=args.keep_stores,
-                            seed=args.seed, device=args.device, progress=not args.no_progress)
+    settings = GrowthConfig(epochs=args.epochs, heads=args.head, batch_size=args.batch_size, out=args.out or "", image_dir=args.image_dir or "",
+                            keep_stores=args.keep_stores, seed=args.seed, device=args.device, progress=not args.no_progress)
     growth(args.run, settings)
     out = Path(args.out) if args.out else Path(args.run) / "growth"
     print()
@@ -228,16 +228,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: holds a run (config.yaml), not a sweep; give the sweep a folder of its own")
     settings = parse_attack_settings(args.attack)
     rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings,
-                 store_epochs=args.store_classifier, store_settings=parse_store_settings(args.store), share_pretraining=not args.no_fork)
+                 store_epochs=args.store_classifier, store_settings=parse_store_settings(args.store), share_pretraining=not args.no_fork,
+                 growth_epochs=args.growth, growth_heads=args.growth_head)
     if rows:
         stored = any(r["store_accuracy"] is not None for r in rows)
+        grown = any(r["growth_accuracy_at_n"] is not None for r in rows)
         print()
-        print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}"
-              f"{'cost':>9}")
-        for r in rows:
+        print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + (f"{'growth ratio':>14}" if grown else "")
+              + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}{'linkage':>9}{'cost':>9}")
+        for r in rows:  # the points, then the image store and the label store (reference rows)
             cost = "n/a" if r["seconds"] is None else f"{r['seconds']:.0f} s"
-            print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "")
-                  + f"{db(r['psnr'], unit=' dB') + cap_mark(r):>26}{pct(r['reid_top1'], 1):>14}{cost:>9}")
+            ratio = "n/a" if r["growth_ratio"] is None else f"{r['growth_ratio']:.2f}"
+            print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "") + (f"{ratio:>14}" if grown else "")
+                  + f"{db(r['psnr'], unit=' dB') + cap_mark(r):>26}{pct(r['reid_top1'], 1):>14}{pct(r['linkage_top1'], 1):>9}{cost:>9}")
     return 0
 
 
@@ -271,7 +274,7 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
     docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), cls()
     for f in dataclasses.fields(cls):
-        flag, help_text = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)})"
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)})".replace("%", "%%")  # argparse %-formats help
         if hints[f.name] is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -336,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="vgg16", metavar="H1,H2,...", help=f"store classifier heads, comma-separated, of {', '.join(HEADS)} (default vgg16)")
     p.add_argument("--batch-size", type=int, default=128, help="items per optimisation step of every classifier (default 128)")
     p.add_argument("--out", metavar="DIR", help="where to measure (default RUN/growth): inputs.json, classifiers/, growth.json, growth.md")
+    p.add_argument("--image-dir", metavar="DIR", help="folder of the image store's classifiers (default DIR/classifiers); runs on the same data and "
+                   "settings can share one: the image store does not depend on the obfuscator")
     p.add_argument("--keep-stores", action="store_true", help="keep the three stores in DIR/stores (default: deleted at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed of every classifier (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -402,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a veil train-classifier setting for --store-classifier, e.g. --store shift=0 --store head=small "
                         "(see veil train-classifier --help; shift in pixels, default 4); a point's store classifier made with "
                         "other settings is trained again")
+    p.add_argument("--growth", type=int, default=0, metavar="EPOCHS",
+                   help="also measure each point's growth (veil growth RUN --epochs EPOCHS: store classifiers on the N defender and "
+                        "N + M defender + later items, beside the image store, trained once for the sweep, and the label store); "
+                        "the frontier then shows each point's growth ratio (default 0: not done)")
+    p.add_argument("--growth-head", default="vgg16", metavar="H1,H2,...", help="store classifier heads of --growth (default vgg16)")
     p.add_argument("--no-fork", action="store_true",
                    help="pretrain every point itself (default: a point whose pretraining another point of the sweep already did "
                         "starts from that one's, bit for bit the same; see forked.json in its run directory)")

@@ -49,8 +49,9 @@ from veil.models.obfuscator import fingerprint
 from veil.report.frontier import frontier_rows, write_frontier
 from veil.rundir import load_run, read_metrics
 from veil.store.classify import HeadConfig, check_head_config, shift_cells, train_classifier, trained_shift_cells
+from veil.store.growth import GrowthConfig, growth, head_names
 from veil.store.obfuscate import obfuscate
-from veil.sweepdir import CEILINGS_FILE, COST_FILE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
+from veil.sweepdir import CEILINGS_FILE, COST_FILE, GROWTH, IMAGE_STORE, STORE_CLASSIFIER, SWEEP_FILE, Point, point_name, read_sweep
 from veil.train import Stopped, finished_pretraining, fork, plan, pretrains_alike, train
 
 # How a run executes and where its data live, not what it trains: an existing point may differ in
@@ -251,6 +252,8 @@ def sweep(
     store_epochs: int = 0,
     store_settings: dict | None = None,
     share_pretraining: bool = True,
+    growth_epochs: int = 0,
+    growth_heads: str = "vgg16",
     log=print,  # noqa: ANN001
 ) -> list[dict]:
     """Train and attack one run per strength into `out` (resumable); write and return the frontier.
@@ -262,6 +265,8 @@ def sweep(
     one already trained with other settings (store_classified_with) is trained again.
     `share_pretraining`: a point whose pretraining another point of the sweep has already done is forked
     from it (train.fork) rather than pretrained again.
+    `growth_epochs` > 0 also measures each point's growth (`veil growth` with that many epochs and `growth_heads`,
+    into RUN/growth/), the image store's two classifiers trained once into DIR/image-store/ for every point.
     """
     if store_epochs < 0:
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
@@ -273,6 +278,13 @@ def sweep(
             check_head_config(HeadConfig(**{**store_settings, "epochs": store_epochs}))  # before any training
         except (StoreError, TypeError) as e:
             raise ConfigError(f"--store: {e}") from None
+    if growth_epochs < 0:
+        raise ConfigError(f"--growth must be >= 0 epochs, got {growth_epochs}")
+    if growth_epochs:
+        try:
+            head_names(GrowthConfig(heads=growth_heads))
+        except StoreError as e:
+            raise ConfigError(f"--growth-head: {e}") from None
     out = Path(out)
     d = get_defence(defence)
     if not d.strength_key and strengths != [0.0]:
@@ -295,6 +307,7 @@ def sweep(
     atomic_write_json(out / SWEEP_FILE, {
         "config": str(config_path), "overrides": overrides, "attack_settings": settings,
         "store_classifier": {"epochs": store_epochs, "settings": store_settings} if store_epochs else None,
+        "growth": {"epochs": growth_epochs, "heads": growth_heads} if growth_epochs else None,
         "points": [asdict(p) for p in points],
     })
 
@@ -339,6 +352,11 @@ def sweep(
             began = time.perf_counter()
             store_classifier(run_dir, store_epochs, log, store_settings)
             add_cost(run_dir, "store_classifier", time.perf_counter() - began, replace=True)
+        if growth_epochs:  # resumable by itself: finished classifiers are kept, the shared image store trained once
+            began = time.perf_counter()
+            growth(run_dir, GrowthConfig(epochs=growth_epochs, heads=growth_heads, out=str(run_dir / GROWTH), image_dir=str(out / IMAGE_STORE),
+                                         device=cfg.device, progress=False), log=log)
+            add_cost(run_dir, "growth", time.perf_counter() - began)
         cost = read_cost(run_dir)
         log(f"veil sweep: {p.name} cost {format_cost(cost)}")
     rows = frontier_rows(out)

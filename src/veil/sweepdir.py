@@ -3,7 +3,9 @@
     DIR/sweep.json          the points (defence, strength, run directory) and the settings
     DIR/<point>/            one `veil train` run directory each, attacked into its attack/
     DIR/<point>/store-classifier/   a classifier trained on the point's stored features (optional)
-    DIR/<point>/cost.json   the wall seconds the point cost: training, attacking, its store classifier
+    DIR/<point>/growth/     with --growth: `veil growth`'s measurement of the point (growth.json)
+    DIR/image-store/        the image store's two classifiers, shared by every point's growth measurement
+    DIR/<point>/cost.json   the wall seconds the point cost: training, attacking, its store classifier, its growth
     DIR/<point>/forked.json a point that started from another point's pretraining: which, and its sha256s
     DIR/ceilings.json       the undefended attack (the ceiling), made once per pretrained split
 
@@ -22,6 +24,8 @@ from veil.errors import ConfigError
 SWEEP_FILE = "sweep.json"
 CEILINGS_FILE = "ceilings.json"  # the undefended attacks, one per distinct undefended obfuscator
 STORE_CLASSIFIER = "store-classifier"  # in each run: the classifier trained on its stored features
+GROWTH = "growth"  # in each run, with --growth: veil growth's folder
+IMAGE_STORE = "image-store"  # in the sweep: the image store's classifiers, one pair for every point
 COST_FILE = "cost.json"  # in each run: what the point cost the sweep, in seconds
 
 

@@ -330,12 +330,13 @@ class Privacy:
     weight: float
     penalty: Penalty
     metric: str
+    uses_labels: bool = False  # the penalty takes the batch's labels too
 
 
 def privacy_term(cfg: Config) -> Privacy | None:
     """The run's defence's privacy term at its strength (None for a defence without one)."""
     d = get_defence(cfg.train.defence)
-    return Privacy(strength_of(cfg), d.penalty, d.penalty_metric) if d.penalty else None
+    return Privacy(strength_of(cfg), d.penalty, d.penalty_metric, d.penalty_uses_labels) if d.penalty else None
 
 
 def train_obfuscator_classifier(
@@ -361,7 +362,11 @@ def train_obfuscator_classifier(
             logits = g(features)
             ce = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
             # At strength 0 the penalty is only logged: detached, no backward runs through r (a lambda = 0 sweep point).
-            p = privacy.penalty(images, features if privacy.weight else features.detach(), r) if privacy else torch.zeros((), device=images.device)
+            if privacy:
+                extra = (labels,) if privacy.uses_labels else ()
+                p = privacy.penalty(images, features if privacy.weight else features.detach(), r, *extra)
+            else:
+                p = torch.zeros((), device=images.device)
             loss = ce + privacy.weight * p if privacy else ce  # Eq. 2, or the defence's
         opt.zero_grad(set_to_none=True)
         loss.backward()

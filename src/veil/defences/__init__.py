@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from veil.defences import adversarial, noise, none, nopeek, pool, reid
+from veil.defences import adversarial, classfloor, noise, none, nopeek, pool, reid
 from veil.defences.defence import FINAL, PHASE_A, PHASE_B, PHASE_C, PRETRAIN, RECONSTRUCTOR_PHASES, WARMUP, Defence, Penalty
 from veil.defences.noise import GaussianNoise, set_noise
 from veil.defences.nopeek import distance_correlation
@@ -32,6 +32,7 @@ DEFENCES: dict[str, Defence] = {
     "none": none.DEFENCE,
     "reid": reid.DEFENCE,
     "pool": pool.DEFENCE,
+    "classfloor": classfloor.DEFENCE,
 }
 
 

@@ -21,8 +21,8 @@ PHASE_C = "obfuscator"  # (c) f on CE + strength * penalty, g and r frozen
 FINAL = "reconstructor_final"  # r on Eq. 3 against the final f
 RECONSTRUCTOR_PHASES = (WARMUP, PHASE_B, FINAL)
 
-# (images N x C x H x W in [0, 1], features f(images), the training reconstructor) -> a scalar to minimise
-Penalty = Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+# (images N x C x H x W in [0, 1], features f(images), the training reconstructor[, labels N]) -> a scalar to minimise
+Penalty = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Defence:
     """The privacy term weighed by the strength in the round's f + g and f phases."""
     penalty_metric: str = ""
     """metrics.jsonl key under which the penalty's epoch mean is logged."""
+    penalty_uses_labels: bool = False
+    """The penalty takes the batch's labels as a fourth argument (a class-aware privacy term)."""
     layer: Callable[[], nn.Module] | None = None
     """Builds a layer appended to the obfuscator, inactive until `start` (pretraining is undefended)."""
     start: Callable[[nn.Module, float], None] | None = None

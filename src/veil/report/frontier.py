@@ -18,16 +18,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 from veil import config as config_mod
-from veil.attack.results import ATTACKER_NAMES, CLASS_FLOOR, LINKAGE, db, pct, read_attack, strongest, strongest_reid
+from veil.attack.results import ATTACKER_NAMES, CLASS_FLOOR, LINKAGE, REFERENCES, db, pct, read_attack, strongest, strongest_reid
 from veil.defences import DEFENCES, point_symbol, strength_label
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.models.obfuscator import code_bytes
 from veil.plots import line_style, new_figure, png_bytes
-from veil.sweepdir import COST_FILE, STORE_CLASSIFIER, read_sweep
+from veil.store.growth import RESULT as GROWTH_RESULT
+from veil.sweepdir import COST_FILE, GROWTH, STORE_CLASSIFIER, read_sweep
+
+GROWTH_FIELDS = ("accuracy_at_n", "accuracy_at_n_plus_m", "gain", "growth_ratio")  # of growth.json's rows, as growth_* in a frontier row
+REFERENCE_NAMES = {"image": "image store", "label": "label store"}  # the two reference rows of every frontier
 
 
-def frontier_rows(sweep_dir: Path) -> list[dict]:
-    """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification."""
+def read_growth(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / GROWTH / GROWTH_RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def growth_fields(row: dict | None) -> dict:
+    """growth_accuracy_at_n, ..., growth_ratio of one of growth.json's rows (all None without one)."""
+    return {f"growth_{k}" if not k.startswith("growth") else k: (row or {}).get(k) for k in GROWTH_FIELDS}
+
+
+def frontier_rows(sweep_dir: Path, references: bool = True) -> list[dict]:
+    """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification;
+    then (references) the image store and the label store as rows of the same columns (reference_rows)."""
     rows = []
     for p in read_sweep(sweep_dir)["points"]:
         run_dir = Path(sweep_dir) / p.name
@@ -46,7 +61,9 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "capped": [], "flags": {}, "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
             # What the point cost the sweep (wall seconds; a forked point's pretraining was paid by its donor).
             "train_seconds": cost.get("train"), "attack_seconds": cost.get("attack"), "store_seconds": cost.get("store_classifier"),
-            "seconds": cost.get("total"),
+            "seconds": cost.get("total"), "reference": None,
+            # veil growth's measurement of the point's store (its first head), where --growth made one.
+            **growth_fields(next((r for r in (read_growth(run_dir) or {}).get("stores", []) if r["kind"] == "features"), None)),
         }
         if attack and attack["defended"]:
             row["psnr_attacker"], row["psnr"] = strongest(attack["defended"], "psnr_mean", attack["floor"])
@@ -66,7 +83,38 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             top = strongest(attack["undefended"], "psnr_mean", attack["floor"])
             row["undefended_psnr"] = top[1] if top else None
         rows.append(row)
+    if references:
+        rows += reference_rows(Path(sweep_dir), rows)
     mark_dominated(rows)
+    return rows
+
+
+def reference_rows(sweep_dir: Path, points: list[dict]) -> list[dict]:
+    """The image store and the label store as frontier rows: their privacy as the first attacked point's attack.json
+    scored them (reference_stores: the same users and candidates), their accuracy and growth from the first point's
+    growth.json (the image store: the whole VGG16 on the raw images; the label store: the undefended classifier's
+    class). A reference no point measured is left out; one measured only in part has None where it was not."""
+    attacks = [read_attack(Path(sweep_dir) / r["name"] / "attack" / "attack.json") for r in points
+               if (Path(sweep_dir) / r["name"] / "attack" / "attack.json").is_file()]
+    scored = next((a[REFERENCES] for a in attacks if a.get(REFERENCES)), {})
+    grown = next((g for g in (read_growth(Path(sweep_dir) / r["name"]) for r in points) if g), None)
+    rows = []
+    for kind, name in REFERENCE_NAMES.items():
+        privacy = scored.get(kind)
+        growth_row = next((r for r in (grown or {}).get("stores", []) if r["kind"] == kind), None)
+        if privacy is None and growth_row is None:
+            continue
+        accuracy = growth_row["accuracy_at_n"] if growth_row else (privacy.get("accuracy") if privacy else None)
+        row = {k: None for k in points[0]} if points else {}
+        row.update({
+            "name": name, "defence": name, "strength": None, "reference": kind, "test_accuracy": None, "store_accuracy": accuracy,
+            "capped": [], "flags": {}, "cut": "the images" if kind == "image" else "the class read", **growth_fields(growth_row),
+            "bytes_per_item": (privacy or growth_row or {}).get("bytes_per_item"),
+        })
+        if privacy:
+            row.update({"psnr": privacy["psnr_mean"], "ssim": privacy["ssim_mean"], "reid_top1": max(privacy["reid_top1"], privacy.get("reid_std_top1", 0.0)),
+                        "n_candidates": privacy.get("n_candidates"), "linkage_top1": privacy["linkage"]["reid_top1"]})
+        rows.append(row)
     return rows
 
 
@@ -87,16 +135,17 @@ def cut_label(cfg: config_mod.Config) -> str:
 
 
 def mark_dominated(rows: list[dict], label: Callable[[dict], str] = lambda r: r["name"]) -> None:
-    """Set each row's `dominated_by`: the attacked points at least as accurate and at most as
-    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier.
-    `store_dominated_by`: the same with the store classifier's accuracy."""
+    """Set each row's `dominated_by`: the attacked points (and reference stores) at least as accurate and at most as
+    reconstructable (strongest attacker's PSNR), better in one of the two. Such a row is off the frontier; a point
+    dominated by the label store is worth less than keeping the class. `store_dominated_by`: the same with the store
+    classifier's accuracy. The reference stores themselves are bounds, never marked dominated (an empty list)."""
     for key, field in (("test_accuracy", "dominated_by"), ("store_accuracy", "store_dominated_by")):
         measured = [r for r in rows if r["psnr"] is not None and r.get(key) is not None]
         ids = {id(r) for r in measured}
         for r in rows:
             r[field] = [
                 label(o) for o in measured
-                if id(r) in ids and o is not r and o[key] >= r[key] and o["psnr"] <= r["psnr"]
+                if id(r) in ids and not r.get("reference") and o is not r and o[key] >= r[key] and o["psnr"] <= r["psnr"]
                 and (o[key] > r[key] or o["psnr"] < r["psnr"])
             ]
 
@@ -120,14 +169,28 @@ def frontier_table(rows: list[dict]) -> list[list[str]]:
         return ", ".join(r.get(field) or []) or ("none" if r["psnr"] is not None and r.get(key) is not None else "n/a")
 
     stored = any(r.get("store_accuracy") is not None for r in rows)  # columns only for sweeps that trained them
+    grown = any(r.get("growth_accuracy_at_n") is not None for r in rows)  # columns only for sweeps that measured growth
+
+    def strength(r: dict) -> str:
+        if r.get("reference") or (r["defence"] in DEFENCES and not DEFENCES[r["defence"]].strength_key):
+            return ""
+        return f"{strength_label(r['defence'])} = {r['strength']:g}"
+
+    def growth(r: dict) -> list[str]:
+        if not grown:
+            return []
+        gain = r.get("growth_gain")
+        return [f"{pct(r.get('growth_accuracy_at_n'))} → {pct(r.get('growth_accuracy_at_n_plus_m'))}", "n/a" if gain is None else f"{100 * gain:+.2f}",
+                "n/a" if r.get("growth_ratio") is None else f"{r['growth_ratio']:.2f}"]
+
     out = [["defence", "strength", "in-run test accuracy" if stored else "test accuracy"] + (["store classifier accuracy"] if stored else [])
+           + (["growth: accuracy at N → N + M", "growth gain (points)", "growth ratio"] if grown else [])
            + ["strongest attacker PSNR (dB)", "strongest SSIM", "re-identification top-1", "chance", "by class alone (true / read)", "constant-image floor (dB)",
               "undefended attacker PSNR (dB)", "linkage top-1", "cut", "client MFLOPs / image", "bytes / stored image",
               "dominated by"] + (["dominated by (store accuracy)"] if stored else [])]
     for r in rows:
         out.append(
-            [r["defence"], f"{strength_label(r['defence'])} = {r['strength']:g}" if r["defence"] not in DEFENCES or DEFENCES[r["defence"]].strength_key else "",
-             pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else [])
+            [r["defence"], strength(r), pct(r["test_accuracy"])] + ([pct(r.get("store_accuracy"))] if stored else []) + growth(r)
             + [db(r["psnr"]) + who(r["psnr_attacker"]) + cap_mark(r), (f"{r['ssim']:.3f}" + who(r.get("ssim_attacker"))) if r.get("ssim") is not None else "n/a",
                pct(r["reid_top1"], 1) + who(r["reid_attacker"]),
                pct(1 / r["n_candidates"], 1) if r["n_candidates"] else "n/a",
@@ -144,7 +207,12 @@ def plot_frontier(rows: list[dict]) -> bytes:
     for the in-run classifier, dotted with hollow markers for the store classifier where there is one."""
     fig = new_figure(10.0, 4.2)
     left, right = fig.subplots(1, 2, sharey=True)
-    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None]
+    done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None and not r.get("reference")]
+    for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):  # the two stores every point sits between
+        for r, marker in ((r, "*" if r["reference"] == "image" else "X") for r in rows if r.get("reference")):
+            # The image store's 100 dB (the PSNR clamp) would flatten every point on the PSNR axis: drawn on the other only.
+            if r.get(key) is not None and r.get("store_accuracy") is not None and not (key == "psnr" and r["reference"] == "image"):
+                ax.plot([scale * r[key]], [100 * r["store_accuracy"]], marker=marker, markersize=10, color="#333333", linestyle="none", label=r["name"])
     for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in done)):  # one line per defence (and sweep)
         pts = sorted((r for r in done if r.get("line", r["defence"]) == line), key=lambda r: r["strength"])
         sym = point_symbol(pts[0]["defence"])

@@ -13,6 +13,7 @@ Into RUN/growth/:
     stores/defender, stores/defender+later, stores/test     deleted at the end unless keep_stores
     classifiers/store-HEAD-n/, classifiers/store-HEAD-n+m/   `veil train-classifier` directories
     classifiers/image-n/, classifiers/image-n+m/             settings.json, metrics.jsonl, the weights, summary.json
+                                      (or in --image-dir, shared by measurements on the same data)
     growth.json, growth.md            per store: accuracy at N and at N + M, gain, growth ratio, bytes per item
 
 The growth ratio is a store's gain divided by the image store's gain (the image store's is 1 by
@@ -73,6 +74,10 @@ class GrowthConfig:
     """Items per optimisation step of every classifier (veil train-classifier's default)."""
     out: str = ""
     """Folder of the measurement ('' = RUN/growth)."""
+    image_dir: str = ""
+    """Folder of the image store's two classifiers ('' = OUT/classifiers). The image store does not depend on the
+    obfuscator, so measurements of runs on the same data and settings can share it (veil sweep --growth does):
+    a finished classifier there with the same settings is kept, one with other settings trained again."""
     keep_stores: bool = False
     """Keep the three stores at the end (by default deleted; a rerun that needs them makes them again)."""
     seed: int = 0
@@ -300,7 +305,8 @@ def _row(name: str, kind: str, bytes_item: int, at_n: float, at_nm: float, dirs:
 def command_line(run_dir: Path, settings: GrowthConfig) -> str:
     parts = ["veil growth", str(run_dir), f"--epochs {settings.epochs}", f"--head {settings.heads}", f"--batch-size {settings.batch_size}",
              f"--seed {settings.seed}"]
-    return " ".join(parts + ([f"--out {settings.out}"] if settings.out else []) + (["--keep-stores"] if settings.keep_stores else []))
+    return " ".join(parts + ([f"--out {settings.out}"] if settings.out else []) + ([f"--image-dir {settings.image_dir}"] if settings.image_dir else [])
+                    + (["--keep-stores"] if settings.keep_stores else []))
 
 
 def growth(run_dir: str | Path, settings: GrowthConfig, log=print) -> dict:  # noqa: ANN001
@@ -355,8 +361,9 @@ def growth(run_dir: str | Path, settings: GrowthConfig, log=print) -> dict:  # n
         bytes_store = bytes_per_item({"features": meta["features"]})
 
     image_cfg = image_config(cfg, head_config(settings, "vgg16"))
+    image_dir = Path(settings.image_dir) if settings.image_dir else classifiers
     for size, n_train in zip(SIZES, (n, n + m)):
-        d = classifiers / f"image-{size}"
+        d = image_dir / f"image-{size}"
         summary = finished_image_classifier(d, image_settings(image_cfg, splits.natural, n_train, n_test))
         if summary is None:
             shutil.rmtree(d, ignore_errors=True)
@@ -375,7 +382,7 @@ def growth(run_dir: str | Path, settings: GrowthConfig, log=print) -> dict:  # n
         for h in heads
     ]
     image = _row("image (the whole VGG16)", "image", splits.test.images[0].numel(), results["image-n"]["final_test_accuracy"],
-                 results["image-n+m"]["final_test_accuracy"], [f"classifiers/image-{s}" for s in SIZES]) | {"head": "vgg16 (whole network)"}
+                 results["image-n+m"]["final_test_accuracy"], [str(image_dir / f"image-{s}") if settings.image_dir else f"classifiers/image-{s}" for s in SIZES]) | {"head": "vgg16 (whole network)"}
     label = _row("label (the undefended classifier's class)", "label", 1, labels["accuracy"], labels["accuracy"], None) | {"head": None,
                                                                                                                             "task_accuracy": labels["task_accuracy"]}
     rows += [image, label]
