@@ -439,6 +439,8 @@ def test_settings_validation():
     with pytest.raises(ConfigError, match="unknown setting"):
         resolve_settings({"epochs": 3})
     assert resolve_settings({"attackers": "simrec, resrec"}).attackers == "simrec, resrec"
+    with pytest.raises(ConfigError, match=r"seed must be in 0..2\*\*32-1, got -1"):  # also for veil sweep --attack seed=-1
+        resolve_settings({"seed": -1})
 
 
 def fake_result(defended_psnr: float) -> dict:

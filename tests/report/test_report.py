@@ -273,3 +273,11 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     assert gray.shape == (2400, 1280)
     # Not blank: text, tables and figures put dark pixels on much of the page.
     assert gray.std() > 20 and (gray < 128).mean() > 0.01, (gray.std(), (gray < 128).mean())
+
+
+def test_a_run_without_checkpoints_is_named_where_figures_4_and_5_leave_it_out(runs, tmp_path):
+    copy = tmp_path / "no-checkpoints"
+    shutil.copytree(runs["simrec-l1"], copy)
+    (copy / "checkpoints" / "latest.json").unlink()
+    md = report([runs["urec2-l0"], copy], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
+    assert "Figures 4 and 5 leave out no-checkpoints: no checkpoints/latest.json" in md and "urec2-l0" not in md.split("leave out")[1].split("\n")[0]

@@ -129,6 +129,7 @@ def validate_attack(s: AttackConfig) -> None:
         weights = []
     need(bool(weights) and all(w >= 0 for w in weights), f"tv_weights must be comma-separated numbers >= 0, got '{s.tv_weights}'")
     need(s.n_show >= 1, f"n_show must be >= 1, got {s.n_show}")
+    need(0 <= s.seed < 2**32, f"seed must be in 0..2**32-1, got {s.seed}")  # numpy's generators take no other
     need(s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got '{s.device}'")
     need(str(s.channels_last).lower() in ("auto", *ON, *OFF), f"channels_last must be auto, on or off, got '{s.channels_last}'")
 

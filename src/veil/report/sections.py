@@ -421,6 +421,9 @@ def report(run_dirs: list[str | Path], out: str | Path | None = None, n_images: 
     finished = [r for r in runs if (r.path / "checkpoints" / "latest.json").is_file()]
     if finished:
         reconstruction_figures(finished, n_images, page, figures)
+    left_out = [r.path.name for r in runs if r not in finished]
+    if left_out:  # said, not dropped silently
+        page.add("p", f"Figures 4 and 5 leave out {', '.join(left_out)}: no checkpoints/latest.json (training not started, or its checkpoints removed).")
     table3(runs, page, matrices)
     page.add("h2", "Attack tables (veil attack)")
     attacked = [r for r in runs if r.attack]
