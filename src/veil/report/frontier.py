@@ -26,7 +26,9 @@ from veil.plots import line_style, new_figure, png_bytes
 from veil.store.growth import RESULT as GROWTH_RESULT
 from veil.sweepdir import COST_FILE, GROWTH, STORE_CLASSIFIER, read_sweep
 
-GROWTH_FIELDS = ("accuracy_at_n", "accuracy_at_n_plus_m", "gain", "growth_ratio")  # of growth.json's rows, as growth_* in a frontier row
+# growth.json's row fields -> a frontier row's
+GROWTH_FIELDS = {"accuracy_at_n": "growth_accuracy_at_n", "accuracy_at_n_plus_m": "growth_accuracy_at_n_plus_m", "gain": "growth_gain",
+                 "growth_ratio": "growth_ratio"}
 REFERENCE_NAMES = {"image": "image store", "label": "label store"}  # the two reference rows of every frontier
 
 
@@ -37,12 +39,12 @@ def read_growth(run_dir: Path) -> dict | None:
 
 def growth_fields(row: dict | None) -> dict:
     """growth_accuracy_at_n, ..., growth_ratio of one of growth.json's rows (all None without one)."""
-    return {f"growth_{k}" if not k.startswith("growth") else k: (row or {}).get(k) for k in GROWTH_FIELDS}
+    return {ours: (row or {}).get(theirs) for theirs, ours in GROWTH_FIELDS.items()}
 
 
-def frontier_rows(sweep_dir: Path, references: bool = True) -> list[dict]:
+def frontier_rows(sweep_dir: Path) -> list[dict]:
     """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification;
-    then (references) the image store and the label store as rows of the same columns (reference_rows)."""
+    then the image store and the label store as rows of the same columns (reference_rows)."""
     rows = []
     for p in read_sweep(sweep_dir)["points"]:
         run_dir = Path(sweep_dir) / p.name
@@ -83,8 +85,7 @@ def frontier_rows(sweep_dir: Path, references: bool = True) -> list[dict]:
             top = strongest(attack["undefended"], "psnr_mean", attack["floor"])
             row["undefended_psnr"] = top[1] if top else None
         rows.append(row)
-    if references:
-        rows += reference_rows(Path(sweep_dir), rows)
+    rows += reference_rows(Path(sweep_dir), rows)
     mark_dominated(rows)
     return rows
 
