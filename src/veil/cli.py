@@ -110,7 +110,8 @@ def cmd_obfuscate(args: argparse.Namespace) -> int:
     if (args.out or "").startswith("memory://"):
         raise StoreError(f"{args.out}: a memory:// store lives inside one process and would vanish when veil exits; give a folder or an object store URL")
     r = obfuscate(args.run, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
-                  name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench, append=args.append, id_map=args.id_map)
+                  name=args.name, device=args.device, progress=not args.no_progress, bench=args.bench, append=args.append, id_map=args.id_map,
+                  client=args.client)
     if args.append:
         print(f"appended {r['written']} items to {args.append} in {r['seconds']:.2f} s; it holds {r['items']} items in {r['shards']} shards")
     elif r["written"]:
@@ -121,6 +122,22 @@ def cmd_obfuscate(args: argparse.Namespace) -> int:
         cpu_ratio = (r["written"] / r["cpu_seconds"]) / (r["bare_images"] / r["bare_cpu_seconds"])
         print(f"bare obfuscator forward on {r['bare_images']} of the same images: {bare:.0f} images/s; obfuscate runs at "
               f"{rate / bare:.2f}x of it ({cpu_ratio:.2f}x counting CPU time)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from veil.client.export import export_client
+
+    export_client(args.run, args.out, input_kind=args.input, precision=args.precision, calibration=args.calibration, check=args.check)
+    return 0
+
+
+def cmd_store_export(args: argparse.Namespace) -> int:
+    from veil.store.export import export_store
+
+    r = export_store(args.store, args.out, fmt=args.format, progress=not args.no_progress)
+    print(f"wrote {r['rows']} rows of {args.store} to {args.out} ({r['bytes'] / 1e6:.2f} MB, {r['format']}); "
+          f"after a veil erase, export again: this copy keeps the erased items")
     return 0
 
 
@@ -302,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     from veil.store.obfuscate import SPEC_HELP
 
     p = sub.add_parser("obfuscate", help="images -> a feature store (no pixels, no file names); resumable")
-    p.add_argument("--run", required=True, help="run directory whose obfuscator to use")
+    p.add_argument("--run", help="run directory whose obfuscator to use")
+    p.add_argument("--client", metavar="FILE.onnx", help="instead of --run: a client file of veil export, run with onnxruntime (no PyTorch weights); "
+                   "its stores mix with --run's of the same obfuscator")
     p.add_argument("--data", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--out", metavar="STORE", help="store to create (a folder or an fsspec URL such as s3://bucket/store), or to finish after an interruption")
     p.add_argument("--append", metavar="STORE", help="add the images to this existing store instead, as new shards (same obfuscator, classes and feature shape)")
@@ -317,6 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="also time a bare forward pass of the obfuscator on the same images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_obfuscate)
+
+    p = sub.add_parser("export", help="the run's final obfuscator alone as ONNX, for the device (no classifier, no reconstructor); checked against PyTorch")
+    p.add_argument("run", metavar="RUN", help="a run directory (veil train)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the client file; FILE.onnx.parity.json gets the comparison with PyTorch")
+    p.add_argument("--input", default="uint8", choices=["uint8", "float"], help="what the client takes: uint8 N x C x S x S images 0..255 "
+                   "(default), or float32 in [0, 1]")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: onnxruntime static quantisation, calibrated on "
+                   "defender images; its codes get a fingerprint of their own (default fp32)")
+    p.add_argument("--calibration", type=int, default=512, metavar="N", help="defender images an int8 client is calibrated on (default 512)")
+    p.add_argument("--check", type=int, default=0, metavar="N", help="users' images (test split) compared with PyTorch (default 0: all)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("store-export", help="a store as one file other engines read (parquet: pandas, DuckDB, Spark, datasets)")
+    p.add_argument("store", metavar="STORE", help="a complete store (a folder or an fsspec URL)")
+    p.add_argument("out", metavar="OUT", help="the file to write (local), e.g. store.parquet")
+    p.add_argument("--format", default="parquet", choices=["parquet"], help="the file format (default parquet)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_store_export)
 
     from veil.config import field_docs
     from veil.store.classify import HEADS, HeadConfig
@@ -431,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from veil.data import DataError
-    from veil.errors import AttackError, ConfigError, ReportError, StoreError, TrainingError
+    from veil.errors import AttackError, ClientError, ConfigError, ReportError, StoreError, TrainingError
     from veil.io import CheckpointError
     from veil.train import Stopped
 
@@ -447,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError, ReportError, AttackError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, StoreError, ReportError, AttackError, ClientError) as e:
         print(f"veil {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder: the message names the file

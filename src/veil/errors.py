@@ -19,3 +19,8 @@ class StoreError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a run directory in the wrong state, a device that is not there)."""
+
+
+class ClientError(ValueError):
+    """A client (an exported obfuscator) that cannot be made or used: a random obfuscator, a damaged or foreign
+    .onnx file, a missing or altered fingerprint; the message names the file."""

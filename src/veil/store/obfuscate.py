@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from veil.client.onnxfile import Client, read_client
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, check_labels, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.errors import StoreError
@@ -190,24 +191,22 @@ def open_source(spec: DataSpec, run_data: DataConfig, seed: int, name: str = "")
 # ----------------------------------------------------------------------------- writing
 
 
-def _new_manifest(source: Source, obfuscator: torch.nn.Module, fingerprint: str, image_size: int, shape: tuple[int, ...], dtype: str, shard_size: int) -> dict:
+def run_identity(obfuscator: torch.nn.Module, image_size: int) -> dict:
+    """The manifest's `obfuscator` section for a run's obfuscator (a client file carries the same, veil.client.onnxfile)."""
+    return {"fingerprint": fingerprint(obfuscator), "in_channels": obfuscator.in_channels, "width": obfuscator.width, "split": obfuscator.split,
+            "image_size": image_size, "out_channels": obfuscator.out_channels, "feature_bits": obfuscator.bits}
+
+
+def _new_manifest(source: Source, identity: dict, shape: tuple[int, ...], dtype: str, bits: int, shard_size: int) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "veil_version": __version__,
         "store_id": secrets.token_hex(16),  # names this store to its id maps; says nothing about its items
         "created_utc": utc_now(),
-        "obfuscator": {
-            "fingerprint": fingerprint,
-            "in_channels": obfuscator.in_channels,
-            "width": obfuscator.width,
-            "split": obfuscator.split,
-            "image_size": image_size,
-            "out_channels": obfuscator.out_channels,
-            "feature_bits": obfuscator.bits,
-        },
+        "obfuscator": identity,
         "dataset": {"name": source.name, "split": source.split, "classes": list(source.classes)},
-        "features": {"shape": list(shape), "dtype": dtype, **({"bits": obfuscator.bits} if dtype in CODES else {})},
+        "features": {"shape": list(shape), "dtype": dtype, **({"bits": bits} if dtype in CODES else {})},
         "shard_size": shard_size,
         "count": len(source),
         "labels_sha256": labels_digest(source.labels),
@@ -251,15 +250,18 @@ def _resume_point(loc: Location, manifest: dict, digest, log) -> list[str]:  # n
 
 @dataclass
 class Encoder:
-    """What turns a source's items into stored features: the run's obfuscator and how its output is kept."""
+    """What turns a source's items into stored features: a run's obfuscator (on `device`) or a client file
+    (onnxruntime, veil.client), and how its output is kept."""
 
-    obfuscator: torch.nn.Module
+    obfuscator: torch.nn.Module | None  # None: `client` encodes
     device: torch.device
     shape: tuple[int, ...]  # C x H x W
     dtype: str  # a key of STORED_DTYPES
     bits: int  # > 0: a quantising obfuscator, stored as its integer codes
     batch_size: int
     data: str  # the --data spec, for messages
+    client: Client | None = None  # its output is already what the store keeps
+    against: str = ""  # --run RUN or --client FILE, for messages
 
 
 def encode(enc: Encoder, source: Source, a: int, b: int, bar) -> torch.Tensor:  # noqa: ANN001
@@ -268,10 +270,13 @@ def encode(enc: Encoder, source: Source, a: int, b: int, bar) -> torch.Tensor:  
     features = torch.empty((b - a, *enc.shape), dtype=stored)  # one shard, filled batch by batch
     for s in range(a, b, enc.batch_size):
         e = min(b, s + enc.batch_size)
-        out_batch = enc.obfuscator(to_float(source.read(s, e).to(enc.device)))  # N x C x H x W
-        if enc.dtype in CODES:
-            out_batch = torch.round(out_batch * (2**enc.bits - 1))  # the codes, exactly
+        if enc.client is not None:
+            out_batch = enc.client.run(source.read(s, e))
         else:
+            out_batch = enc.obfuscator(to_float(source.read(s, e).to(enc.device)))  # N x C x H x W
+            if enc.dtype in CODES:
+                out_batch = torch.round(out_batch * (2**enc.bits - 1))  # the codes, exactly
+        if enc.dtype not in CODES:
             _check_representable(out_batch, enc.dtype, enc.data, s)
         features[s - a : e - a] = out_batch.to(stored).cpu()
         bar.update(e - s)
@@ -284,53 +289,72 @@ def item_names(source: Source, data: str, a: int, b: int) -> list[str]:
 
 
 def obfuscate(
-    run_dir: str | Path, data: str, out: str | Path | None = None, dtype: str = "auto", shard_size: int = 4096, batch_size: int = 500,
+    run_dir: str | Path | None, data: str, out: str | Path | None = None, dtype: str = "auto", shard_size: int = 4096, batch_size: int = 500,
     name: str = "", device: str = "auto", progress: bool = True, bench: bool = False, append: str | Path | None = None,
-    id_map: str | Path | None = None, log=print,  # noqa: ANN001
+    id_map: str | Path | None = None, log=print, client: str | Path | None = None,  # noqa: ANN001
 ) -> dict:
     """Images -> a new store at `out` (resuming an interrupted one), or added to the store `append`. Returns counts and timings.
+    The features come from a run's obfuscator (`run_dir`) or from a client file (`client`, veil export: onnxruntime,
+    no PyTorch weights); a store made either way records the same fingerprint, so the two mix.
     dtype auto: a quantising obfuscator's integer codes, else float16. id_map: a file outside the store that
     records which source item got which id (idmap.py)."""
     if (out is None) == (append is None):
         raise StoreError("give --out STORE (a new store) or --append STORE (add to one), not both")
+    if (run_dir is None) == (client is None):
+        raise StoreError("give --run RUN (a run's obfuscator) or --client FILE.onnx (an exported one), not both")
     if dtype not in ("auto", *DTYPES):
         raise StoreError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got '{dtype}'")
     if shard_size < 1 or batch_size < 1:
         raise StoreError(f"--shard-size and --batch-size must be >= 1, got {shard_size} and {batch_size}")
+    if bench and client is not None:
+        raise StoreError("--bench times the PyTorch obfuscator of --run; a client's speed is measured by benchmarks/client_speed.py")
     loc = locate(out if append is None else append)
     if id_map is not None:
         idmap.check_outside(id_map, loc)
     old = read_manifest(loc) if append is not None else None  # before the run and the images are read: a bad store fails fast
-    dev = resolve_device(device)
-    run = load_run(run_dir, dev)
-    if not run.summary:
-        log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
+    spec = parse_spec(data)
+    if client is not None:
+        c = read_client(client)
+        against, identity, run, dev = f"--client {client}", c.meta["veil_obfuscator"] | {"fingerprint": c.fingerprint}, None, torch.device("cpu")
+        if spec.kind == "run":
+            raise DataError(f"--data {data}: a client holds no run to read splits from; name the data instead (e.g. cifar10:test, npz:FILE.npz:test)")
+        fields = {f.name for f in dataclasses.fields(DataConfig)}
+        run_data, seed, channels = DataConfig(**{k: v for k, v in c.meta["veil_data"].items() if k in fields}), c.meta["veil_seed"], identity["in_channels"]
+        bits, shape, client_dtype = identity["feature_bits"], tuple(c.meta["veil_features"]["shape"]), c.meta["veil_features"]["dtype"]
+        if dtype not in ("auto", client_dtype):
+            raise StoreError(f"--dtype {dtype}: client {client} outputs {client_dtype}, which is what the store keeps; leave --dtype at auto")
+    else:
+        c, client_dtype, dev = None, None, resolve_device(device)
+        run = load_run(run_dir, dev)
+        if not run.summary:
+            log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
+        against, identity = f"--run {run_dir}", run_identity(run.obfuscator, run.config.data.image_size)
+        run_data, seed, channels, bits = run.config.data, run.config.seed, run.channels, quantised_bits(run.obfuscator)
+        m = run.config.model
+        shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
     if old is not None:
-        check_fingerprint(old, fingerprint(run.obfuscator), loc.url, f"--run {run_dir}")
+        check_fingerprint(old, identity["fingerprint"], loc.url, against)
     t0 = time.perf_counter()
-    source = open_source(parse_spec(data), run.config.data, run.config.seed, name)
+    source = open_source(spec, run_data, seed, name)
     open_seconds = time.perf_counter() - t0  # reading (and for named data, decoding) the images held in memory
-    if source.channels != run.channels:
-        raise DataError(f"--data {data}: images have {source.channels} channel(s), the obfuscator of {run_dir} takes {run.channels}")
+    if source.channels != channels:
+        raise DataError(f"--data {data}: images have {source.channels} channel(s), the obfuscator of {against.split(' ', 1)[1]} takes {channels}")
     if len(source) == 0:
         raise DataError(f"--data {data}: no images")
     check_labels(source.labels.numpy(), source.classes, f"--data {data}")  # a store's labels are class indices, as verify checks
-    bits = quantised_bits(run.obfuscator)
     if dtype == "auto":
-        dtype = code_dtype(bits)
-    m = run.config.model
-    shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
-    manifest = _new_manifest(source, run.obfuscator, fingerprint(run.obfuscator), run.config.data.image_size, shape, dtype, shard_size)
-    enc = Encoder(run.obfuscator, dev, shape, dtype, bits, batch_size, data)
+        dtype = client_dtype or code_dtype(bits)
+    manifest = _new_manifest(source, identity, shape, dtype, bits, shard_size)
+    enc = Encoder(run.obfuscator if run else None, dev, shape, dtype, bits, batch_size, data, c, against)
     if old is not None:
-        return _append(loc, manifest, enc, source, data, id_map, progress, log, run_dir) | {"open_seconds": open_seconds}
+        return _append(loc, manifest, enc, source, data, id_map, progress, log) | {"open_seconds": open_seconds}
     make_folder(loc)
     with writer_lock(loc, "veil obfuscate"), StopSignals() as stop:
-        return _create(loc, manifest, enc, source, data, id_map, progress, log, stop, bench, run, open_seconds)
+        return _create(loc, manifest, enc, source, data, id_map, progress, log, stop, bench, open_seconds)
 
 
 def _create(loc: Location, manifest: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log,  # noqa: ANN001
-            stop: StopSignals, bench: bool, run, open_seconds: float) -> dict:  # noqa: ANN001
+            stop: StopSignals, bench: bool, open_seconds: float) -> dict:
     """Write a new store, or finish an interrupted one; the caller holds the store's lock."""
     shard_size, n_shards = manifest["shard_size"], -(-len(source) // manifest["shard_size"])
     first, kept_ids, resumed = 0, [], exists(loc, MANIFEST)
@@ -366,7 +390,7 @@ def _create(loc: Location, manifest: dict, enc: Encoder, source: Source, data: s
         idmap.start(id_map, manifest, kept_ids, resume=resumed)
 
     n_bench = min(len(source) - first * shard_size, shard_size)  # one shard's worth: memory stays bounded
-    bare_before = bare_forward_seconds(run.obfuscator, source, first * shard_size, n_bench, enc.batch_size, enc.device) if bench else None
+    bare_before = bare_forward_seconds(enc.obfuscator, source, first * shard_size, n_bench, enc.batch_size, enc.device) if bench else None
     start_time, start_cpu = time.perf_counter(), time.process_time()
     written = 0
     with torch.inference_mode(), tqdm(total=len(source), initial=first * shard_size, desc="obfuscate", unit="img", disable=not progress, dynamic_ncols=True) as bar:
@@ -395,26 +419,25 @@ def _create(loc: Location, manifest: dict, enc: Encoder, source: Source, data: s
     if bench:
         # Timed before and after the store is written, and averaged, so that a change in machine load
         # during the run does not land on one side of the ratio only.
-        bare_after = bare_forward_seconds(run.obfuscator, source, first * shard_size, n_bench, enc.batch_size, enc.device)
+        bare_after = bare_forward_seconds(enc.obfuscator, source, first * shard_size, n_bench, enc.batch_size, enc.device)
         result["bare_images"] = n_bench
         result["bare_seconds"] = (bare_before[0] + bare_after[0]) / 2
         result["bare_cpu_seconds"] = (bare_before[1] + bare_after[1]) / 2
     return result
 
 
-def _append(loc: Location, new: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log,  # noqa: ANN001
-            run_dir: str | Path) -> dict:
+def _append(loc: Location, new: dict, enc: Encoder, source: Source, data: str, id_map: str | Path | None, progress: bool, log) -> dict:  # noqa: ANN001
     """Add a source's items to a complete store as new shards, holding its lock; the manifest, replaced last, lists them."""
     with writer_lock(loc, "veil obfuscate --append"), StopSignals() as stop:
         old = read_manifest(loc)  # again, under the lock: the store as it is now
-        check_fingerprint(old, new["obfuscator"]["fingerprint"], loc.url, f"--run {run_dir}")
+        check_fingerprint(old, new["obfuscator"]["fingerprint"], loc.url, enc.against)
         check_complete(loc, old)
         for key, what in (("features", "feature shape and dtype"), ("dataset", "classes")):
             a, b = old[key], new[key]
             if key == "dataset":
                 a, b = a["classes"], b["classes"]
             if a != b:
-                raise StoreError(f"{loc.url}: {what} {a} differ from what --data {data} gives with this run ({b}); items appended must match")
+                raise StoreError(f"{loc.url}: {what} {a} differ from what --data {data} gives with {enc.against} ({b}); items appended must match")
         check_listing(loc, old)
         if id_map is not None and "store_id" not in old:
             raise StoreError(f"{loc.url}: made by an older Veil (store format 1, no store id); an id map needs a store made by this version")
