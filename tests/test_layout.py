@@ -140,6 +140,7 @@ LAYERS = [
     ("models", ["veil.models"]),
     ("defences", ["veil.defences"]),
     ("training core", ["veil.config", "veil.data", "veil.distributed", "veil.runtime", "veil.rundir", "veil.sweepdir", "veil.train", "veil.bench"]),
+    ("client", ["veil.client"]),
     ("store", ["veil.store"]),
     ("attack", ["veil.attack"]),
     ("report", ["veil.report"]),

@@ -262,7 +262,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from veil.attack.harness import attack, attack_matrix
+    from veil.attack.harness import attack, attack_dir, attack_matrix
     from veil.attack.settings import AttackConfig, resolve_settings
     from veil.attack.tables import format_table
     from veil.config import ConfigError
@@ -281,7 +281,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     result = attack(args.run_dir, settings)
     print()
     print(format_table(result))
-    print(f"\nwritten to {Path(args.run_dir) / 'attack'}/ (attack.json, attack.csv, attack.md, one PNG per attacker)")
+    print(f"\nwritten to {attack_dir(args.run_dir, settings)}/ (attack.json, attack.csv, attack.md, one PNG per attacker)")
     return 0
 
 

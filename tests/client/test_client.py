@@ -169,3 +169,33 @@ def test_a_noisy_obfuscator_is_not_exported():
         ClientModel(Obfuscator(3, 0.0625, 2, tail=GaussianNoise(0.5)))
     quiet = ClientModel(Obfuscator(3, 0.0625, 2, tail=GaussianNoise(0.0)))  # sigma 0 adds nothing: exported without it
     assert not any(isinstance(m, GaussianNoise) for m in quiet.modules())
+
+
+def test_an_attack_on_a_client_file_gets_the_clients_codes_and_writes_beside_the_runs(coded, store_run, tmp_path):
+    from veil.attack.harness import attack
+    from veil.attack.settings import AttackConfig
+    from veil.client.attacked import ClientObfuscator
+    from veil.errors import AttackError
+
+    i8 = tmp_path / "int8.onnx"
+    export(coded["run"], i8, precision="int8", calibration=64)
+    run = load_run(coded["run"])
+    wrapped = ClientObfuscator(read_client(i8), run.obfuscator)
+    users = load_splits(coded["cfg"].data, 0).test.images
+    x = users.float() / 255
+    assert torch.equal(wrapped(x) * 3, read_client(i8).run(users).float())  # the client's codes, in f's scale
+    x.requires_grad_(True)
+    wrapped(x).sum().backward()  # the white-box attacker's gradient: the source obfuscator's
+    x2 = (users.float() / 255).requires_grad_(True)
+    run.obfuscator(x2).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+    s = AttackConfig(attackers="simrec", max_epochs=2, patience=1, batch_size=32, n_candidates=10, whitebox_images=8, whitebox_steps=5,
+                     undefended=False, copies=False, device="cpu", progress=False, client=str(i8))
+    result = attack(coded["run"], s, log=lambda *_: None)
+    assert result["client"]["precision"] == "int8" and (coded["run"] / "attack-int8" / "attack.json").is_file()
+    assert not (coded["run"] / "attack").exists()  # the run's own attack is not overwritten
+    other = tmp_path / "other.onnx"
+    export(store_run["run"], other)
+    with pytest.raises(AttackError, match="other.onnx: exported from obfuscator .* not from"):
+        attack(coded["run"], AttackConfig(**{**s.__dict__, "client": str(other)}), log=lambda *_: None)

@@ -49,6 +49,8 @@ from veil.attack.scoring import (
 from veil.attack.settings import AttackConfig, attacker_names, result_settings, seed_for, tv_weights, validate_attack
 from veil.attack.tables import matrix_csv, matrix_markdown, write_outputs
 from veil.attack.whitebox import choose_tv_weight, invert
+from veil.client.attacked import ClientObfuscator
+from veil.client.onnxfile import read_client
 from veil.data import load_splits, to_float
 from veil.defences import GaussianNoise, describe
 from veil.errors import AttackError
@@ -163,10 +165,26 @@ def ceiling_run(run: Run, s: AttackConfig, data_fingerprint: str, device: torch.
     return other
 
 
+def attack_dir(run_dir: str | Path, s: AttackConfig) -> Path:
+    """Where an attack writes: RUN/attack/, or RUN/attack-<client file name>/ for an attack on a client file."""
+    return Path(run_dir) / (f"attack-{Path(s.client).stem}" if s.client else "attack")
+
+
+def with_client(run: Run, s: AttackConfig, device: torch.device) -> Run:
+    """The run with its obfuscator replaced by the client file s.client (which must be this obfuscator's)."""
+    if device.type != "cpu":
+        raise AttackError(f"--client {s.client}: a client runs on the CPU (onnxruntime); attack it with --device cpu")
+    client = read_client(s.client)
+    if client.meta["veil_source_fingerprint"] != fingerprint(run.obfuscator):
+        raise AttackError(f"--client {s.client}: exported from obfuscator {client.meta['veil_source_fingerprint'][:16]}..., "
+                          f"not from {run.path}'s ({fingerprint(run.obfuscator)[:16]}...)")
+    return dataclasses.replace(run, obfuscator=ClientObfuscator(client, run.obfuscator))
+
+
 def saved_attack(run_dir: str | Path, s: AttackConfig, obfuscator_fingerprint: str) -> tuple[dict | None, str]:
     """RUN_DIR/attack/attack.json when it stands for attacking the obfuscator of this fingerprint with settings
     `s` (the same result settings), else None and the reason it does not."""
-    path = Path(run_dir) / "attack" / "attack.json"
+    path = attack_dir(run_dir, s) / "attack.json"
     if not path.is_file():
         return None, f"{path} does not exist"
     try:
@@ -193,6 +211,8 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     began = time.perf_counter()
     device = resolve_device(s.device)
     run, total = finished_run(run_dir, s, device)
+    if s.client:
+        run = with_client(run, s, device)
     cfg = run.config
     splits = load_splits(cfg.data, cfg.seed)  # the same three splits the run used
     reference = ceiling_run(run, s, data_mod.fingerprint(splits), device)
@@ -295,7 +315,10 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         settings=dataclasses.asdict(s), seed=s.seed, attacker_width=widths, scoring_version=SCORING_VERSION, device=str(device), seconds=round(time.perf_counter() - began, 1),
         date=time.strftime("%Y-%m-%d"), veil_version=__version__, torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
     )
-    out = run_dir / "attack"
+    if s.client:
+        result["client"] = {"file": s.client, "precision": run.obfuscator.client.meta["veil_precision"],
+                            "fingerprint": run.obfuscator.client.fingerprint}
+    out = attack_dir(run_dir, s)
     write_outputs(out, result, to_float(data.users[: s.n_show]).cpu(), figures)
     return result
 

@@ -77,6 +77,10 @@ class AttackConfig:
     """NHWC layout of the networks (auto | on | off; auto: on for CPU and CUDA, where it runs faster, as train.channels_last)."""
     progress: bool = True
     """Show progress bars."""
+    client: str = ""
+    """A client file of this run (veil export, e.g. an int8 one): the defended obfuscator attacked is then the client,
+    run by onnxruntime, so the attackers get what a store made on the device holds; the white-box inversion takes the
+    gradients of the run's own obfuscator (the client's source). Results go to RUN/attack-<file name>/; CPU only."""
     allow_unfinished: bool = False
     """Attack a run whose training has not finished (its latest checkpoint); attack.json records the step."""
 
