@@ -72,7 +72,7 @@ def main() -> None:
                     row[f"{which}_{threads}"] = best_rate(lambda x, s=s: s.run([OUTPUT], {INPUT: x.numpy()}), images)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| obfuscator | width | fp32 file | int8 file | threads | PyTorch eager | onnxruntime fp32 | ratio | onnxruntime int8 | ratio |")
+    print("\n| obfuscator | width | fp32 file | int8 file | threads | PyTorch eager | onnxruntime fp32 | ratio | onnxruntime int8 | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         for t in (1, 2):
