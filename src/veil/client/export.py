@@ -74,6 +74,6 @@ def export_client(run_dir: str | Path, out: str | Path, input_kind: str = "uint8
     if "values_differ_on_boundary" in p:
         line += f" ({p['values_differ_on_boundary']} on a rounding boundary)"
     if "max_abs_difference" in p:
-        line += f", largest difference {p['max_abs_difference']:.2e}"
+        line += f" beyond the tolerance ({p['values_exactly_equal']} bit for bit equal, largest difference {p['max_abs_difference']:.2e})"
     log(line + f"; {parity_path(out)}")
     return result

@@ -2,7 +2,7 @@
 
 For codes: items whose every code is equal, values that differ, and how many of those lie on a rounding boundary
 (the value before rounding within BOUNDARY of k + 1/2, where two correct float computations may round either way).
-For float16 features: the largest absolute and relative difference, and items within the tolerance
+For float16 features: values bit for bit equal, the largest absolute and relative difference, and items within the tolerance
 |a - b| <= FLOAT_RTOL |b| + FLOAT_ATOL (about two float16 steps at the features' scale).
 """
 
@@ -19,7 +19,7 @@ FLOAT_RTOL, FLOAT_ATOL = 2e-3, 1e-3
 @torch.inference_mode()
 def compare(reference: ClientModel, client_run, images: torch.Tensor, batch_size: int = 500, other=None) -> dict:  # noqa: ANN001
     """client_run(uint8 images) against `other` (a second client's run) or, by default, the PyTorch reference."""
-    items = equal = values = differ = on_boundary = 0
+    items = equal = values = differ = on_boundary = exact = 0
     max_abs = max_rel = max_code = 0.0
     for s in range(0, len(images), batch_size):
         x = images[s : s + batch_size]
@@ -41,6 +41,7 @@ def compare(reference: ClientModel, client_run, images: torch.Tensor, batch_size
             a, b = ours.to(torch.float32), theirs.to(torch.float32)
             gap = (a - b).abs()
             wrong = gap > FLOAT_RTOL * b.abs() + FLOAT_ATOL
+            exact += int((a == b).sum())
             max_abs = max(max_abs, float(gap.max()))
             max_rel = max(max_rel, float((gap / b.abs().clamp_min(1e-3)).max()))
         differ += int(wrong.sum())
@@ -51,5 +52,5 @@ def compare(reference: ClientModel, client_run, images: torch.Tensor, batch_size
         if other is None:
             result |= {"values_differ_on_boundary": on_boundary, "values_differ_off_boundary": differ - on_boundary}
     else:
-        result |= {"max_abs_difference": max_abs, "max_rel_difference": max_rel, "tolerance": {"rtol": FLOAT_RTOL, "atol": FLOAT_ATOL}}
+        result |= {"values_exactly_equal": exact, "max_abs_difference": max_abs, "max_rel_difference": max_rel, "tolerance": {"rtol": FLOAT_RTOL, "atol": FLOAT_ATOL}}
     return result
