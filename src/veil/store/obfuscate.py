@@ -288,6 +288,46 @@ def item_names(source: Source, data: str, a: int, b: int) -> list[str]:
     return source.files[a:b] if source.files is not None else [f"{data}#{i}" for i in range(a, b)]
 
 
+@dataclass
+class Origin:
+    """Where a store's features come from: a run's obfuscator, or a client file (veil export)."""
+
+    against: str  # --run RUN or --client FILE, for messages
+    identity: dict  # the manifest's `obfuscator` section
+    data: DataConfig  # how the run drew its splits (a client keeps them, less every path)
+    seed: int
+    channels: int
+    bits: int
+    shape: tuple[int, ...]  # C x H x W
+    dtype: str  # how the features are kept by default
+    device: torch.device
+    obfuscator: torch.nn.Module | None = None
+    client: Client | None = None
+
+
+def run_origin(run_dir: str | Path, device: str, log) -> Origin:  # noqa: ANN001
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev)
+    if not run.summary:
+        log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
+    m, bits = run.config.model, quantised_bits(run.obfuscator)
+    shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
+    return Origin(f"--run {run_dir}", run_identity(run.obfuscator, run.config.data.image_size), run.config.data, run.config.seed, run.channels,
+                  bits, shape, code_dtype(bits), dev, obfuscator=run.obfuscator)
+
+
+def client_origin(path: str | Path, spec: DataSpec, dtype: str) -> Origin:
+    c = read_client(path)
+    if spec.kind == "run":
+        raise DataError(f"--data run:{spec.split}: a client holds no run to read splits from; name the data instead (e.g. cifar10:test, npz:FILE.npz:test)")
+    features, known = c.meta["veil_features"], {f.name for f in dataclasses.fields(DataConfig)}
+    if dtype not in ("auto", features["dtype"]):
+        raise StoreError(f"--dtype {dtype}: client {path} outputs {features['dtype']}, which is what the store keeps; leave --dtype at auto")
+    identity = c.meta["veil_obfuscator"] | {"fingerprint": c.fingerprint}
+    return Origin(f"--client {path}", identity, DataConfig(**{k: v for k, v in c.meta["veil_data"].items() if k in known}), c.meta["veil_seed"],
+                  identity["in_channels"], identity["feature_bits"], tuple(features["shape"]), features["dtype"], torch.device("cpu"), client=c)
+
+
 def obfuscate(
     run_dir: str | Path | None, data: str, out: str | Path | None = None, dtype: str = "auto", shard_size: int = 4096, batch_size: int = 500,
     name: str = "", device: str = "auto", progress: bool = True, bench: bool = False, append: str | Path | None = None,
@@ -313,39 +353,20 @@ def obfuscate(
         idmap.check_outside(id_map, loc)
     old = read_manifest(loc) if append is not None else None  # before the run and the images are read: a bad store fails fast
     spec = parse_spec(data)
-    if client is not None:
-        c = read_client(client)
-        against, identity, run, dev = f"--client {client}", c.meta["veil_obfuscator"] | {"fingerprint": c.fingerprint}, None, torch.device("cpu")
-        if spec.kind == "run":
-            raise DataError(f"--data {data}: a client holds no run to read splits from; name the data instead (e.g. cifar10:test, npz:FILE.npz:test)")
-        fields = {f.name for f in dataclasses.fields(DataConfig)}
-        run_data, seed, channels = DataConfig(**{k: v for k, v in c.meta["veil_data"].items() if k in fields}), c.meta["veil_seed"], identity["in_channels"]
-        bits, shape, client_dtype = identity["feature_bits"], tuple(c.meta["veil_features"]["shape"]), c.meta["veil_features"]["dtype"]
-        if dtype not in ("auto", client_dtype):
-            raise StoreError(f"--dtype {dtype}: client {client} outputs {client_dtype}, which is what the store keeps; leave --dtype at auto")
-    else:
-        c, client_dtype, dev = None, None, resolve_device(device)
-        run = load_run(run_dir, dev)
-        if not run.summary:
-            log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
-        against, identity = f"--run {run_dir}", run_identity(run.obfuscator, run.config.data.image_size)
-        run_data, seed, channels, bits = run.config.data, run.config.seed, run.channels, quantised_bits(run.obfuscator)
-        m = run.config.model
-        shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
+    origin = client_origin(client, spec, dtype) if client is not None else run_origin(run_dir, device, log)
     if old is not None:
-        check_fingerprint(old, identity["fingerprint"], loc.url, against)
+        check_fingerprint(old, origin.identity["fingerprint"], loc.url, origin.against)
     t0 = time.perf_counter()
-    source = open_source(spec, run_data, seed, name)
+    source = open_source(spec, origin.data, origin.seed, name)
     open_seconds = time.perf_counter() - t0  # reading (and for named data, decoding) the images held in memory
-    if source.channels != channels:
-        raise DataError(f"--data {data}: images have {source.channels} channel(s), the obfuscator of {against.split(' ', 1)[1]} takes {channels}")
+    if source.channels != origin.channels:
+        raise DataError(f"--data {data}: images have {source.channels} channel(s), the obfuscator of {origin.against.split(' ', 1)[1]} takes {origin.channels}")
     if len(source) == 0:
         raise DataError(f"--data {data}: no images")
     check_labels(source.labels.numpy(), source.classes, f"--data {data}")  # a store's labels are class indices, as verify checks
-    if dtype == "auto":
-        dtype = client_dtype or code_dtype(bits)
-    manifest = _new_manifest(source, identity, shape, dtype, bits, shard_size)
-    enc = Encoder(run.obfuscator if run else None, dev, shape, dtype, bits, batch_size, data, c, against)
+    dtype = origin.dtype if dtype == "auto" else dtype
+    manifest = _new_manifest(source, origin.identity, origin.shape, dtype, origin.bits, shard_size)
+    enc = Encoder(origin.obfuscator, origin.device, origin.shape, dtype, origin.bits, batch_size, data, origin.client, origin.against)
     if old is not None:
         return _append(loc, manifest, enc, source, data, id_map, progress, log) | {"open_seconds": open_seconds}
     make_folder(loc)
