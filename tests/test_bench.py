@@ -71,3 +71,25 @@ def test_bench_figures_are_medians_of_the_measured_passes(monkeypatch):
     assert p["cpu_ratio"] == pytest.approx(0.125 / 0.375) and p["bare_images_per_cpu_s"] == 64 / 0.125
     assert p["flop_per_s"] == 1000.0 * 64 / 0.5
     assert (result["repeats"], result["warmup"], result["batches"]) == (3, 1, 2)
+
+
+@pytest.mark.parametrize("cpu, precision, peak, unit", [
+    ({"vendor_id": "GenuineIntel", "cpu family": "6"}, "fp32", 2 * 3.0 * 64, "AVX-512"),  # two 512-bit FMA pipes
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25"}, "fp32", 2 * 3.0 * 32, "AVX-512"),  # Zen 4: 512 bits as two halves
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25"}, "bf16", 2 * 3.0 * 64, "AVX-512 BF16"),
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "amx": True}, "bf16", 2 * 3.0 * 1024, "AMX"),
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "avx2_only": True}, "fp32", 2 * 3.0 * 32, "AVX2"),
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "avx2_only": True}, "bf16", 2 * 3.0 * 32, "no native bf16"),
+])
+def test_the_cpu_peak_follows_the_units_found(monkeypatch, cpu, precision, peak, unit):
+    from veil import runtime
+
+    amx, avx2_only = cpu.pop("amx", False), cpu.pop("avx2_only", False)
+    found = {"avx512": not avx2_only, "avx2": True, "amx_tile": amx, "avx512_bf16": not avx2_only}
+    monkeypatch.setattr(runtime, "_cpu_check", lambda name: found.get(name, False))
+    monkeypatch.setattr(bench_mod, "_cpuinfo", lambda: {**cpu, "model name": "a test CPU"})
+    monkeypatch.setattr(bench_mod, "_clock_ghz", lambda info: 3.0)
+    p = bench_mod.cpu_peak(precision, 2)
+    assert p["gflops"] == pytest.approx(peak) and unit in p["how"] and p["how"].startswith("2 cores x 3.00 GHz")
+    monkeypatch.setattr(bench_mod, "_clock_ghz", lambda info: None)
+    assert bench_mod.cpu_peak(precision, 2)["gflops"] is None  # no clock, no peak: the column stays empty

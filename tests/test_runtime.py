@@ -227,3 +227,19 @@ def test_noise_layer_never_reads_the_device(monkeypatch):
     assert not torch.equal(noisy, f.eval()(x)) and not torch.equal(g.eval()(x), g(x))  # noise on, a fresh draw each call
     set_noise(g, 0.0)
     assert torch.equal(g(x), g(x))  # off again: deterministic
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, unit", [(True, True, "AMX"), (False, True, "AVX-512 BF16"), (False, False, "")])
+def test_native_bf16_is_asked_of_the_cpu_and_auto_stays_fp32_on_a_cpu(monkeypatch, amx, avx512_bf16, unit):
+    from veil import runtime
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert runtime.native_bf16() == unit
+    assert resolve_precision("auto", cpu) == "fp32"  # until bf16's figures are shown equal at three seeds
+    note = runtime.precision_note("auto", cpu)
+    assert note.startswith("fp32 (auto on a CPU") and ((f"it has {unit}" in note) if unit else ("no native bf16 unit" in note))
+    assert runtime.precision_note("bf16", cpu) == "bf16 (asked for)"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older PyTorch without the check: no unit, no error
+    assert runtime.native_bf16() == ("AVX-512 BF16" if avx512_bf16 else "")

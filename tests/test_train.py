@@ -103,6 +103,7 @@ def test_train_writes_run_directory(tiny_config, tmp_path):
     for key in ("pretrain_test_accuracy", "final_test_accuracy", "final_test_psnr"):
         assert isinstance(summary[key], float)
     assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["precision"].startswith("fp32 (auto on a CPU")  # the choice and why, e.g. "...; it has AVX-512 BF16, bf16 is opt-in..."
     loaded = rundir.load_run(run)
     assert not loaded.obfuscator.training and loaded.undefended_obfuscator is not None
     # The undefended obfuscator is the one right after pretraining, not the final one.

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from veil import runtime as runtime_mod
 from veil.config import Config, ConfigError
 from veil.data import ImageSet, to_float
 from veil.defences.adversarial import reconstruction_psnr
@@ -276,8 +277,12 @@ def bench(
             "peak_memory_mb": _peak_memory_mb(device),
         }
     bar.close()
+    peak = cpu_peak(rt.precision, torch.get_num_threads()) if device.type == "cpu" else {"gflops": None, "how": "", "model": ""}
+    for p in results.values():
+        p["share_of_peak"] = p["flop_per_s"] / (peak["gflops"] * 1e9) if peak["gflops"] else None
     return {
         "phases": results,
+        "cpu_peak": peak,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -295,6 +300,49 @@ def bench(
     }
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = open("/proc/cpuinfo").read().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if k.strip()}
+
+
+def _clock_ghz(info: dict[str, str]) -> float | None:
+    """The highest clock the kernel reports (cpufreq's maximum, else /proc/cpuinfo's 'cpu MHz')."""
+    try:
+        return int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        return float(info["cpu MHz"]) / 1e3
+    except (KeyError, ValueError):
+        return None
+
+
+def cpu_peak(precision: str, threads: int) -> dict:
+    """The CPU's peak matrix-product GFLOP/s on `threads` cores at `precision`, and how it was computed:
+    cores x clock x FLOPs per cycle per core, the last from the units PyTorch finds. Assumed: two FMA pipes per
+    core (2 x lanes x 2 FLOPs); 16 fp32 lanes with AVX-512, 8 with AVX2, 4 otherwise; AMD family 25 (Zen 3 and 4)
+    runs a 512-bit FMA as two 256-bit halves, so 8 lanes; bf16 doubles the rate with AVX-512 BF16 (a dot product
+    of bf16 pairs per fp32 lane) and is 1,024 FLOPs per cycle per core on AMX tiles (Intel's figure)."""
+    info = _cpuinfo()
+    ghz = _clock_ghz(info)
+    avx512, avx2 = runtime_mod._cpu_check("avx512"), runtime_mod._cpu_check("avx2")
+    lanes = 16 if avx512 else 8 if avx2 else 4
+    zen34 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
+    if zen34 and avx512:
+        lanes = 8
+    per_cycle, unit = 2 * lanes * 2, "AVX-512" if avx512 else "AVX2" if avx2 else "SSE"
+    if precision == "bf16":
+        bf16 = runtime_mod.native_bf16()
+        per_cycle, unit = (1024, "AMX") if bf16 == "AMX" else (2 * per_cycle, "AVX-512 BF16") if bf16 else (per_cycle, f"{unit}, no native bf16")
+    how = (f"{threads} cores x {ghz:.2f} GHz x {per_cycle} FLOPs/cycle ({unit}{', Zen 3/4 halves' if zen34 and avx512 and unit != 'AMX' else ''})"
+           if ghz else "clock unknown")
+    return {"gflops": threads * ghz * per_cycle if ghz else None, "how": how, "model": info.get("model name", "")}
+
+
 def format_table(result: dict) -> str:
     """The bench result as a plain-text table."""
     lines = [
@@ -302,13 +350,17 @@ def format_table(result: dict) -> str:
         f"batch {result['batch_size']} (eval {result['eval_batch_size']}), {result['precision']}"
         f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}; "
         f"median of {result['repeats']} x {result['batches']} batches",
-        f"{'phase':<22} {'veil img/s':>11} {'bare img/s':>11} {'ratio':>6} {'CPU-time ratio':>15} {'GFLOP/s':>9} {'peak MiB':>9}",
+        f"{'phase':<22} {'veil img/s':>11} {'bare img/s':>11} {'ratio':>6} {'CPU-time ratio':>15} {'GFLOP/s':>9} {'% of peak':>9} {'peak MiB':>9}",
     ]
     for name, p in result["phases"].items():
         mem = "" if p["peak_memory_mb"] is None else f"{p['peak_memory_mb']:.0f}"
         cpu = "" if p.get("cpu_ratio") is None else f"{p['cpu_ratio']:.2f}"
+        share = "" if p.get("share_of_peak") is None else f"{100 * p['share_of_peak']:.1f}%"
         lines.append(
-            f"{name:<22} {p['images_per_s']:>11.1f} {p['bare_images_per_s']:>11.1f} {p['ratio']:>6.2f} {cpu:>15} {p['flop_per_s'] / 1e9:>9.1f} {mem:>9}"
+            f"{name:<22} {p['images_per_s']:>11.1f} {p['bare_images_per_s']:>11.1f} {p['ratio']:>6.2f} {cpu:>15} {p['flop_per_s'] / 1e9:>9.1f} {share:>9} {mem:>9}"
         )
+    peak = result.get("cpu_peak") or {}
+    if peak.get("gflops"):
+        lines.append(f"CPU peak {peak['gflops']:.0f} GFLOP/s at {result['precision']}: {peak['how']}; {peak['model']}")
     lines.append(f"process peak resident memory: {result['peak_rss_mb']:.0f} MiB")
     return "\n".join(lines)

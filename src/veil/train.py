@@ -675,6 +675,7 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
         "steps": len(metrics),
         "seconds": round(sum(m.get("seconds", 0) for m in metrics), 1),
         "seed": cfg.seed,
+        "precision": runtime.precision_note(cfg.train.precision, runtime.resolve_device(cfg.device)),
         "veil_version": __version__,
         "torch_version": torch.__version__,
     }
