@@ -94,6 +94,18 @@ def test_a_quantising_client_gives_pytorch_codes_and_the_same_store_classifier(c
     assert str(table.schema.field("features").type.value_type) == "uint8" and meta["features"]["bits"] == 2
 
 
+def test_a_float_input_client_gives_the_same_codes(coded, tmp_path):
+    export(coded["run"], tmp_path / "u8.onnx")
+    result = export(coded["run"], tmp_path / "f32.onnx", input_kind="float")
+    assert read_client(tmp_path / "f32.onnx").meta["veil_input"] == "float" and result["against_pytorch"]["values_differ_off_boundary"] == 0
+    users = load_splits(coded["cfg"].data, 0).test.images
+    u8, f32 = read_client(tmp_path / "u8.onnx"), read_client(tmp_path / "f32.onnx")
+    assert torch.equal(f32.run(users), f32.run(users.float() / 255))  # uint8 is scaled for it, floats in [0, 1] pass as they are
+    assert (f32.run(users) == u8.run(users)).float().mean() >= 0.999
+    with pytest.raises(ClientError, match="takes uint8 images 0..255, got torch.float32"):
+        u8.run(users.float() / 255)
+
+
 def test_an_int8_client_has_its_own_fingerprint_and_reports_its_agreement(coded, tmp_path):
     fp32, i8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     export(coded["run"], fp32)

@@ -98,9 +98,15 @@ class Client:
         return self.meta["veil_fingerprint"]
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
-        """N x C x S x S images (uint8, or float in [0, 1] for a float-input client) -> what the store keeps."""
-        x = images.numpy() if self.meta["veil_input"] == "uint8" else images.to(torch.float32).numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.session.run([OUTPUT], {INPUT: x})[0]))
+        """N x C x S x S images -> what the store keeps. uint8 images go to either kind of client (a float-input one gets
+        them divided by 255); float images in [0, 1] only to a float-input one."""
+        if self.meta["veil_input"] == "uint8":
+            if images.dtype != torch.uint8:
+                raise ClientError(f"{self.path}: takes uint8 images 0..255, got {images.dtype}")
+            x = images.numpy()
+        else:
+            x = (images.to(torch.float32) / 255 if images.dtype == torch.uint8 else images.to(torch.float32)).numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x)})[0]))
 
 
 def read_client(path: str | Path, threads: int = 0) -> Client:
