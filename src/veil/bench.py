@@ -326,7 +326,8 @@ def cpu_peak(precision: str, threads: int) -> dict:
     cores x clock x FLOPs per cycle per core, the last from the units PyTorch finds. Assumed: two FMA pipes per
     core (2 x lanes x 2 FLOPs); 16 fp32 lanes with AVX-512, 8 with AVX2, 4 otherwise; AMD family 25 (Zen 3 and 4)
     runs a 512-bit FMA as two 256-bit halves, so 8 lanes; bf16 doubles the rate with AVX-512 BF16 (a dot product
-    of bf16 pairs per fp32 lane) and is 1,024 FLOPs per cycle per core on AMX tiles (Intel's figure)."""
+    of bf16 pairs per fp32 lane) and is 1,024 FLOPs per cycle per core on AMX tiles (Intel's figure). The clock is the
+    one the kernel reports, on a virtual machine often the base clock: a share above 100% means the chip ran faster."""
     info = _cpuinfo()
     ghz = _clock_ghz(info)
     avx512, avx2 = runtime_mod._cpu_check("avx512"), runtime_mod._cpu_check("avx2")
