@@ -207,6 +207,10 @@ def test_an_attack_on_a_client_file_gets_the_clients_codes_and_writes_beside_the
     result = attack(coded["run"], s, log=lambda *_: None)
     assert result["client"]["precision"] == "int8" and (coded["run"] / "attack-int8" / "attack.json").is_file()
     assert not (coded["run"] / "attack").exists()  # the run's own attack is not overwritten
+    codes = read_client(i8).run(users).float() / 3
+    with torch.no_grad():
+        read = run.classifier(codes).argmax(1)
+    assert result["accuracy"]["defended"] == pytest.approx(float((read == load_splits(coded["cfg"].data, 0).test.labels).float().mean()))
     other = tmp_path / "other.onnx"
     export(store_run["run"], other)
     with pytest.raises(AttackError, match="other.onnx: exported from obfuscator .* not from"):

@@ -308,6 +308,8 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         result["ceiling_run"] = str(reference.path)  # the undefended columns are that run's pretrained obfuscator
     # What each obfuscator's classifier scores, beside what its features give away.
     result["accuracy"] = {"defended": run.summary.get("final_test_accuracy"), "undefended": reference.summary.get("pretrain_test_accuracy")}
+    if s.client:  # the run's classifier on the client's output, not the run's own figure
+        result["accuracy"]["defended"] = float((labels["predicted"].cpu() == labels["true"].cpu()).float().mean())
     result["under_trained"] = under_trained(result)
     result["capped"] = capped(result)
     result["unconverged"] = unconverged(result)
