@@ -1,4 +1,5 @@
-"""How far a client's output is from a reference's (PyTorch's ClientModel, or the float client for an int8 one).
+"""How far a client's output is from PyTorch's (the ClientModel it was exported from; for an int8 client, its
+agreement with the float obfuscator).
 
 For codes: items whose every code is equal, values that differ, and how many of those lie on a rounding boundary
 (the value before rounding within BOUNDARY of k + 1/2, where two correct float computations may round either way).
@@ -17,25 +18,22 @@ FLOAT_RTOL, FLOAT_ATOL = 2e-3, 1e-3
 
 
 @torch.inference_mode()
-def compare(reference: ClientModel, client_run, images: torch.Tensor, batch_size: int = 500, other=None) -> dict:  # noqa: ANN001
-    """client_run(uint8 images) against `other` (a second client's run) or, by default, the PyTorch reference."""
+def compare(reference: ClientModel, client_run, images: torch.Tensor, batch_size: int = 500) -> dict:  # noqa: ANN001
+    """client_run(uint8 images) against the PyTorch reference on the same images."""
     items = equal = values = differ = on_boundary = exact = 0
     max_abs = max_rel = max_code = 0.0
     for s in range(0, len(images), batch_size):
         x = images[s : s + batch_size]
         ours = client_run(x)
-        if other is not None:
-            theirs = other(x)
-        else:
-            theirs = reference(x if reference.input_kind == "uint8" else x.to(torch.float32) / 255)
+        x_ref = x if reference.input_kind == "uint8" else x.to(torch.float32) / 255
+        theirs = reference(x_ref)
         if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
             raise ValueError(f"client output {tuple(ours.shape)} {ours.dtype}, reference {tuple(theirs.shape)} {theirs.dtype}")
         items, values = items + len(x), values + ours.numel()
         if reference.bits:
             wrong = ours != theirs
-            if other is None:
-                y = reference.scaled(x if reference.input_kind == "uint8" else x.to(torch.float32) / 255)
-                on_boundary += int((wrong & ((y - y.floor() - 0.5).abs() < BOUNDARY)).sum())
+            y = reference.scaled(x_ref)
+            on_boundary += int((wrong & ((y - y.floor() - 0.5).abs() < BOUNDARY)).sum())
             max_code = max(max_code, float((ours.to(torch.int64) - theirs.to(torch.int64)).abs().max()))
         else:
             a, b = ours.to(torch.float32), theirs.to(torch.float32)
@@ -48,9 +46,8 @@ def compare(reference: ClientModel, client_run, images: torch.Tensor, batch_size
         equal += int((~wrong).flatten(1).all(1).sum())
     result = {"items": items, "items_equal": equal, "items_equal_fraction": equal / max(items, 1), "values": values, "values_differ": differ}
     if reference.bits:
-        result |= {"max_code_difference": int(max_code)}
-        if other is None:
-            result |= {"values_differ_on_boundary": on_boundary, "values_differ_off_boundary": differ - on_boundary}
+        result |= {"max_code_difference": int(max_code), "values_differ_on_boundary": on_boundary,
+                   "values_differ_off_boundary": differ - on_boundary}
     else:
         result |= {"values_exactly_equal": exact, "max_abs_difference": max_abs, "max_rel_difference": max_rel, "tolerance": {"rtol": FLOAT_RTOL, "atol": FLOAT_ATOL}}
     return result
