@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -303,7 +304,7 @@ def bench(
 def _cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     try:
-        text = open("/proc/cpuinfo").read().split("\n\n")[0]
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
         return {}
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if k.strip()}
@@ -312,7 +313,7 @@ def _cpuinfo() -> dict[str, str]:
 def _clock_ghz(info: dict[str, str]) -> float | None:
     """The highest clock the kernel reports (cpufreq's maximum, else /proc/cpuinfo's 'cpu MHz')."""
     try:
-        return int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) / 1e6
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
     except (OSError, ValueError):
         pass
     try:

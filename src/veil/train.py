@@ -614,7 +614,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, log, rt: Runtime, tensorboa
     if not rt.is_main:
         return {}
     summary = summarize(rundir.read_metrics(run_dir), cfg)
-    summary.update(run_costs)
+    summary.update(run_costs, precision=runtime.precision_note(cfg.train.precision, device))  # the choice and why
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -675,7 +675,6 @@ def summarize(metrics: list[dict], cfg: Config) -> dict:
         "steps": len(metrics),
         "seconds": round(sum(m.get("seconds", 0) for m in metrics), 1),
         "seed": cfg.seed,
-        "precision": runtime.precision_note(cfg.train.precision, runtime.resolve_device(cfg.device)),
         "veil_version": __version__,
         "torch_version": torch.__version__,
     }

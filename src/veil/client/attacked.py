@@ -21,7 +21,6 @@ class ClientObfuscator(nn.Module):
         self.client, self.source = client, source  # source: the run's obfuscator, for gradients only
         self.levels = 2 ** client.meta["veil_features"].get("bits", 0) - 1
         self.uint8_input = client.meta["veil_input"] == "uint8"
-        self.in_channels, self.out_channels, self.bits = source.in_channels, source.out_channels, source.bits
 
     def run_client(self, x: torch.Tensor) -> torch.Tensor:
         batch = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8) if self.uint8_input else x.detach().float()

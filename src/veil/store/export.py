@@ -2,7 +2,7 @@
 (pandas, Polars, DuckDB, Spark, Hugging Face `datasets.load_dataset("parquet", ...)`).
 
 One row per item, in the store's order:
-    id        string, the item's 128-bit id as 32 hex digits (what `veil erase --items` takes)
+    id        string, the item's 128-bit id as 32 hex digits (what `veil erase --ids` takes)
     label     int64, the class index (the class names are in the metadata)
     features  fixed-size list of C*H*W values, the feature map flattened row-major (C, then H, then W):
               a quantising obfuscator's integer codes as stored (uint8 / int16 / int32; value = code / (2^b - 1)),
@@ -17,6 +17,7 @@ Every shard is checked (veil verify's checks) as it is read; the file is written
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -36,9 +37,6 @@ ARROW_CODES = {"uint8": pa.uint8(), "int16": pa.int16(), "int32": pa.int32()}
 
 def schema(manifest: dict) -> pa.Schema:
     f = manifest["features"]
-    n = 1
-    for d in f["shape"]:
-        n *= d
     value = ARROW_CODES[f["dtype"]] if f["dtype"] in CODES else pa.float32()
     identity = {
         "format": EXPORT_FORMAT, "format_version": 1, "veil_version": __version__, "exported_utc": utc_now(),
@@ -48,7 +46,7 @@ def schema(manifest: dict) -> pa.Schema:
         "erasures": sum(len(e["ids"]) for e in manifest["erasures"]),
     }
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("label", pa.int64(), nullable=False),
-              pa.field("features", pa.list_(value, n), nullable=False)]
+              pa.field("features", pa.list_(value, math.prod(f["shape"])), nullable=False)]
     return pa.schema(fields, metadata={"veil": json.dumps(identity)})
 
 
