@@ -16,7 +16,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from veil.client.onnxfile import INPUT
+from veil.client.onnxfile import INPUT, graph_digest
 
 
 class Batches(CalibrationDataReader):
@@ -46,6 +46,4 @@ def quantise(proto: onnx.ModelProto, calibration: torch.Tensor, uint8_input: boo
 
 def int8_fingerprint(source_fingerprint: str, proto: onnx.ModelProto) -> str:
     """The fingerprint a store made with an int8 client records: its codes are its own."""
-    h = hashlib.sha256(f"{source_fingerprint}:int8:".encode())
-    h.update(proto.graph.SerializeToString(deterministic=True))
-    return h.hexdigest()
+    return hashlib.sha256(f"{source_fingerprint}:int8:{graph_digest(proto)}".encode()).hexdigest()

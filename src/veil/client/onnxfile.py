@@ -34,6 +34,7 @@ import torch
 from veil.client.model import ClientModel
 from veil.errors import ClientError
 from veil.io import atomic_write_bytes
+from veil.models.obfuscator import feature_shape, identity
 from veil.version import __version__
 
 FORMAT, FORMAT_VERSION = "veil-client", 1
@@ -63,11 +64,10 @@ def graph_digest(proto: onnx.ModelProto) -> str:
 
 def client_metadata(run, model: ClientModel, precision: str, fingerprint: str, source_fingerprint: str) -> dict[str, str]:  # noqa: ANN001
     """The metadata of a client of `run` (a veil.rundir.Run)."""
-    cfg, size = run.config, run.config.data.image_size
-    o = run.obfuscator
-    features = {"shape": [o.out_channels, size >> o.split, size >> o.split], "dtype": str(model.out_dtype).removeprefix("torch."),
+    cfg, size, o = run.config, run.config.data.image_size, run.obfuscator
+    features = {"shape": list(feature_shape(o.in_channels, size, o.width, o.split, o.out_channels)), "dtype": str(model.out_dtype).removeprefix("torch."),
                 **({"bits": model.bits} if model.bits else {})}
-    obfuscator = {"in_channels": o.in_channels, "width": o.width, "split": o.split, "image_size": size, "out_channels": o.out_channels, "feature_bits": model.bits}
+    obfuscator = {k: v for k, v in identity(o, size).items() if k != "fingerprint"}  # a store's manifest says the same
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in PATHS}
     return {"veil_format": FORMAT, "veil_format_version": str(FORMAT_VERSION), "veil_version": __version__, "veil_fingerprint": fingerprint,
             "veil_source_fingerprint": source_fingerprint, "veil_obfuscator": json.dumps(obfuscator), "veil_features": json.dumps(features),

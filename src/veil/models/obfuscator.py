@@ -156,6 +156,12 @@ def client_cost(obfuscator: nn.Module, image_size: int) -> dict:
     return {"mflops": counter.get_total_flops() / 1e6, "parameters": sum(p.numel() for p in obfuscator.parameters())}
 
 
+def identity(obfuscator: nn.Module, image_size: int) -> dict:
+    """What a store's manifest (and a client file) says of the obfuscator that made its features."""
+    return {"fingerprint": fingerprint(obfuscator), "in_channels": obfuscator.in_channels, "width": obfuscator.width, "split": obfuscator.split,
+            "image_size": image_size, "out_channels": obfuscator.out_channels, "feature_bits": obfuscator.bits}
+
+
 def fingerprint(obfuscator: nn.Module) -> str:
     """sha256 over the obfuscator's weights and buffers (names, shapes, dtypes and bytes)."""
     h = hashlib.sha256()

@@ -19,7 +19,7 @@ from veil.client.onnxfile import Client, read_client
 from veil.config import DataConfig
 from veil.data import IMAGE_SUFFIXES, DataError, ImageSet, check_labels, load_splits, read_named, read_npz, to_float, to_tensor_images
 from veil.errors import StoreError
-from veil.models.obfuscator import code_dtype, feature_shape, fingerprint, quantised_bits
+from veil.models.obfuscator import code_dtype, feature_shape, identity, quantised_bits
 from veil.rundir import load_run
 from veil.runtime import resolve_device
 from veil.signals import StopSignals
@@ -191,12 +191,6 @@ def open_source(spec: DataSpec, run_data: DataConfig, seed: int, name: str = "")
 # ----------------------------------------------------------------------------- writing
 
 
-def run_identity(obfuscator: torch.nn.Module, image_size: int) -> dict:
-    """The manifest's `obfuscator` section for a run's obfuscator (a client file carries the same, veil.client.onnxfile)."""
-    return {"fingerprint": fingerprint(obfuscator), "in_channels": obfuscator.in_channels, "width": obfuscator.width, "split": obfuscator.split,
-            "image_size": image_size, "out_channels": obfuscator.out_channels, "feature_bits": obfuscator.bits}
-
-
 def _new_manifest(source: Source, identity: dict, shape: tuple[int, ...], dtype: str, bits: int, shard_size: int) -> dict:
     return {
         "format": FORMAT,
@@ -312,7 +306,7 @@ def run_origin(run_dir: str | Path, device: str, log) -> Origin:  # noqa: ANN001
         log(f"note: {run_dir} has not finished training; its latest checkpoint is used")
     m, bits = run.config.model, quantised_bits(run.obfuscator)
     shape = feature_shape(run.channels, run.config.data.image_size, m.width, m.split, run.obfuscator.out_channels)
-    return Origin(f"--run {run_dir}", run_identity(run.obfuscator, run.config.data.image_size), run.config.data, run.config.seed, run.channels,
+    return Origin(f"--run {run_dir}", identity(run.obfuscator, run.config.data.image_size), run.config.data, run.config.seed, run.channels,
                   bits, shape, code_dtype(bits), dev, obfuscator=run.obfuscator)
 
 
