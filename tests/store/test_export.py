@@ -54,4 +54,16 @@ def test_bad_input_is_refused_naming_the_problem(store_run, tmp_path, capsys):
         export_store(tmp_path, tmp_path / "x.parquet")
     assert main(["store-export", str(tmp_path / "none"), str(tmp_path / "x.parquet")]) == 2
     assert "store not found" in capsys.readouterr().err
+
+
+def test_a_damaged_shard_stops_the_export_and_leaves_no_file(store_run, tmp_path):
+    store = make_store(store_run, tmp_path, shard_size=25)  # 3 shards
+    m = read_manifest(store)
+    last = store / m["shards"][-1]["file"]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF  # the last shard altered: found only after two shards were written to the file
+    last.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard altered"):
+        export_store(store, tmp_path / "x.parquet", progress=False)
+    assert not (tmp_path / "x.parquet").exists()
     assert not list(tmp_path.glob(".x.parquet.*"))  # nothing half-written left behind
