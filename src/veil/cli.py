@@ -252,12 +252,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grown = any(r["growth_accuracy_at_n"] is not None for r in rows)
         print()
         print(f"{'point':<16}{'test accuracy':>15}" + (f"{'store classifier':>18}" if stored else "") + (f"{'growth ratio':>14}" if grown else "")
-              + f"{'strongest attacker PSNR':>26}{'re-id top-1':>14}{'linkage':>9}{'cost':>9}")
+              + f"{'strongest PSNR':>30}{'strongest SSIM':>26}{'strongest re-id top-1':>34}{'linkage':>9}{'cost':>9}")
+        ssim = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        who = lambda name: f" ({name})" if name else ""  # noqa: E731  the attacker each strongest figure came from
         for r in rows:  # the points, then the image store and the label store (reference rows)
             cost = "n/a" if r["seconds"] is None else f"{r['seconds']:.0f} s"
             ratio = "n/a" if r["growth_ratio"] is None else f"{r['growth_ratio']:.2f}"
             print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "") + (f"{ratio:>14}" if grown else "")
-                  + f"{db(r['psnr'], unit=' dB') + cap_mark(r):>26}{pct(r['reid_top1'], 1):>14}{pct(r['linkage_top1'], 1):>9}{cost:>9}")
+                  + f"{db(r['psnr'], unit=' dB') + cap_mark(r) + who(r['psnr_attacker']):>30}"
+                  + f"{ssim(r['ssim']) + who(r['ssim_attacker']):>26}"
+                  + f"{pct(r['reid_top1'], 1) + who(r['reid_attacker']):>34}{pct(r['linkage_top1'], 1):>9}{cost:>9}")
     return 0
 
 

@@ -577,17 +577,21 @@ def test_a_ceiling_from_another_run_of_the_same_images_and_not_of_others(tiny_ru
 
 
 def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_path, capsys):
-    other = tmp_path / "other"
+    other, third = tmp_path / "other", tmp_path / "third"
     shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("attack"))
+    shutil.copytree(tiny_run, third, ignore=shutil.ignore_patterns("attack"))
     s = resolve_settings({"attackers": "simrec,resrec", "max_epochs": 2, "batch_size": 16, "n_candidates": 10, "whitebox_images": 12,
                           "whitebox_steps": 4, "n_show": 4, "progress": False})
     attack(tiny_run, s, log=lambda *_: None)
     lines = []
-    matrix = attack_matrix([tiny_run, other], s, tmp_path / "table3", log=lines.append)
+    matrix = attack_matrix([tiny_run, other, third], s, tmp_path / "table3", log=lines.append)
     assert any("reusing" in line for line in lines) and (other / "attack" / "attack.json").is_file()
-    assert matrix["rows"] == ["simrec", "resrec", "whitebox"] and len(matrix["columns"]) == 2
+    assert matrix["rows"] == ["simrec", "resrec", "whitebox"] and len(matrix["columns"]) == 3
+    # Runs of one pretraining share its undefended attack: attacked for `other`, reused for `third`.
+    assert sum("its results reused" in line for line in lines) == 1
+    assert json.loads((third / "attack" / "attack.json").read_text())["undefended_from"] == str(other)
     # The same run attacked twice with the same seed gives the same numbers.
-    a, b = matrix["columns"]
+    a, b, _ = matrix["columns"]
     assert matrix["psnr"]["simrec"][a] == pytest.approx(matrix["psnr"]["simrec"][b], abs=1e-4)
     assert (tmp_path / "table3" / "matrix.md").read_text().count("|") > 10
     assert (tmp_path / "table3" / "matrix.csv").read_text().splitlines()[0].startswith("attack,")

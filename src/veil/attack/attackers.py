@@ -1,5 +1,6 @@
-"""The learned attackers: the attacker's own data, fixed features, and fitting a fresh reconstructor
-(models/reconstructors.attackers()) on (f(I), I) pairs of its own images until its held-out PSNR stops improving."""
+"""The learned attackers: the attacker's own data, fixed features, and fitting a fresh decoder
+(registry.py: models/reconstructors.attackers(), alone or with a consistency or adversarial term) on
+(f(I), I) pairs of its own images until its held-out PSNR stops improving."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from veil.attack.discriminator import discriminator_loss, generator_loss, patch_discriminator
+from veil.attack.registry import DECODER, get_attacker
 from veil.attack.settings import AttackConfig, seed_for
 from veil.data import augment, to_float
 from veil.defences import GaussianNoise
@@ -65,6 +68,14 @@ def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: in
 # ----------------------------------------------------------------------------- learned attackers
 
 
+def consistency_db(obfuscator: nn.Module, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """How far f(images) is from the stored features, in dB: 10 log10(|f(x) - z|^2 / |z|^2) per image (relative, so
+    any feature scale reads alike, and in the pixel loss's unit), averaged. Gradients flow through the frozen f."""
+    scale = features.pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    error = (obfuscator(images) - features).pow(2).flatten(1).mean(1) / scale
+    return (10 * torch.log10(error + 1e-10)).mean()
+
+
 def fixed_features(obfuscator: nn.Module, data: AttackData, s: AttackConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """f(attacker's training images), f(held-out images), computed once for every attacker of one
     obfuscator; None when they cannot be fixed (augmentation, or a random f: new draws per batch)."""
@@ -76,13 +87,18 @@ def fixed_features(obfuscator: nn.Module, data: AttackData, s: AttackConfig) -> 
 
 def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackConfig, width: float, split: int, seed: int, bar=None,
                  fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train reconstructor `name` from scratch on the attacker's own images (Eq. 3, f frozen), with
-    early stopping on the held-out part (patience epochs without a new best); the learning rate shrinks
-    after each epoch that gains less than min_delta.
+    """Train attacker `name` (a decoder of the registry) from scratch on the attacker's own images (Eq. 3, f frozen),
+    with early stopping on the held-out part (patience epochs without a new best); the learning rate shrinks
+    after each epoch that gains less than min_delta. The consistency attacker adds consistency_weight x
+    consistency_db (f of its images against the code it was given); the adversarial one adds adversarial_weight x
+    the patch discriminator's loss, the discriminator trained on the attacker's own images alongside.
     A random f (the noise defence) is applied afresh to every batch: the threat model grants unlimited
     use of f, so the attacker sees a new draw of each image's features every epoch. Every draw is seeded.
     `fixed`: fixed_features, when the caller computed them for several attackers.
     Returns it with its best weights, in eval mode, and its curve (one record per epoch)."""
+    spec = get_attacker(name)
+    if spec.kind != DECODER:
+        raise AttackError(f"attacker {name} is not a decoder: it is not trained on (f(I), I) pairs")
     device = data.train.device
     fixed = fixed or fixed_features(obfuscator, data, s)
     fresh = fixed is None  # compute f per batch, else once for all
@@ -93,9 +109,13 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
         train_features, val_features = fixed  # N x C' x H' x W'
     val_images = to_float(data.val)
     torch.manual_seed(seed)  # initialisation, then a random f's draw on every batch
-    reconstructor = init_xavier(build_attacker(name, val_features.shape[1], data.train.shape[1], width, split))
+    reconstructor = init_xavier(build_attacker(spec.decoder, val_features.shape[1], data.train.shape[1], width, split))
     reconstructor.to(device, memory_format=memory_format(s.channels_last, device))
     opt = torch.optim.Adam(reconstructor.parameters(), lr=s.lr)
+    critic = critic_opt = None
+    if spec.adversarial:  # initialised after the decoder: a plain decoder's draws are untouched
+        critic = init_xavier(patch_discriminator(data.train.shape[1], width)).to(device, memory_format=memory_format(s.channels_last, device))
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=s.lr, betas=(0.5, 0.999))
     generator = torch.Generator(device=device).manual_seed(seed)
     n = len(data.train)
     stop = n - n % s.batch_size  # drop a last partial batch: BatchNorm cannot take a single image
@@ -105,6 +125,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
         reconstructor.train()
         order = torch.randperm(n, generator=generator, device=device)
         total = torch.zeros((), device=device)
+        terms = {"consistency_db": torch.zeros((), device=device), "adversarial": torch.zeros((), device=device)}
         for start in range(0, stop, s.batch_size):
             idx = order[start : start + s.batch_size]
             images = data.train[idx]
@@ -115,9 +136,23 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
                     features = obfuscator(to_float(images))
             else:
                 features = train_features[idx]
-            p = psnr(to_float(images), reconstructor(features)).mean()
+            real = to_float(images)
+            rebuilt = reconstructor(features)
+            p = psnr(real, rebuilt).mean()
+            loss = -p  # Eq. 3: maximise PSNR
+            if spec.consistency:
+                c = consistency_db(obfuscator, rebuilt, features)
+                loss = loss + s.consistency_weight * c
+                terms["consistency_db"] += c.detach() * len(idx)
+            if critic is not None:
+                critic_opt.zero_grad(set_to_none=True)
+                discriminator_loss(critic, real, rebuilt).backward()
+                critic_opt.step()
+                g = generator_loss(critic, rebuilt)
+                loss = loss + s.adversarial_weight * g
+                terms["adversarial"] += g.detach() * len(idx)
             opt.zero_grad(set_to_none=True)
-            (-p).backward()  # Eq. 3: maximise PSNR
+            loss.backward()
             opt.step()
             if not torch.isfinite(p):
                 raise AttackError(f"attacker {name}: non-finite PSNR in epoch {epoch}; lower --lr")
@@ -137,8 +172,13 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
         else:
             waited += 1
         # waited: epochs since the last new best; below patience at the last epoch = stopped by the cap
-        curve.append({"epoch": epoch, "lr": lr, "train_psnr": total.item() / stop, "val_psnr": val, "waited": waited,
-                      "seconds": round(time.perf_counter() - start_time, 3)})
+        record = {"epoch": epoch, "lr": lr, "train_psnr": total.item() / stop, "val_psnr": val, "waited": waited,
+                  "seconds": round(time.perf_counter() - start_time, 3)}
+        if spec.consistency:
+            record["train_consistency_db"] = terms["consistency_db"].item() / stop
+        if critic is not None:
+            record["train_adversarial"] = terms["adversarial"].item() / stop
+        curve.append(record)
         if bar is not None:
             bar.set_postfix(epoch=epoch, val_psnr=f"{val:.2f}", best=f"{best:.2f}")
         if waited >= s.patience:

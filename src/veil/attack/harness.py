@@ -34,6 +34,7 @@ from veil import data as data_mod
 from veil.attack.attackers import AttackData, attack_data, convergence_flags, fit_attacker, fixed_features, reconstruct, stored_features
 from veil.attack.copies import changed_copies
 from veil.attack.references import IMAGE, LABEL, image_store, label_store
+from veil.attack.registry import INVERSION, get_attacker
 from veil.attack.results import CLASS_FLOOR, FLOOR, LINKAGE, REFERENCES, SCORING_VERSION, WHITEBOX, defence_label
 from veil.attack.scoring import (
     capped,
@@ -46,9 +47,10 @@ from veil.attack.scoring import (
     unconverged,
     under_trained,
 )
-from veil.attack.settings import AttackConfig, attacker_names, result_settings, seed_for, tv_weights, validate_attack
+from veil.attack.search import search_attacker
+from veil.attack.settings import AttackConfig, attacker_names, numbers, result_settings, search_grid, seed_for, tv_weights, validate_attack
 from veil.attack.tables import matrix_csv, matrix_markdown, write_outputs
-from veil.attack.whitebox import choose_tv_weight, invert
+from veil.attack.whitebox import choose_tv_weight, decoder_inversion, invert
 from veil.client.attacked import ClientObfuscator
 from veil.client.onnxfile import read_client
 from veil.data import load_splits, to_float
@@ -73,37 +75,72 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     fixed = fixed_features(obfuscator, data, s)
+    m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))  # the users an inversion rebuilds
+    decoders: dict[str, tuple[nn.Module, float]] = {}  # fitted so far: (decoder, its best held-out PSNR)
     for name in attacker_names(s):
         start = time.perf_counter()
-        with progress_bar(steps, f"{label} {name}", s.progress) as bar:
-            reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar, fixed)
+        if get_attacker(name).kind == INVERSION:
+            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, user_features[:m], candidates, label, name)
+            log(f"  {label:10s} {name:8s} {_line(results[name])}  ({m} images, from {results[name]['decoder']}, prior weight "
+                f"{results[name]['prior_weight']:g}, {results[name]['seconds']:.0f} s)")
+            continue
+        search = None
+        with progress_bar(steps * (len(search_grid(s)) if s.search else 1), f"{label} {name}", s.progress) as bar:
+            if s.search:
+                reconstructor, curve, search = search_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar, fixed)
+            else:
+                reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar, fixed)
+        decoders[name] = (reconstructor, max(r["val_psnr"] for r in curve))
         rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size)
         results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve),
                          "stopped": "patience" if curve[-1]["waited"] >= s.patience else "cap", "flags": convergence_flags(curve, s.patience),
                          "seconds_per_epoch": round(sum(r["seconds"] for r in curve) / len(curve), 2),
                          "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+        if search is not None:
+            results[name]["search"] = search
         shown[name] = rebuilt[: s.n_show].cpu()
         capped_note = f", not converged: {', '.join(results[name]['flags'])}" if results[name]["flags"] else ""
+        chosen = f", searched: lr {search['chosen']['lr']:g}, width {search['chosen']['width']:g}" if search else ""
         log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(curve)} epochs{capped_note}, best {results[name]['best_epoch']}, "
-            f"{results[name]['seconds_per_epoch']:.1f} s/epoch, {results[name]['seconds']:.0f} s)")
+            f"{results[name]['seconds_per_epoch']:.1f} s/epoch, {results[name]['seconds']:.0f} s{chosen})")
     if s.whitebox:
         start = time.perf_counter()
-        m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))
         n_batches = math.ceil(m / s.eval_batch_size)
         n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
         torch.manual_seed(seed_for(s.seed, label, WHITEBOX))  # a random f's draws while tuning and inverting
         with progress_bar((n_batches + n_tune) * s.whitebox_steps, f"{label} {WHITEBOX}", s.progress) as bar:
             tv_weight, tuning = choose_tv_weight(obfuscator, data.val, data.mean_image, tv_weights(s), s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
             rebuilt, curve = invert(obfuscator, user_features[:m], data.mean_image, tv_weight, s.whitebox_steps, s.whitebox_lr, s.eval_batch_size, bar)
-        floor = score(users, all_rows[:m], data.mean_image.expand_as(rebuilt), candidates[:m])  # the floor over the same users
         results[WHITEBOX] = {
-            **score(users, all_rows[:m], rebuilt, candidates[:m]), "floor_psnr": floor["psnr_mean"], "floor_ssim": floor["ssim_mean"],
-            "steps": s.whitebox_steps, "tv_weight": tv_weight,
+            **_inversion_scores(users, rebuilt, data, candidates), "steps": s.whitebox_steps, "tv_weight": tv_weight,
             "tv_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve,
         }
         shown[WHITEBOX] = rebuilt[: s.n_show].cpu()
         log(f"  {label:10s} {WHITEBOX:8s} {_line(results[WHITEBOX])}  ({m} images, {s.whitebox_steps} steps, TV weight {tv_weight:g}, {results[WHITEBOX]['seconds']:.0f} s)")
     return results, shown
+
+
+def _inversion_scores(users: torch.Tensor, rebuilt: torch.Tensor, data: AttackData, candidates: torch.Tensor) -> dict:
+    """An inversion's scores over the first len(rebuilt) users, with the floor of those same users beside them."""
+    rows = torch.arange(len(rebuilt))
+    floor = score(users, rows, data.mean_image.expand_as(rebuilt), candidates[rows])
+    return {**score(users, rows, rebuilt, candidates[rows]), "floor_psnr": floor["psnr_mean"], "floor_ssim": floor["ssim_mean"]}
+
+
+def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig, decoders: dict, features: torch.Tensor, candidates: torch.Tensor,
+                       label: str, name: str) -> tuple[dict, torch.Tensor]:
+    """The decoder-started inversion from the decoder with the best held-out PSNR fitted before it, scored like the white-box."""
+    start = time.perf_counter()
+    source = max(decoders, key=lambda k: decoders[k][1])
+    weights = numbers(s.prior_weights)
+    n_batches = math.ceil(len(features) / s.eval_batch_size)
+    torch.manual_seed(seed_for(s.seed, label, name))  # a random f's draws while tuning and inverting
+    with progress_bar((n_batches + sum(not math.isinf(w) for w in weights)) * s.whitebox_steps, f"{label} {name}", s.progress) as bar:
+        rebuilt, weight, tuning, curve = decoder_inversion(obfuscator, decoders[source][0], data.val, features, weights, s.whitebox_steps,
+                                                           s.whitebox_lr, s.eval_batch_size, bar)
+    result = {**_inversion_scores(to_float(data.users), rebuilt, data, candidates), "decoder": source, "steps": s.whitebox_steps,
+              "prior_weight": weight, "prior_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+    return result, rebuilt[: s.n_show].cpu()
 
 
 def _best_epoch(curve: list[dict]) -> int:
@@ -331,8 +368,11 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
 def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Path, log=print) -> dict:
     """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings against the
     same obfuscator) and write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3).
-    Every run must have finished training (unless s.allow_unfinished), before any is attacked."""
+    Every run must have finished training (unless s.allow_unfinished), before any is attacked. Runs that share
+    their pretraining (forked from one, as Table 3's four are) share its undefended attack: OUT_DIR/ceilings.json."""
     validate_attack(s)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     fingerprints = [fingerprint(finished_run(run_dir, s)[0].obfuscator) for run_dir in run_dirs]
     results = []
     for run_dir, fp in zip(run_dirs, fingerprints):
@@ -343,7 +383,7 @@ def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Pa
         else:
             if (Path(run_dir) / "attack" / "attack.json").is_file():
                 log(f"veil attack: {why}; attacking {run_dir} again")
-            results.append(attack(run_dir, s, log))
+            results.append(attack(run_dir, s, log, ceilings=out_dir / "ceilings.json"))
     columns = [f"{r['training_reconstructor']} ({Path(r['run']).name})" for r in results]
     rows = attacker_names(s) + ([WHITEBOX] if s.whitebox else [])
     matrix = {
@@ -358,7 +398,6 @@ def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Pa
         "settings": dataclasses.asdict(s),
         "seed": s.seed,
     }
-    out_dir = Path(out_dir)
     atomic_write_json(out_dir / "matrix.json", matrix)
     atomic_write_text(out_dir / "matrix.csv", matrix_csv(matrix))
     atomic_write_text(out_dir / "matrix.md", matrix_markdown(matrix))

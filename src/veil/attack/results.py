@@ -43,8 +43,9 @@ REFERENCES = "reference_stores"
 # the floor of its own users. An attack.json of another version is not reused; 1 is one made before the field existed.
 SCORING_VERSION = 2
 
-ATTACKER_ORDER = ("simrec", "urec1", "urec2", "resrec", WHITEBOX)  # display order; others follow
-ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", WHITEBOX: "white-box"}
+ATTACKER_ORDER = ("simrec", "urec1", "urec2", "resrec", WHITEBOX, "unet", "consistency", "adversarial", "decoder-inversion")  # display order; others follow
+ATTACKER_NAMES = {"simrec": "SimRec", "urec1": "URec#1", "urec2": "URec#2", "resrec": "ResRec", WHITEBOX: "white-box", "unet": "U-Net",
+                  "consistency": "consistency (U-Net)", "adversarial": "adversarial (U-Net)", "decoder-inversion": "decoder-started inversion"}
 
 
 # ----------------------------------------------------------------------------- numbers as text

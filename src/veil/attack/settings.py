@@ -6,8 +6,8 @@ import dataclasses
 import zlib
 from dataclasses import dataclass
 
+from veil.attack.registry import INVERSION, registry
 from veil.errors import ConfigError
-from veil.models.reconstructors import attackers
 from veil.runtime import OFF, ON
 
 # ----------------------------------------------------------------------------- settings
@@ -16,9 +16,27 @@ from veil.runtime import OFF, ON
 @dataclass
 class AttackConfig:
     attackers: str = "simrec,resrec,unet"
-    """Attackers to train from scratch, comma-separated: Table 1's simrec, urec1, urec2, resrec, and unet (a U-Net decoder).
+    """Attackers to train from scratch, comma-separated (attack/registry.py): Table 1's simrec, urec1, urec2, resrec, unet
+    (a U-Net decoder), consistency (the U-Net asked to draw images f maps back to the code), adversarial (the U-Net with a
+    patch discriminator) and decoder-inversion (the white-box inversion started from the best decoder listed before it).
     The default leaves out URec#1 and #2: measured, they were never the strongest and cost the most (docs/benchmarks.md);
     give simrec,urec1,urec2,resrec for the paper's Table 3."""
+    consistency_weight: float = 1.0
+    """The consistency attacker's weight on 10 log10(|f(its image) - z|^2 / |z|^2), in dB per dB of PSNR."""
+    adversarial_weight: float = 0.1
+    """The adversarial attacker's weight on its patch discriminator's loss (nats per patch), in dB of PSNR per nat."""
+    prior_weights: str = "0,1,10,100,inf"
+    """The decoder-started inversion's weights on mean((x - decoder's image)^2), comma-separated; the attacker keeps the
+    one whose inversions of its own held-out images score the best PSNR (inf: the decoder's image unchanged)."""
+    search: bool = False
+    """Try each decoder at several learning rates and widths (search_lrs x search_widths, the default first) within
+    search_seconds, keep the one with the best held-out PSNR (the attacker's own images); the grid is in attack.json."""
+    search_lrs: str = "1,0.5,2"
+    """The search's learning rates, as multiples of lr, comma-separated."""
+    search_widths: str = "1,2"
+    """The search's decoder widths, as multiples of the attacker's width, comma-separated."""
+    search_seconds: float = 900.0
+    """The search's budget per attacker and obfuscator: no new grid point is started once it is spent."""
     whitebox: bool = True
     """Also run the white-box attacker (optimise an image so that f(image) matches the stored features)."""
     undefended: bool = True
@@ -101,8 +119,19 @@ def attacker_names(s: AttackConfig) -> list[str]:
     return [name.strip() for name in s.attackers.split(",") if name.strip()]
 
 
+def numbers(text: str) -> list[float]:
+    """'0.1,1,inf' -> [0.1, 1.0, inf]; ValueError if one is not a number."""
+    return [float(w) for w in text.split(",") if w.strip()]
+
+
 def tv_weights(s: AttackConfig) -> list[float]:
-    return [float(w) for w in s.tv_weights.split(",") if w.strip()]
+    return numbers(s.tv_weights)
+
+
+def search_grid(s: AttackConfig) -> list[tuple[float, float]]:
+    """(lr multiple, width multiple) of every grid point, the default (1, 1) first."""
+    grid = [(lr, w) for w in numbers(s.search_widths) for lr in numbers(s.search_lrs)]
+    return sorted(set(grid), key=lambda p: (p != (1.0, 1.0), grid.index(p)))
 
 
 def validate_attack(s: AttackConfig) -> None:
@@ -111,10 +140,23 @@ def validate_attack(s: AttackConfig) -> None:
             raise ConfigError(f"attack settings: {msg}")
 
     names = attacker_names(s)
-    valid = attackers()
+    valid = registry()
     unknown = [n for n in names if n not in valid]
     need(not unknown, f"unknown attacker(s) {', '.join(unknown)} in '{s.attackers}'; valid: {', '.join(valid)}")
     need(len(set(names)) == len(names), f"attackers lists a name twice: '{s.attackers}'")
+    for i, n in enumerate(names):
+        need(valid[n].kind != INVERSION or any(valid[m].kind != INVERSION for m in names[:i]),
+             f"{n} starts from a decoder listed before it in attackers, got '{s.attackers}' (e.g. unet,{n})")
+    try:
+        priors, grid = numbers(s.prior_weights), search_grid(s)
+    except ValueError:
+        priors, grid = [], []
+    need(bool(priors) and all(w >= 0 for w in priors), f"prior_weights must be comma-separated numbers >= 0 (or inf), got '{s.prior_weights}'")
+    need(bool(grid) and all(0 < a < float("inf") and 0 < b < float("inf") for a, b in grid),
+         f"search_lrs and search_widths must be comma-separated numbers > 0, got '{s.search_lrs}' and '{s.search_widths}'")
+    need(s.search_seconds > 0, f"search_seconds must be > 0, got {s.search_seconds}")
+    need(s.consistency_weight >= 0 and s.adversarial_weight >= 0,
+         f"consistency_weight and adversarial_weight must be >= 0, got {s.consistency_weight} and {s.adversarial_weight}")
     need(bool(names) or s.whitebox, "no attacker to run: give --attackers or leave --whitebox on")
     need(s.width >= 0, f"width must be >= 0 (0 = the run's width), got {s.width}")
     need(s.max_epochs >= 1, f"max_epochs must be >= 1, got {s.max_epochs}")

@@ -23,6 +23,8 @@ from veil.attack.results import (
     REFERENCES,
     WHITEBOX,
     defence_label,
+    strongest,
+    strongest_reid,
 )
 from veil.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from veil.metrics import psnr
@@ -95,9 +97,11 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
     for name in names:
         label = name
+        r = result.get("defended", {}).get(name) or result.get("undefended", {}).get(name)
         if name == WHITEBOX:
-            r = result.get("defended", {}).get(name) or result.get("undefended", {}).get(name)
             label = f"whitebox ({r['n_images']} images)"
+        elif "decoder" in r:  # the decoder-started inversion
+            label = f"{name} ({r['n_images']} images, from {r['decoder']})"
         rows.append([label, *_cell(result.get("defended", {}).get(name), floor["psnr"]), *_cell(result.get("undefended", {}).get(name), floor["psnr"])])
     if result.get(LINKAGE):
         rows.append([LINKAGE_LABEL, *_linkage_cell(result[LINKAGE].get("defended")), *_linkage_cell(result[LINKAGE].get("undefended"))])
@@ -170,6 +174,15 @@ def _notes(result: dict) -> list[str]:
             + "".join(f" Against the {w} (random) obfuscator the attacker's template is the mean of {r['draws']} draws of f(candidate)."
                       for w, r in result[LINKAGE].items() if r.get("draws", 1) > 1)
         )
+    for side in OBFUSCATORS:
+        if result.get(side):
+            notes.append(f"Strongest against the {side} obfuscator, per metric: " + strongest_line(result[side], result[FLOOR]) + ".")
+    searched = {(side, a): r["search"] for side in OBFUSCATORS for a, r in result.get(side, {}).items() if "search" in r}
+    if searched:
+        notes.append("Searched (--search, picked by held-out PSNR on the attacker's own images): " + "; ".join(
+            f"{side} {a}: lr {g['chosen']['lr']:g}, width {g['chosen']['width']:g} of {len(g['grid'])} points"
+            + (f" ({sum('skipped' in q for q in g['grid'])} skipped, budget spent)" if any("skipped" in q for q in g["grid"]) else "")
+            for (side, a), g in searched.items()) + ".")
     if result.get("step", 0) < result.get("steps", 0):
         notes.append(f"(!) The run had not finished training: its checkpoint at step {result['step']} of {result['steps']} was attacked (--allow-unfinished).")
     if result.get("ceiling_run"):
@@ -194,6 +207,13 @@ def _notes(result: dict) -> list[str]:
             + ". Its figures are a lower bound on what it can do; raise --max-epochs for a privacy claim."
         )
     return notes
+
+
+def strongest_line(table: dict, floor: dict) -> str:
+    """'PSNR 13.16 dB (unet), SSIM 0.140 (consistency), top-1 2.4% (unet, standardised)': PSNR, SSIM and re-identification
+    may come from different attackers."""
+    p, s_, r = strongest(table, "psnr_mean", floor), strongest(table, "ssim_mean", floor), strongest_reid(table)
+    return f"PSNR {p[1]:.2f} dB ({p[0]}), SSIM {s_[1]:.3f} ({s_[0]}), re-identification top-1 {r[1]:.1%} ({r[0]})"
 
 
 def attacker_widths(result: dict) -> str:

@@ -43,6 +43,7 @@ from veil.attack.results import (
     read_run,
     shown_rounds,
     strongest,
+    strongest_reid,
     unique_names,
 )
 from veil.attack.tables import flag_marks
@@ -198,18 +199,24 @@ def overview_table(runs: list[RunResults]) -> Table:
     for r in runs:
         s, acc = r.summary, accuracy_by_round(r.metrics)
         top = strongest(r.attack["defended"], "psnr_mean", r.attack["floor"]) if r.attack else None
+        top_ssim = strongest(r.attack["defended"], "ssim_mean", r.attack["floor"]) if r.attack else None
+        top_reid = strongest_reid(r.attack["defended"]) if r.attack else None
         rows.append([
             r.name, r.config.data.dataset, ATTACKER_NAMES.get(r.reconstructor, r.reconstructor), r.defence, f"{r.config.model.width:g}",
             str(max((k for k in acc), default=0)), pct(acc.get(0)), pct(s.get("final_test_accuracy", acc[max(acc)] if acc else None)),
             db(s.get("undefended_test_psnr")), db(s.get("final_test_psnr")),
             f"{db(top[1])} ({ATTACKER_NAMES.get(top[0], top[0])})" if top else "not attacked",
+            f"{top_ssim[1]:.3f} ({ATTACKER_NAMES.get(top_ssim[0], top_ssim[0])})" if top_ssim else "not attacked",
+            f"{pct(top_reid[1], 1)} ({top_reid[0]})" if top_reid else "not attacked",
             "finished" if s else f"partial ({len(r.metrics)} phase-epochs)",
         ])
     return Table(
         ["run", "data", "training reconstructor", "defence", "width", "rounds", "pretrained accuracy", "final accuracy",
-         "training r PSNR before (dB)", "training r PSNR after (dB)", "strongest attacker PSNR (dB)", "state"],
+         "training r PSNR before (dB)", "training r PSNR after (dB)", "strongest attacker PSNR (dB)",
+         "strongest SSIM", "strongest re-identification top-1", "state"],
         rows,
-        "Accuracy on the users' (test) images; PSNR (Eq. 1) of the training reconstructor before adversarial training (warm-up) and after (final refit).",
+        "Accuracy on the users' (test) images; PSNR (Eq. 1) of the training reconstructor before adversarial training (warm-up) and after (final refit); "
+        "the strongest attacker per metric (PSNR, SSIM and re-identification may come from different attackers), named beside each.",
     )
 
 
