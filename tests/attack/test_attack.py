@@ -547,8 +547,9 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
     assert float(simrec["reid_std_top1"]) == pytest.approx(result["defended"]["simrec"]["reid_std_top1"], abs=1e-6)  # the CSV keeps 6 digits
     md = (folder / "attack.md").read_text()
     assert "| floor: mean image |" in md and "| linkage: feature matching (attacker computes f(candidate)) | — | — | 100.0% | 100.0% |" in md
-    for name in ("simrec", "resrec", "whitebox"):
+    for name in ("simrec", "resrec", "whitebox", "attackers-side-by-side"):
         assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Strongest against the defended obfuscator, per metric: PSNR " in md
 
 
 def test_a_ceiling_from_another_run_of_the_same_images_and_not_of_others(tiny_run, tiny_config, tmp_path, capsys):

@@ -75,13 +75,14 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     fixed = fixed_features(obfuscator, data, s)
-    m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))  # the users an inversion rebuilds
+    m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))  # the users the white-box rebuilds
     decoders: dict[str, tuple[nn.Module, float]] = {}  # fitted so far: (decoder, its best held-out PSNR)
     for name in attacker_names(s):
         start = time.perf_counter()
         if get_attacker(name).kind == INVERSION:
-            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, user_features[:m], candidates, label, name)
-            log(f"  {label:10s} {name:8s} {_line(results[name])}  ({m} images, from {results[name]['decoder']}, prior weight "
+            # Every user, as the decoder it starts from: its figures and the decoder's are on the same users.
+            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, user_features, candidates, label, name)
+            log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(users)} images, from {results[name]['decoder']}, prior weight "
                 f"{results[name]['prior_weight']:g}, {results[name]['seconds']:.0f} s)")
             continue
         search = None

@@ -7,7 +7,8 @@
                                          images (discriminator.py): sharp, plausible images rather than the mean given the code
     decoder-inversion                    the white-box inversion (whitebox.py) started from the best decoder fitted before
                                          it in the same attack, and held near that decoder's image by a prior whose
-                                         weight the attacker picks on its own held-out images (infinite: the decoder itself)
+                                         weight the attacker picks on its own held-out images (infinite: the decoder itself);
+                                         it rebuilds every user, as the decoder does, so the two compare on the same users
 
 A new attacker is one entry here: a decoder name with its terms' weights, or kind "inversion".
 The weights are settings (AttackConfig.consistency_weight, adversarial_weight), read when the attack runs.

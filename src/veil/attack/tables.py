@@ -39,6 +39,11 @@ def write_outputs(out: Path, result: dict, originals: torch.Tensor, figures: dic
     for name in names:
         rows = {which: figures[which][name] for which in OBFUSCATORS if name in figures.get(which, {})}
         plot_attacker(out / f"{name}.png", originals, rows, name)
+    if len(figures.get("defended", {})) > 1:  # every attacker's answer for the same users, one row each
+        plot_attacker(out / SIDE_BY_SIDE, originals, figures["defended"], "every attacker against the defended obfuscator")
+
+
+SIDE_BY_SIDE = "attackers-side-by-side.png"
 
 
 CSV_FIELDS = ("obfuscator", "attacker", "psnr_mean", "psnr_std", "ssim_mean", "reid_top1", "reid_top5", "n_candidates", "n_images", "below_floor",
