@@ -15,12 +15,13 @@ from veil.runtime import OFF, ON
 
 @dataclass
 class AttackConfig:
-    attackers: str = "simrec,resrec,unet"
+    attackers: str = "simrec,resrec,unet,decoder-inversion"
     """Attackers to train from scratch, comma-separated (attack/registry.py): Table 1's simrec, urec1, urec2, resrec, unet
     (a U-Net decoder), consistency (the U-Net asked to draw images f maps back to the code), adversarial (the U-Net with a
     patch discriminator) and decoder-inversion (the white-box inversion started from the best decoder listed before it).
     The default leaves out URec#1 and #2: measured, they were never the strongest and cost the most (docs/benchmarks.md);
-    give simrec,urec1,urec2,resrec for the paper's Table 3."""
+    it includes decoder-inversion, measured the strongest by PSNR and SSIM at the paper's cut, defended and undefended, for
+    at most twice the time (docs/results.md); give simrec,urec1,urec2,resrec for the paper's Table 3."""
     consistency_weight: float = 1.0
     """The consistency attacker's weight on 10 log10(|f(its image) - z|^2 / |z|^2), in dB per dB of PSNR."""
     adversarial_weight: float = 0.1
