@@ -75,13 +75,12 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     fixed = fixed_features(obfuscator, data, s)
-    m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))  # the users the white-box rebuilds
     decoders: dict[str, tuple[nn.Module, float]] = {}  # fitted so far: (decoder, its best held-out PSNR)
     for name in attacker_names(s):
         start = time.perf_counter()
         if get_attacker(name).kind == INVERSION:
             # Every user, as the decoder it starts from: its figures and the decoder's are on the same users.
-            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, user_features, candidates, label, name)
+            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, users, user_features, candidates, label, name)
             log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(users)} images, from {results[name]['decoder']}, prior weight "
                 f"{results[name]['prior_weight']:g}, {results[name]['seconds']:.0f} s)")
             continue
@@ -106,6 +105,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
             f"{results[name]['seconds_per_epoch']:.1f} s/epoch, {results[name]['seconds']:.0f} s{chosen})")
     if s.whitebox:
         start = time.perf_counter()
+        m = len(users) if s.whitebox_images == 0 else min(s.whitebox_images, len(users))  # the first users only, to bound its cost
         n_batches = math.ceil(m / s.eval_batch_size)
         n_tune = len(tv_weights(s)) if len(tv_weights(s)) > 1 else 0
         torch.manual_seed(seed_for(s.seed, label, WHITEBOX))  # a random f's draws while tuning and inverting
@@ -128,8 +128,8 @@ def _inversion_scores(users: torch.Tensor, rebuilt: torch.Tensor, data: AttackDa
     return {**score(users, rows, rebuilt, candidates[rows]), "floor_psnr": floor["psnr_mean"], "floor_ssim": floor["ssim_mean"]}
 
 
-def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig, decoders: dict, features: torch.Tensor, candidates: torch.Tensor,
-                       label: str, name: str) -> tuple[dict, torch.Tensor]:
+def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig, decoders: dict, users: torch.Tensor, features: torch.Tensor,
+                       candidates: torch.Tensor, label: str, name: str) -> tuple[dict, torch.Tensor]:
     """The decoder-started inversion from the decoder with the best held-out PSNR fitted before it, scored like the white-box."""
     start = time.perf_counter()
     source = max(decoders, key=lambda k: decoders[k][1])
@@ -139,7 +139,7 @@ def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig,
     with progress_bar((n_batches + sum(not math.isinf(w) for w in weights)) * s.whitebox_steps, f"{label} {name}", s.progress) as bar:
         rebuilt, weight, tuning, curve = decoder_inversion(obfuscator, decoders[source][0], data.val, features, weights, s.whitebox_steps,
                                                            s.whitebox_lr, s.eval_batch_size, bar)
-    result = {**_inversion_scores(to_float(data.users), rebuilt, data, candidates), "decoder": source, "steps": s.whitebox_steps,
+    result = {**_inversion_scores(users, rebuilt, data, candidates), "decoder": source, "steps": s.whitebox_steps,
               "prior_weight": weight, "prior_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve}
     return result, rebuilt[: s.n_show].cpu()
 
