@@ -65,13 +65,19 @@ class Runtime:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for the forward passes; a no-op at fp32."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     def replica(self, nets: dict[str, nn.Module], name: str) -> nn.Module:
         """The network as a phase trains it: its DDP wrapper in a multi-process run, else itself."""
         return self.replicas.get(name, nets[name])
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for a resolved precision of 'bf16'; a no-op at 'fp32'. The attack's learned
+    attackers and the store classifier run under it too (their own precision settings)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- resolving options
@@ -99,15 +105,15 @@ def resolve_precision(value: str, device: torch.device) -> str:
     return value
 
 
-def precision_note(value: str, device: torch.device) -> str:
-    """Why resolve_precision chose what it chose, for the log and summary.json."""
+def precision_note(value: str, device: torch.device, key: str = "train.precision=bf16") -> str:
+    """Why resolve_precision chose what it chose, for the log and summary.json / attack.json; `key` is how to ask for bf16."""
     chosen = resolve_precision(value, device)
     if value != "auto":
         return f"{chosen} (asked for)"
     if device.type == "cuda":
         return f"{chosen} (auto: {'the GPU supports bf16' if chosen == 'bf16' else 'no bf16 on this GPU'})"
     unit = native_bf16()
-    return f"{chosen} (auto on a CPU; " + (f"it has {unit}, bf16 is opt-in: train.precision=bf16)" if unit else "no native bf16 unit)")
+    return f"{chosen} (auto on a CPU; " + (f"it has {unit}, bf16 is opt-in: {key})" if unit else "no native bf16 unit)")
 
 
 def resolve_channels_last(value: str, device: torch.device) -> bool:

@@ -124,6 +124,27 @@ def test_the_search_records_its_grid_and_keeps_the_best_held_out_point(setting):
     assert "val_psnr" in record["grid"][0] and record["grid"][1] == {"lr": 3 * s.lr, "width": 0.0625, "skipped": "budget spent"}
 
 
+def test_bf16_attackers_train_near_fp32_and_an_unknown_precision_is_refused(setting):
+    """The attack's precision setting reaches the decoders (bf16's held-out curve differs from fp32's) and changes
+    the arithmetic, not the attacker: its first epoch scores within a fraction of a dB of fp32's (later epochs part
+    further, as two seeds do at this size), and its reconstructions, float32, beat the floor as fp32's do."""
+    f, data, s, cand = setting
+    users = to_float(data.users)
+    features = feature_maps(f, data.users, s.eval_batch_size)
+    floor = floor_scores(data, cand)["psnr"]
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        t = dataclasses.replace(s, precision=precision)
+        decoder, curves[precision] = fit_attacker("unet", f, data, t, 0.0625, 2, seed_for(0, "unet"))
+        rebuilt = reconstruct(decoder, features, t.eval_batch_size, precision)
+        assert rebuilt.dtype == torch.float32
+        assert psnr(users, rebuilt).mean().item() > floor + 1.0, (precision, floor, curves[precision])
+    first = {k: v[0]["val_psnr"] for k, v in curves.items()}
+    assert first["bf16"] != first["fp32"] and abs(first["bf16"] - first["fp32"]) < 0.5, first
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        resolve_settings({"precision": "fp16"})
+
+
 def test_the_search_grid_puts_the_default_first():
     assert search_grid(AttackConfig(search_lrs="0.5,1,2", search_widths="2,1"))[0] == (1.0, 1.0)
     assert len(search_grid(AttackConfig(search_lrs="0.5,1,2", search_widths="2,1"))) == 6

@@ -391,6 +391,22 @@ def test_train_classifier_layout_changes_speed_not_training(tiny, tmp_path):
         train_classifier(train_store, tmp_path / "clf", HeadConfig(channels_last="nhwc"), log=lambda *_: None)
 
 
+def test_train_classifier_under_bf16_learns_alike_and_records_its_precision(tiny, tmp_path):
+    """bf16 autocast changes the head's arithmetic, not what it learns: the losses stay near fp32's, but not equal
+    (the setting is used), and summary.json names the precision; an unknown one is refused by name."""
+    train_store = make_store(tiny, tmp_path, data="run:defender", name="train")
+    losses, summaries = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = HeadConfig(epochs=2, batch_size=32, device="cpu", progress=False, precision=precision)
+        summaries[precision] = train_classifier(train_store, tmp_path / f"clf-{precision}", cfg, log=lambda *_: None)
+        losses[precision] = [json.loads(line)["loss"] for line in (tmp_path / f"clf-{precision}" / "metrics.jsonl").read_text().splitlines()]
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    assert summaries["bf16"]["precision"] == "bf16 (asked for)" and summaries["fp32"]["precision"] == "fp32 (asked for)"
+    with pytest.raises(StoreError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        train_classifier(train_store, tmp_path / "clf", HeadConfig(precision="fp16"), log=lambda *_: None)
+
+
 def test_train_classifier_refuses_a_test_store_of_another_obfuscator(tiny, tmp_path):
     train_store = make_store(tiny, tmp_path, data="run:defender", name="train")
     test_store = make_store(tiny, tmp_path, data="run:test", name="test")

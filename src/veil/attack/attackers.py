@@ -20,7 +20,7 @@ from veil.errors import AttackError, ConfigError
 from veil.metrics import psnr
 from veil.models import init_xavier
 from veil.models.reconstructors import build_attacker
-from veil.runtime import feature_maps, memory_format
+from veil.runtime import autocast, feature_maps, memory_format, resolve_precision
 
 # ----------------------------------------------------------------------------- data
 
@@ -60,9 +60,11 @@ def stored_features(obfuscator: nn.Module, users: torch.Tensor, s: AttackConfig,
 
 
 @torch.no_grad()
-def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int) -> torch.Tensor:
+def reconstruct(reconstructor: nn.Module, features: torch.Tensor, batch_size: int, precision: str = "fp32") -> torch.Tensor:
+    """The decoder's images of `features`, float32 (under bf16 autocast at precision 'bf16')."""
     reconstructor.eval()
-    return torch.cat([reconstructor(features[i : i + batch_size]) for i in range(0, len(features), batch_size)])
+    with autocast(precision, features.device):
+        return torch.cat([reconstructor(features[i : i + batch_size]).float() for i in range(0, len(features), batch_size)])
 
 
 # ----------------------------------------------------------------------------- learned attackers
@@ -100,6 +102,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
     if spec.kind != DECODER:
         raise AttackError(f"attacker {name} is not a decoder: it is not trained on (f(I), I) pairs")
     device = data.train.device
+    precision = resolve_precision(s.precision, device)  # the forward passes below; f's stored features stay fp32
     fixed = fixed or fixed_features(obfuscator, data, s)
     fresh = fixed is None  # compute f per batch, else once for all
     if fresh:
@@ -137,20 +140,24 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
             else:
                 features = train_features[idx]
             real = to_float(images)
-            rebuilt = reconstructor(features)
-            p = psnr(real, rebuilt).mean()
-            loss = -p  # Eq. 3: maximise PSNR
-            if spec.consistency:
-                c = consistency_db(obfuscator, rebuilt, features)
-                loss = loss + s.consistency_weight * c
-                terms["consistency_db"] += c.detach() * len(idx)
+            with autocast(precision, device):  # losses in float32 (psnr promotes), backward outside
+                rebuilt = reconstructor(features).float()
+                p = psnr(real, rebuilt).mean()
+                loss = -p  # Eq. 3: maximise PSNR
+                if spec.consistency:
+                    c = consistency_db(obfuscator, rebuilt, features)
+                    loss = loss + s.consistency_weight * c
+                    terms["consistency_db"] += c.detach().float() * len(idx)
             if critic is not None:
                 critic_opt.zero_grad(set_to_none=True)
-                discriminator_loss(critic, real, rebuilt).backward()
+                with autocast(precision, device):
+                    critic_loss = discriminator_loss(critic, real, rebuilt)
+                critic_loss.backward()
                 critic_opt.step()
-                g = generator_loss(critic, rebuilt)
+                with autocast(precision, device):
+                    g = generator_loss(critic, rebuilt)
                 loss = loss + s.adversarial_weight * g
-                terms["adversarial"] += g.detach() * len(idx)
+                terms["adversarial"] += g.detach().float() * len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -159,7 +166,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
             total += p.detach() * len(idx)
             if bar is not None:
                 bar.update(1)
-        val = psnr(val_images, reconstruct(reconstructor, val_features, s.eval_batch_size)).mean().item()
+        val = psnr(val_images, reconstruct(reconstructor, val_features, s.eval_batch_size, precision)).mean().item()
         lr = opt.param_groups[0]["lr"]
         # Two rules, kept apart: patience ends training after `patience` epochs in a row without a new best
         # (any gain counts, so a slow learner is not stopped while still gaining), and an epoch gaining less

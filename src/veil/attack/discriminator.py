@@ -27,9 +27,9 @@ def patch_discriminator(in_channels: int, width: float = 1.0) -> nn.Module:
 
 def discriminator_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """The critic's loss: real patches towards 1, the decoder's (detached) towards 0."""
-    return F.softplus(-critic(real)).mean() + F.softplus(critic(fake.detach())).mean()
+    return F.softplus(-critic(real).float()).mean() + F.softplus(critic(fake.detach()).float()).mean()
 
 
 def generator_loss(critic: nn.Module, fake: torch.Tensor) -> torch.Tensor:
     """The decoder's adversarial loss (non-saturating): -log D(fake), in nats per patch."""
-    return F.softplus(-critic(fake)).mean()
+    return F.softplus(-critic(fake).float()).mean()

@@ -61,7 +61,7 @@ from veil.metrics import draw_candidates
 from veil.models.obfuscator import fingerprint
 from veil.progress import progress_bar
 from veil.rundir import Run, load_run
-from veil.runtime import memory_format, resolve_device
+from veil.runtime import memory_format, precision_note, resolve_device, resolve_precision
 from veil.train import plan
 from veil.version import __version__
 
@@ -91,7 +91,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
             else:
                 reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar, fixed)
         decoders[name] = (reconstructor, max(r["val_psnr"] for r in curve))
-        rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size)
+        rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size, resolve_precision(s.precision, users.device))
         results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve),
                          "stopped": "patience" if curve[-1]["waited"] >= s.patience else "cap", "flags": convergence_flags(curve, s.patience),
                          "seconds_per_epoch": round(sum(r["seconds"] for r in curve) / len(curve), 2),
@@ -138,7 +138,7 @@ def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig,
     torch.manual_seed(seed_for(s.seed, label, name))  # a random f's draws while tuning and inverting
     with progress_bar((n_batches + sum(not math.isinf(w) for w in weights)) * s.whitebox_steps, f"{label} {name}", s.progress) as bar:
         rebuilt, weight, tuning, curve = decoder_inversion(obfuscator, decoders[source][0], data.val, features, weights, s.whitebox_steps,
-                                                           s.whitebox_lr, s.eval_batch_size, bar)
+                                                           s.whitebox_lr, s.eval_batch_size, bar, resolve_precision(s.precision, users.device))
     result = {**_inversion_scores(users, rebuilt, data, candidates), "decoder": source, "steps": s.whitebox_steps,
               "prior_weight": weight, "prior_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve}
     return result, rebuilt[: s.n_show].cpu()
@@ -267,7 +267,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     log(
         f"veil attack: {run_dir} ({splits.name}, training reconstructor {cfg.model.reconstructor}, defence {describe(cfg)}): "
         f"attackers train on {len(data.train)} of their own images ({len(data.val)} held out), users' images {len(data.users)}, "
-        f"re-identification among {n_candidates}, device {device}"
+        f"re-identification among {n_candidates}, device {device}, learned attackers in {precision_note(s.precision, device, '--precision bf16')}"
     )
     result: dict = {
         "run": str(run_dir),
@@ -282,6 +282,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         "n_attacker_val": len(data.val),
         "n_users": len(data.users),
         "chance": {"top1": 1 / n_candidates, "top5": min(5, n_candidates) / n_candidates},
+        "precision": precision_note(s.precision, device, "--precision bf16"),  # the learned attackers'; the rest is fp32
         FLOOR: floor_scores(data, candidates),
         LINKAGE: {},
     }

@@ -7,6 +7,7 @@ import zlib
 from dataclasses import dataclass
 
 from veil.attack.registry import INVERSION, registry
+from veil.config import PRECISIONS
 from veil.errors import ConfigError
 from veil.runtime import OFF, ON
 
@@ -94,6 +95,10 @@ class AttackConfig:
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     channels_last: str = "auto"
     """NHWC layout of the networks (auto | on | off; auto: on for CPU and CUDA, where it runs faster, as train.channels_last)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16: bf16 autocast for the learned attackers' training and reconstructions (the decoders, the
+    discriminator, f inside the consistency term); the stored features, the inversions and every score stay fp32.
+    auto picks as train.precision does (bf16 on a CUDA device that has it, fp32 on a CPU); attack.json records the choice."""
     progress: bool = True
     """Show progress bars."""
     client: str = ""
@@ -179,6 +184,7 @@ def validate_attack(s: AttackConfig) -> None:
     need(0 <= s.seed < 2**32, f"seed must be in 0..2**32-1, got {s.seed}")  # numpy's generators take no other
     need(s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda"), f"device must be auto, cpu or cuda[:N], got '{s.device}'")
     need(str(s.channels_last).lower() in ("auto", *ON, *OFF), f"channels_last must be auto, on or off, got '{s.channels_last}'")
+    need(s.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{s.precision}'")
 
 
 def resolve_settings(overrides: dict) -> AttackConfig:

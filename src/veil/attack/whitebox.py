@@ -82,19 +82,20 @@ def choose_tv_weight(obfuscator: nn.Module, images: torch.Tensor, start: torch.T
 
 
 def decoder_inversion(obfuscator: nn.Module, decoder: nn.Module, val_images: torch.Tensor, features: torch.Tensor, weights: list[float], steps: int,
-                      lr: float, batch_size: int, bar=None) -> tuple[torch.Tensor, float, dict[str, float], list[dict]]:
+                      lr: float, batch_size: int, bar=None, precision: str = "fp32") -> tuple[torch.Tensor, float, dict[str, float], list[dict]]:
     """The decoder-started inversion of `features` (the users'): each image starts at the decoder's and is held
     near it by the prior weight the attacker picks on its own held-out images (uint8, the first TUNE_IMAGES; the
     weight whose images score the best PSNR; math.inf: the decoder's image, unchanged).
+    `precision`: the decoder's (its images as the attack scored them); the inversion itself runs in fp32.
     Returns the images, the weight, the PSNR of each weight tried, and the inversion's curve."""
     held_out = val_images[:TUNE_IMAGES]
     held_features = feature_maps(obfuscator, held_out, batch_size)
-    held_start, scores = reconstruct(decoder, held_features, batch_size), {}
+    held_start, scores = reconstruct(decoder, held_features, batch_size, precision), {}
     for w in weights:
         image = held_start if math.isinf(w) else invert(obfuscator, held_features, held_start, 0.0, steps, lr, batch_size, bar, prior_weight=w)[0]
         scores[f"{w:g}"] = psnr(to_float(held_out), image).mean().item()
     best = max(weights, key=lambda w: scores[f"{w:g}"])
-    start = reconstruct(decoder, features, batch_size)
+    start = reconstruct(decoder, features, batch_size, precision)
     if math.isinf(best):
         return start, best, scores, []
     images, curve = invert(obfuscator, features, start, 0.0, steps, lr, batch_size, bar, prior_weight=best)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from veil.config import PRECISIONS
 from veil.data import to_float, to_tensor_images
 from veil.errors import StoreError
 from veil.io import CheckpointError, atomic_write_json, atomic_write_text, load_module, save_tensors
@@ -38,7 +39,7 @@ from veil.models import Classifier, init_xavier
 from veil.models.obfuscator import conv_bn_relu, fingerprint
 from veil.progress import progress_bar
 from veil.rundir import load_run
-from veil.runtime import OFF, ON, memory_format, resolve_device
+from veil.runtime import OFF, ON, autocast, memory_format, precision_note, resolve_device, resolve_precision
 from veil.store.dataset import StoreDataset, open_store
 from veil.store.format import DTYPES, check_fingerprint, verify
 from veil.store.obfuscate import load_image
@@ -102,6 +103,9 @@ class HeadConfig:
     """auto | cpu | cuda | cuda:N."""
     channels_last: str = "auto"
     """NHWC layout of the head (auto | on | off; auto: on for CPU and CUDA, where it runs faster)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16: bf16 autocast for the head's forward passes (weights, optimiser and loss stay float32);
+    auto picks as train.precision does (bf16 on a CUDA device that has it, fp32 on a CPU). summary.json records it."""
     progress: bool = True
     """Show progress bars."""
 
@@ -114,6 +118,8 @@ def check_head_config(cfg: HeadConfig) -> None:
             raise StoreError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if str(cfg.channels_last).lower() not in ("auto", *ON, *OFF):
         raise StoreError(f"--channels-last must be auto, on or off, got '{cfg.channels_last}'")
+    if cfg.precision not in PRECISIONS:
+        raise StoreError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{cfg.precision}'")
     if cfg.shift < 0:
         raise StoreError(f"--shift must be >= 0 pixels, got {cfg.shift}")
     for key, ok, want in (("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
@@ -174,13 +180,14 @@ def random_shift(features: torch.Tensor, cells: int, generator: torch.Generator)
 
 
 @torch.no_grad()
-def store_accuracy(head: nn.Module, data: StoreDataset, device: torch.device, batch_size: int = 500) -> float:
+def store_accuracy(head: nn.Module, data: StoreDataset, device: torch.device, batch_size: int = 500, precision: str = "fp32") -> float:
     head.eval()
     correct, total = 0, 0
     for k in range(data.num_shards):
         shard = data.shard(k)
         for s in range(0, len(shard["labels"]), batch_size):
-            logits = head(shard["features"][s : s + batch_size].to(device).float())
+            with autocast(precision, device):
+                logits = head(shard["features"][s : s + batch_size].to(device).float())
             correct += (logits.argmax(1).cpu() == shard["labels"][s : s + batch_size]).sum().item()
             total += len(logits)
     return correct / max(1, total)
@@ -213,6 +220,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     classes = manifest["dataset"]["classes"]
     split = manifest["obfuscator"]["split"]
     cells = shift_cells(cfg.shift, split)
+    precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, manifest["features"], manifest["obfuscator"], len(classes), cfg.dropout)
     layout = memory_format(cfg.channels_last, device)
@@ -226,7 +234,8 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     atomic_write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     log(f"veil train-classifier: {n} items of {manifest['dataset']['name']} ({manifest['dataset']['split']}), head {cfg.head}, "
         f"{sum(p.numel() for p in head.parameters()):,} parameters, {cfg.epochs} epochs, "
-        f"shift {cfg.shift} px = {cells} cell{'' if cells == 1 else 's'} of {1 << split} px, device {device}")
+        f"shift {cfg.shift} px = {cells} cell{'' if cells == 1 else 's'} of {1 << split} px, device {device}, "
+        f"{precision_note(cfg.precision, device, '--precision bf16')}")
     # Small stores are read once; larger ones a few shards at a time, every epoch.
     cached = None
     if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
@@ -248,7 +257,8 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
                     x, y = x.to(device, memory_format=layout), labels[idx].to(device)
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * onecycle_factor(min(step, total_steps - 1), total_steps)
-                    logits = head(x)
+                    with autocast(precision, device):
+                        logits = head(x).float()
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -261,7 +271,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
                     bar.update(1)
         record = {"epoch": epoch, "loss": sums[0].item() / max(1, seen), "train_accuracy": sums[1].item() / max(1, seen)}
         if test_manifest is not None:
-            record["test_accuracy"] = store_accuracy(head, test_data, device)
+            record["test_accuracy"] = store_accuracy(head, test_data, device, precision=precision)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
@@ -289,6 +299,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "epochs": cfg.epochs,
         "shift_pixels": cfg.shift,
         "shift_cells": cells,
+        "precision": precision_note(cfg.precision, device, "--precision bf16"),
         "seconds": round(time.perf_counter() - start, 1),
         "seed": cfg.seed,
         "veil_version": __version__,

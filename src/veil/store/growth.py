@@ -219,7 +219,7 @@ def image_config(run_cfg: Config, head: HeadConfig) -> Config:
     train = dataclasses.replace(
         run_cfg.train, defence="none", optimizer="adam", lr_obfuscator=head.lr, lr_classifier=head.lr, weight_decay=head.weight_decay,
         batch_size=head.batch_size, label_smoothing=head.label_smoothing, pretrain_schedule="onecycle", pretrain_epochs=head.epochs,
-        precision="fp32", channels_last=head.channels_last, compile=False,
+        precision=head.precision, channels_last=head.channels_last, compile=False,
     )
     return dataclasses.replace(run_cfg, model=model, train=train, data=dataclasses.replace(run_cfg.data, augment=True), seed=head.seed,
                                device=head.device, progress=head.progress)
@@ -229,7 +229,8 @@ def image_settings(cfg: Config, natural: bool, n_train: int, n_test: int) -> dic
     """What an image classifier learns from (a finished one with other settings is trained again)."""
     t = cfg.train
     return {"model": asdict(cfg.model), "optimizer": t.optimizer, "lr": t.lr_obfuscator, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
-            "label_smoothing": t.label_smoothing, "schedule": t.pretrain_schedule, "epochs": t.pretrain_epochs, "augment": "crop+flip" if natural else "crop",
+            "label_smoothing": t.label_smoothing, "schedule": t.pretrain_schedule, "epochs": t.pretrain_epochs, "precision": t.precision,
+            "augment": "crop+flip" if natural else "crop",
             "seed": cfg.seed, "train_items": n_train, "test_items": n_test}
 
 
