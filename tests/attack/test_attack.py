@@ -264,7 +264,7 @@ def test_an_attacker_never_finite_on_its_held_out_images_fails_naming_itself(dem
 
     s = small_settings(max_epochs=3, patience=5)
     data = attack_data(demo_images[:100], demo_images[100:120], True, s)
-    monkeypatch.setattr(attack_mod, "reconstruct", lambda r, features, b: torch.full((len(features), 3, 32, 32), math.nan))
+    monkeypatch.setattr(attack_mod, "reconstruct", lambda r, features, b, precision="fp32": torch.full((len(features), 3, 32, 32), math.nan))
     with pytest.raises(AttackError, match=r"attacker simrec: held-out PSNR was not finite in any of its 3 epochs; lower --lr"):
         fit_attacker("simrec", Unshuffle(), data, s, 0.0625, 1, seed=0)
 
