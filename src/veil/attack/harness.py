@@ -75,12 +75,13 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
     results, shown = {}, {}
     steps = (len(data.train) // s.batch_size) * s.max_epochs
     fixed = fixed_features(obfuscator, data, s)
+    precision = resolve_precision(s.precision, users.device)  # the decoders' reconstructions, as fit_attacker's
     decoders: dict[str, tuple[nn.Module, float]] = {}  # fitted so far: (decoder, its best held-out PSNR)
     for name in attacker_names(s):
         start = time.perf_counter()
         if get_attacker(name).kind == INVERSION:
             # Every user, as the decoder it starts from: its figures and the decoder's are on the same users.
-            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, users, user_features, candidates, label, name)
+            results[name], shown[name] = _decoder_inversion(obfuscator, data, s, decoders, users, user_features, candidates, label, name, precision)
             log(f"  {label:10s} {name:8s} {_line(results[name])}  ({len(users)} images, from {results[name]['decoder']}, prior weight "
                 f"{results[name]['prior_weight']:g}, {results[name]['seconds']:.0f} s)")
             continue
@@ -91,7 +92,7 @@ def attack_obfuscator(obfuscator: nn.Module, data: AttackData, s: AttackConfig, 
             else:
                 reconstructor, curve = fit_attacker(name, obfuscator, data, s, width, split, seed_for(s.seed, name), bar, fixed)
         decoders[name] = (reconstructor, max(r["val_psnr"] for r in curve))
-        rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size, resolve_precision(s.precision, users.device))
+        rebuilt = reconstruct(reconstructor, user_features, s.eval_batch_size, precision)
         results[name] = {**score(users, all_rows, rebuilt, candidates), "epochs": len(curve), "best_epoch": _best_epoch(curve),
                          "stopped": "patience" if curve[-1]["waited"] >= s.patience else "cap", "flags": convergence_flags(curve, s.patience),
                          "seconds_per_epoch": round(sum(r["seconds"] for r in curve) / len(curve), 2),
@@ -129,7 +130,7 @@ def _inversion_scores(users: torch.Tensor, rebuilt: torch.Tensor, data: AttackDa
 
 
 def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig, decoders: dict, users: torch.Tensor, features: torch.Tensor,
-                       candidates: torch.Tensor, label: str, name: str) -> tuple[dict, torch.Tensor]:
+                       candidates: torch.Tensor, label: str, name: str, precision: str) -> tuple[dict, torch.Tensor]:
     """The decoder-started inversion from the decoder with the best held-out PSNR fitted before it, scored like the white-box."""
     start = time.perf_counter()
     source = max(decoders, key=lambda k: decoders[k][1])
@@ -138,7 +139,7 @@ def _decoder_inversion(obfuscator: nn.Module, data: AttackData, s: AttackConfig,
     torch.manual_seed(seed_for(s.seed, label, name))  # a random f's draws while tuning and inverting
     with progress_bar((n_batches + sum(not math.isinf(w) for w in weights)) * s.whitebox_steps, f"{label} {name}", s.progress) as bar:
         rebuilt, weight, tuning, curve = decoder_inversion(obfuscator, decoders[source][0], data.val, features, weights, s.whitebox_steps,
-                                                           s.whitebox_lr, s.eval_batch_size, bar, resolve_precision(s.precision, users.device))
+                                                           s.whitebox_lr, s.eval_batch_size, bar, precision)
     result = {**_inversion_scores(users, rebuilt, data, candidates), "decoder": source, "steps": s.whitebox_steps,
               "prior_weight": weight, "prior_tuning_psnr": tuning, "seconds": round(time.perf_counter() - start, 1), "curve": curve}
     return result, rebuilt[: s.n_show].cpu()
@@ -264,10 +265,11 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         raise AttackError(f"{run_dir}: re-identification needs at least 2 users' (test) images, the run has {len(data.users)}")
     n_candidates = min(s.n_candidates, len(data.users))
     candidates = draw_candidates(torch.arange(len(data.users)), len(data.users), n_candidates, torch.Generator().manual_seed(s.seed))
+    precision = precision_note(s.precision, device, "--precision bf16")  # the learned attackers'; the rest is fp32
     log(
         f"veil attack: {run_dir} ({splits.name}, training reconstructor {cfg.model.reconstructor}, defence {describe(cfg)}): "
         f"attackers train on {len(data.train)} of their own images ({len(data.val)} held out), users' images {len(data.users)}, "
-        f"re-identification among {n_candidates}, device {device}, learned attackers in {precision_note(s.precision, device, '--precision bf16')}"
+        f"re-identification among {n_candidates}, device {device}, learned attackers in {precision}"
     )
     result: dict = {
         "run": str(run_dir),
@@ -282,7 +284,7 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
         "n_attacker_val": len(data.val),
         "n_users": len(data.users),
         "chance": {"top1": 1 / n_candidates, "top5": min(5, n_candidates) / n_candidates},
-        "precision": precision_note(s.precision, device, "--precision bf16"),  # the learned attackers'; the rest is fp32
+        "precision": precision,
         FLOOR: floor_scores(data, candidates),
         LINKAGE: {},
     }
