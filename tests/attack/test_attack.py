@@ -594,7 +594,14 @@ def test_veil_attack_matrix_reuses_runs_with_the_same_settings(tiny_run, tmp_pat
     # The same run attacked twice with the same seed gives the same numbers.
     a, b, _ = matrix["columns"]
     assert matrix["psnr"]["simrec"][a] == pytest.approx(matrix["psnr"]["simrec"][b], abs=1e-4)
-    assert (tmp_path / "table3" / "matrix.md").read_text().count("|") > 10
+    # SSIM, re-identification, the floors and the accuracy of each column are its run's attack.json figures.
+    saved = json.loads((other / "attack" / "attack.json").read_text())
+    assert matrix["ssim"]["resrec"][b] == saved["defended"]["resrec"]["ssim_mean"]
+    assert matrix["reid_top1"]["whitebox"][b] == saved["defended"]["whitebox"]["reid_top1"]
+    assert matrix["floors"][b]["predicted"]["psnr"] == saved["class_floor"]["predicted"]["psnr_mean"]
+    assert matrix["accuracy"][b] == saved["accuracy"]["defended"]
+    md = (tmp_path / "table3" / "matrix.md").read_text()
+    assert "re-identification top-1" in md and "class floor: class read" in md and md.count("|") > 30
     assert (tmp_path / "table3" / "matrix.csv").read_text().splitlines()[0].startswith("attack,")
 
 

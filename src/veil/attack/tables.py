@@ -277,19 +277,31 @@ def matrix_csv(matrix: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MATRIX_METRICS = (("psnr", "users' PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("reid_top1", "re-identification top-1", "{:.1%}"))
+
+
 def matrix_markdown(matrix: dict) -> str:
+    """One table per metric (PSNR as the paper's Table 3, then SSIM and re-identification, which a matrix.json
+    from before them lacks), each ending with the floors the column is read against, then each run's accuracy."""
     cols = matrix["columns"]
-    lines = [
-        "# Attack x training reconstructor: users' PSNR (dB) against the defended obfuscator",
-        "",
-        "| attack \\ training | " + " | ".join(f"{c}, {matrix.get('defence', {}).get(c, 'λ=' + str(matrix['lambda_privacy'][c]))}" for c in cols) + " |",
-        "| --- | " + " | ".join("---:" for _ in cols) + " |",
-    ]
-    for row in matrix["rows"]:
-        cells = [f"{matrix['psnr'][row][c]:.2f}" + (" (!)" if matrix["psnr"][row][c] < matrix["floor"][c] else "") for c in cols]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines.append("| floor: mean image | " + " | ".join(f"{matrix['floor'][c]:.2f}" for c in cols) + " |")
-    lines += ["", "(!) below the constant-image floor: an under-trained attacker, not privacy.", "Runs: " + ", ".join(matrix["runs"]) + "."]
+    header = "| attack \\ training | " + " | ".join(f"{c}, {matrix.get('defence', {}).get(c, 'λ=' + str(matrix['lambda_privacy'][c]))}" for c in cols) + " |"
+    lines = []
+    for key, title, fmt in MATRIX_METRICS:
+        if key not in matrix:
+            continue
+        lines += [f"{'#' if not lines else '##'} Attack x training reconstructor: {title} against the defended obfuscator", "", header, "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+        for row in matrix["rows"]:
+            below = key == "psnr" and {c: matrix["psnr"][row][c] < matrix["floor"][c] for c in cols}
+            lines.append(f"| {row} | " + " | ".join(fmt.format(matrix[key][row][c]) + (" (!)" if below and below[c] else "") for c in cols) + " |")
+        floors = matrix.get("floors") or {c: {"mean": {"psnr": matrix["floor"][c]}} for c in cols}
+        for name, label in (("mean", "floor: mean image"), ("true", "class floor: true class"), ("predicted", "class floor: class read")):
+            if all(key in floors[c].get(name, {}) for c in cols):
+                lines.append(f"| {label} | " + " | ".join(fmt.format(floors[c][name][key]) for c in cols) + " |")
+        lines.append("")
+    if matrix.get("accuracy"):
+        lines.append("Accuracy of each defended classifier: " + ", ".join(
+            f"{c} {matrix['accuracy'][c]:.2%}" if matrix["accuracy"][c] is not None else f"{c} n/a" for c in cols) + ".")
+    lines += ["(!) below the constant-image floor: an under-trained attacker, not privacy.", "Runs: " + ", ".join(matrix["runs"]) + "."]
     return "\n".join(lines) + "\n"
 
 
