@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from veil import config as config_mod
 from veil import rundir
 from veil.data import load_splits, to_float
 from veil.errors import TrainingError
@@ -112,7 +113,10 @@ def test_train_writes_run_directory(tiny_config, tmp_path):
         train(tiny_config, run, log=lambda *_: None)
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_crash_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch, precision):
+    """Bit for bit under either precision: bf16 autocast on a CPU is as deterministic as fp32."""
+    tiny_config = config_mod.apply_overrides(copy.deepcopy(tiny_config), [f"train.precision={precision}"])
     reference = train(tiny_config, tmp_path / "a", log=lambda *_: None)
     real_save = rundir.save_checkpoint
     calls = {"n": 0}
