@@ -375,7 +375,7 @@ def _floor_figures(r: dict) -> dict:
 
 def attack_matrix(run_dirs: list[str | Path], s: AttackConfig, out_dir: str | Path, log=print) -> dict:
     """Attack each run (reusing RUN/attack/attack.json when it was made with the same settings against the
-    same obfuscator) and write the attack x training reconstructor PSNR matrix of the defended obfuscators (Table 3).
+    same obfuscator) and write the attack x training reconstructor matrices of the defended obfuscators (Table 3: PSNR, then SSIM and re-identification).
     Every run must have finished training (unless s.allow_unfinished), before any is attacked. Runs that share
     their pretraining (forked from one, as Table 3's four are) share its undefended attack: OUT_DIR/ceilings.json."""
     validate_attack(s)

@@ -291,8 +291,8 @@ def matrix_markdown(matrix: dict) -> str:
             continue
         lines += [f"{'#' if not lines else '##'} Attack x training reconstructor: {title} against the defended obfuscator", "", header, "| --- | " + " | ".join("---:" for _ in cols) + " |"]
         for row in matrix["rows"]:
-            below = key == "psnr" and {c: matrix["psnr"][row][c] < matrix["floor"][c] for c in cols}
-            lines.append(f"| {row} | " + " | ".join(fmt.format(matrix[key][row][c]) + (" (!)" if below and below[c] else "") for c in cols) + " |")
+            cells = [fmt.format(matrix[key][row][c]) + (" (!)" if key == "psnr" and matrix["psnr"][row][c] < matrix["floor"][c] else "") for c in cols]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
         floors = matrix.get("floors") or {c: {"mean": {"psnr": matrix["floor"][c]}} for c in cols}
         for name, label in (("mean", "floor: mean image"), ("true", "class floor: true class"), ("predicted", "class floor: class read")):
             if all(key in floors[c].get(name, {}) for c in cols):
