@@ -220,7 +220,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     classes = manifest["dataset"]["classes"]
     split = manifest["obfuscator"]["split"]
     cells = shift_cells(cfg.shift, split)
-    precision = resolve_precision(cfg.precision, device)
+    precision, precision_why = resolve_precision(cfg.precision, device), precision_note(cfg.precision, device, "--precision bf16")
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, manifest["features"], manifest["obfuscator"], len(classes), cfg.dropout)
     layout = memory_format(cfg.channels_last, device)
@@ -235,7 +235,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     log(f"veil train-classifier: {n} items of {manifest['dataset']['name']} ({manifest['dataset']['split']}), head {cfg.head}, "
         f"{sum(p.numel() for p in head.parameters()):,} parameters, {cfg.epochs} epochs, "
         f"shift {cfg.shift} px = {cells} cell{'' if cells == 1 else 's'} of {1 << split} px, device {device}, "
-        f"{precision_note(cfg.precision, device, '--precision bf16')}")
+        f"{precision_why}")
     # Small stores are read once; larger ones a few shards at a time, every epoch.
     cached = None
     if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
@@ -299,7 +299,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "epochs": cfg.epochs,
         "shift_pixels": cfg.shift,
         "shift_cells": cells,
-        "precision": precision_note(cfg.precision, device, "--precision bf16"),
+        "precision": precision_why,
         "seconds": round(time.perf_counter() - start, 1),
         "seed": cfg.seed,
         "veil_version": __version__,
