@@ -17,7 +17,7 @@ from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run
 from veil.store.classify import build_head
 from veil.store.format import read_manifest
-from veil.store.growth import GrowthConfig, growth, make_stores
+from veil.store.growth import GrowthConfig, finished_image_classifier, growth, image_settings, make_stores
 from veil.store.obfuscate import obfuscate
 from veil.train import train
 
@@ -177,3 +177,16 @@ def test_cli_growth_prints_the_table_with_a_larger_head(run_dir, tmp_path, capsy
     assert size["vgg16-wide"] > 3 * size["vgg16"]  # twice the width: about four times the weights
     assert sorted(p.name for p in (out / "stores").iterdir()) == ["defender", "defender+later", "test"]
     assert main(["growth", str(run_dir), "--head", "vgg17", "--out", str(out)]) == 2
+
+
+def test_an_image_store_keeps_the_precision_auto_chose_and_is_not_reused_where_auto_chooses_otherwise(tmp_path, monkeypatch):
+    cfg = config_mod.from_dict({"train": {"precision": "auto"}, "device": "cpu"})
+    settings = image_settings(cfg, True, 90, 60)
+    assert settings["precision"] == "fp32"  # auto on a CPU today, recorded as what it resolved to
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": settings}))
+    assert finished_image_classifier(tmp_path, image_settings(cfg, True, 90, 60)) is not None
+    # A machine where auto means bf16 (a fake capability): the same config asks for another image store.
+    monkeypatch.setattr("veil.store.growth.resolve_precision", lambda value, device: "bf16" if value == "auto" else value)
+    elsewhere = image_settings(cfg, True, 90, 60)
+    assert elsewhere["precision"] == "bf16"
+    assert finished_image_classifier(tmp_path, elsewhere) is None

@@ -52,7 +52,7 @@ from veil.models import build_networks
 from veil.models.obfuscator import fingerprint
 from veil.progress import progress_bar
 from veil.rundir import Run, load_run
-from veil.runtime import read_classes, resolve_device
+from veil.runtime import read_classes, resolve_device, resolve_precision
 from veil.store.classify import HEADS, HeadConfig, check_head_config, train_classifier
 from veil.store.format import MANIFEST, STORED_DTYPES, read_manifest
 from veil.store.obfuscate import obfuscate
@@ -226,10 +226,12 @@ def image_config(run_cfg: Config, head: HeadConfig) -> Config:
 
 
 def image_settings(cfg: Config, natural: bool, n_train: int, n_test: int) -> dict:
-    """What an image classifier learns from (a finished one with other settings is trained again)."""
+    """What an image classifier learns from (a finished one with other settings is trained again). The precision is
+    the one `auto` resolves to on this device: an image store made in bf16 is not reused where auto means fp32."""
     t = cfg.train
     return {"model": asdict(cfg.model), "optimizer": t.optimizer, "lr": t.lr_obfuscator, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
-            "label_smoothing": t.label_smoothing, "schedule": t.pretrain_schedule, "epochs": t.pretrain_epochs, "precision": t.precision,
+            "label_smoothing": t.label_smoothing, "schedule": t.pretrain_schedule, "epochs": t.pretrain_epochs,
+            "precision": resolve_precision(t.precision, resolve_device(cfg.device)),
             "augment": "crop+flip" if natural else "crop",
             "seed": cfg.seed, "train_items": n_train, "test_items": n_test}
 
