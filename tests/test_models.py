@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from veil.config import ModelConfig
 from veil.models import RECONSTRUCTORS, Classifier, Obfuscator, build_networks, build_reconstructor, feature_shape, init_xavier
-from veil.models.reconstructors import attackers, build_attacker
+from veil.models.reconstructors import attackers, build_attacker, use_layout
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -172,6 +174,39 @@ def test_xavier_draws_the_same_weights_in_either_memory_layout():
     plain, nhwc = drawn(torch.contiguous_format), drawn(torch.channels_last)
     assert nhwc["0.weight"].is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(plain[k], nhwc[k]) for k in plain)
+
+
+def _conv_input_layouts(net, z):
+    """The layout of every 4-D input with more than one pixel that reaches a convolution of net(z)."""
+    seen = []
+
+    def hook(module, args):  # noqa: ANN001, ANN202
+        if args[0].shape[-1] * args[0].shape[-2] > 1:  # a 1x1 map reads as both layouts
+            seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    out = net(z)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("name", ["simrec", "resrec", "unet"])
+def test_a_channels_last_decoder_stays_channels_last_after_a_1x1_map(name):
+    # At split 5 the code is N x C x 1 x 1, which PyTorch's upsampling hands on as NCHW: without use_layout a
+    # channels-last decoder ran its later convolutions NCHW (converting at each; ResRec's residual sums too).
+    torch.manual_seed(0)
+    z = torch.randn(4, 16, 1, 1)
+    plain = init_xavier(build_attacker(name, 16, 3, 0.125, 5)).eval()
+    want = plain(z)
+    net = use_layout(copy.deepcopy(plain), torch.channels_last)
+    got, layouts = _conv_input_layouts(net, z)
+    assert layouts and all(layouts)
+    assert torch.allclose(got, want, atol=1e-5)  # the order of the arithmetic changes, not the function
+    _, mixed = _conv_input_layouts(copy.deepcopy(plain).to(memory_format=torch.channels_last), z)
+    assert not all(mixed)  # what use_layout mends
+    _, back = _conv_input_layouts(use_layout(net, torch.contiguous_format), z)
+    assert back and not any(back)  # NCHW again once asked for
 
 
 # ----------------------------------------------------------------------------- attackers built for the cut

@@ -36,6 +36,7 @@ from veil.config import Config
 from veil.data import to_float
 from veil.distributed import global_batchnorm, process_env
 from veil.errors import TrainingError
+from veil.models.reconstructors import use_layout
 
 ON, OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 
@@ -160,7 +161,7 @@ def prepare_networks(nets: dict[str, nn.Module], rt: Runtime, sync_batchnorm: bo
         net.to(rt.device)
         if rt.distributed and sync_batchnorm:
             nets[name] = net = global_batchnorm(net, rt.device)
-        net.to(memory_format=rt.memory_format)
+        use_layout(net, rt.memory_format)
 
 
 def wrap_networks(nets: dict[str, nn.Module], rt: Runtime) -> None:

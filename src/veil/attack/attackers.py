@@ -19,7 +19,7 @@ from veil.defences import GaussianNoise
 from veil.errors import AttackError, ConfigError
 from veil.metrics import psnr
 from veil.models import init_xavier
-from veil.models.reconstructors import build_attacker
+from veil.models.reconstructors import build_attacker, use_layout
 from veil.runtime import autocast, feature_maps, memory_format, resolve_precision
 
 # ----------------------------------------------------------------------------- data
@@ -113,7 +113,7 @@ def fit_attacker(name: str, obfuscator: nn.Module, data: AttackData, s: AttackCo
     val_images = to_float(data.val)
     torch.manual_seed(seed)  # initialisation, then a random f's draw on every batch
     reconstructor = init_xavier(build_attacker(spec.decoder, val_features.shape[1], data.train.shape[1], width, split))
-    reconstructor.to(device, memory_format=memory_format(s.channels_last, device))
+    use_layout(reconstructor.to(device), memory_format(s.channels_last, device))
     opt = torch.optim.Adam(reconstructor.parameters(), lr=s.lr)
     critic = critic_opt = None
     if spec.adversarial:  # initialised after the decoder: a plain decoder's draws are untouched

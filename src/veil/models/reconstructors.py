@@ -29,8 +29,30 @@ def _convs(c_in: int, channels: list[int]) -> tuple[list[nn.Module], int]:
     return layers, c_in
 
 
+class Upsample(nn.Upsample):
+    """Nearest-neighbour upsampling that keeps the network's layout. PyTorch returns NCHW for a 1x1 input
+    (N x C x 1 x 1 is both layouts, and BatchNorm hands it on with NCHW strides), so a channels-last decoder
+    at split 5 ran NCHW after its first upsampling and converted at every convolution and residual sum
+    (copies were 30% of ResRec's time there). It has no weights to carry the layout: use_layout sets it."""
+
+    channels_last = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+
+
+def use_layout(net: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """net.to(memory_format=memory_format), every Upsample in it told the layout too. Returns net."""
+    net.to(memory_format=memory_format)
+    for m in net.modules():
+        if isinstance(m, Upsample):
+            m.channels_last = memory_format == torch.channels_last
+    return net
+
+
 def _up(scale: int = 2) -> nn.Module:
-    return nn.Upsample(scale_factor=scale, mode="nearest") if scale > 1 else nn.Identity()
+    return Upsample(scale_factor=scale, mode="nearest") if scale > 1 else nn.Identity()
 
 
 def _first_up(split: int) -> nn.Module:
@@ -167,13 +189,13 @@ class UNetDecoder(nn.Module):
         self.inner = split < 5
         if self.inner:
             self.enc2 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c1, c2), *conv_bn_relu(c2, c2))  # H/2
-            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.up = _up()
             self.dec1 = nn.Sequential(*conv_bn_relu(c2 + c1, c1), *conv_bn_relu(c1, c1))  # skip from enc1
         stages: list[nn.Module] = []
         c = c1 + in_channels  # second skip: the raw feature map itself
         for i in range(split):  # one 2x upsampling per pooling of the obfuscator
             c_out = scaled(128 if i == 0 else 64, width)
-            stages += [nn.Upsample(scale_factor=2, mode="nearest"), *conv_bn_relu(c, c_out), *conv_bn_relu(c_out, c_out)]
+            stages += [_up(), *conv_bn_relu(c, c_out), *conv_bn_relu(c_out, c_out)]
             c = c_out
         self.stages = nn.Sequential(*stages, nn.Conv2d(c, out_channels, 3, padding=1), nn.Sigmoid())
 
