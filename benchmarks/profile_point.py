@@ -3,7 +3,7 @@
     python benchmarks/profile_point.py [--config configs/private-cifar10.yaml] [--out profile] [--top 15]
 
 The three parts of a point, each cut short (the per-step costs are what matter, not the epoch counts):
-training (`veil train`, 2 pretraining epochs, no adversarial rounds), the attack (`veil attack`, one
+training (`veil train`, 2 pretraining epochs, 1 warm-up epoch of the training reconstructor, no rounds), the attack (`veil attack`, one
 attacker of each kind the default set holds, 2 epochs each, no white-box) and the store classifier
 (`veil obfuscate` of the defender and users' images, then `veil train-classifier`, 2 epochs). For each
 part: its wall time, the share of it inside the matrix products (convolutions, linear layers and their
