@@ -716,12 +716,14 @@ def test_defence_none_is_attacked_once_for_both_columns(tiny_config, tmp_path, m
 
     tiny_config.train.defence = "none"
     train(tiny_config, tmp_path / "run", log=lambda *_: None)
-    calls = []
-    real = attack_mod.attack_obfuscator
+    calls, linked = [], []
+    real, real_linkage = attack_mod.attack_obfuscator, attack_mod.linkage
     monkeypatch.setattr(attack_mod, "attack_obfuscator", lambda *a, **k: calls.append(a[-2]) or real(*a, **k))
+    monkeypatch.setattr(attack_mod, "linkage", lambda *a, **k: linked.append(a[-2]) or real_linkage(*a, **k))
     s = resolve_settings({"attackers": "simrec", "max_epochs": 1, "batch_size": 16, "whitebox": False, "n_candidates": 10, "progress": False, "device": "cpu"})
     result = attack(tmp_path / "run", s, log=lambda *_: None)
     assert calls == ["defended"] and result["undefended"] == result["defended"] and "same weights" in result["undefended_from"]
+    assert linked == ["defended"] and result["linkage"]["undefended"] == result["linkage"]["defended"]  # linked once, for both columns
 
 
 def test_a_secret_rotation_of_the_channels_hides_nothing_from_an_attacker_who_matches_gram_matrices(demo_images):

@@ -323,9 +323,13 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
             result[which] = {}
             continue
         widths[which] = width  # per side: a --ceiling run of another width is attacked at its own width
-        result[LINKAGE][which] = linkage(obfuscator, data.users, candidates, s, which, copies)
-        log(f"  {which:10s} {LINKAGE:8s} top-1 {result[LINKAGE][which]['reid_top1']:6.1%}  top-5 {result[LINKAGE][which]['reid_top5']:6.1%}  "
-            f"(feature matching: the attacker computes f(candidate))")
+        same = which == "undefended" and fingerprint(without_idle_noise(obfuscator)) == fingerprint(without_idle_noise(run.obfuscator))
+        if same:  # defence none: the undefended obfuscator is the defended one, linked already with these candidates
+            result[LINKAGE][which] = copy.deepcopy(result[LINKAGE]["defended"])
+        else:
+            result[LINKAGE][which] = linkage(obfuscator, data.users, candidates, s, which, copies)
+            log(f"  {which:10s} {LINKAGE:8s} top-1 {result[LINKAGE][which]['reid_top1']:6.1%}  top-5 {result[LINKAGE][which]['reid_top5']:6.1%}  "
+                f"(feature matching: the attacker computes f(candidate))")
         shared = which == "undefended" and ceilings is not None
         if shared:
             key = ceiling_key(obfuscator, data_mod.fingerprint(splits), s, width, model.split)
@@ -334,11 +338,10 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
                 result[which], result["undefended_from"] = known[key]["result"], known[key]["run"]
                 log(f"  undefended: the same obfuscator, data and settings as {known[key]['run']}; its results reused")
                 continue
-        same = which == "undefended" and fingerprint(without_idle_noise(obfuscator)) == fingerprint(without_idle_noise(run.obfuscator))
-        if same:  # defence none: the undefended obfuscator is the defended one, attacked already with these settings
+        if same:  # attacked already with these settings
             result[which], result["undefended_from"] = copy.deepcopy(result["defended"]), f"{run_dir} (its defended obfuscator: the same weights)"
             figures[which] = figures["defended"]
-            log("  undefended: the same weights as the defended obfuscator; its results reused")
+            log("  undefended: the same weights as the defended obfuscator; its results and linkage reused")
         else:
             result[which], figures[which] = attack_obfuscator(obfuscator, data, s, width, model.split, candidates, which, log)
         if shared:
