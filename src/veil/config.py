@@ -133,9 +133,9 @@ class TrainConfig:
     twice the evaluation's cost, changes no weight; a feature store's classifier sees one map per image and gets none of it).
     Ignored for data trained without horizontal flips (the digit and grey-scale sets), where a mirror image may be another image."""
     precision: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32) | fp32 | bf16 (autocast; weights, BatchNorm, losses fp32)."""
+    """auto (bf16 on a CUDA GPU that supports it, else fp32; on a CPU bf16 is opt-in, docs/benchmarks.md) | fp32 | bf16 (autocast; weights, BatchNorm, losses fp32)."""
     channels_last: str = "auto"
-    """Channels-last (NHWC) memory layout: auto (on for CUDA, off on CPU where it measured slower) | on | off."""
+    """Channels-last (NHWC) memory layout: auto (on for CUDA and CPU, where it measured faster) | on | off."""
     compile: bool = False
     """torch.compile every network (the first steps of each phase are slow while it compiles)."""
     sync_batchnorm: bool = True
