@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from veil.defences import GaussianNoise, distance_correlation, set_noise
+from veil.defences.vib import kl_to_prior
 from veil.models import Obfuscator
 from veil.rundir import load_run
 from veil.train import FINAL, PRETRAIN, WARMUP, plan, train
@@ -63,7 +64,7 @@ def test_noise_sigma_zero_leaves_features_unchanged():
 def test_plans_of_each_defence(tiny_config):
     t = tiny_config.train
     t.t_main, t.t_sub = 2, 1
-    for defence in ("nopeek", "noise"):
+    for defence in ("nopeek", "noise", "vib"):
         t.defence = defence
         phases = [s.phase for s in plan(t)]
         assert phases == [PRETRAIN] * 2 + [WARMUP] + [defence] * 2 + [FINAL]
@@ -89,6 +90,29 @@ def test_nopeek_run_lowers_distance_correlation(tiny_config, tmp_path):
     train(tiny_config, tmp_path / "run", log=lambda *_: None)
     rows = [r for r in load_run(tmp_path / "run").metrics if r["phase"] == "nopeek"]
     assert rows[-1]["train_dcor"] < rows[0]["train_dcor"]
+
+
+def test_vib_term_estimates_the_kl_of_a_unit_gaussian_code_from_its_draw():
+    torch.manual_seed(0)
+    mu = torch.tensor([0.0, 1.0, -2.0, 3.0]).repeat(20_000, 1).view(20_000, 1, 2, 2)
+    z = mu + torch.randn_like(mu)  # what the layer stores: one draw
+    exact = 0.5 * (mu[0] ** 2).sum().item()  # KL(N(mu, 1) || N(0, 1)) summed over the map: 7.0 nats
+    assert abs(kl_to_prior(None, z, None).item() - exact) < 0.05
+    z = (mu + torch.randn_like(mu)).requires_grad_()
+    kl_to_prior(None, z, None).backward()  # d/dz of the batch mean: z / N, whose mean over draws is mu / N
+    assert torch.allclose(z.grad.mean(0) * len(z), mu[0], atol=0.05)
+
+
+def test_vib_run_shrinks_the_code_and_keeps_its_unit_noise(tiny_config, tmp_path):
+    tiny_config.train.defence, tiny_config.train.vib_beta = "vib", 0.5
+    tiny_config.train.t_main, tiny_config.train.adversarial_lr_scale = 3, 1.0
+    summary = train(tiny_config, tmp_path / "run", log=lambda *_: None)
+    assert summary["defence"] == "vib" and summary["strength"] == 0.5
+    run = load_run(tmp_path / "run")
+    rows = [r for r in run.metrics if r["phase"] == "vib"]
+    assert len(rows) == 3 and rows[-1]["train_kl_nats"] < 0.8 * rows[0]["train_kl_nats"]  # the term prices the code down
+    assert float(run.obfuscator[-1].sigma) == 1.0 and run.obfuscator[-1].on  # the stored code is a draw
+    assert float(run.undefended_obfuscator[-1].sigma) == 0.0  # the ceiling has no noise
 
 
 class ToyShrink(torch.nn.Module):
@@ -123,8 +147,8 @@ def test_a_new_defence_is_one_registry_entry(tmp_path, monkeypatch):
     from veil.rundir import read_metrics
     from veil.sweep import sweep
 
-    toy = Defence(name="toy", summary="f + g on CE + beta * mean squared feature, features halved", strength_key="train.lambda_privacy",
-                  strength_label="beta", symbol="β", title="toy", round_phases=("toy",), penalty=feature_energy,
+    toy = Defence(name="toy", summary="f + g on CE + gamma * mean squared feature, features halved", strength_key="train.lambda_privacy",
+                  strength_label="gamma", symbol="γ", title="toy", round_phases=("toy",), penalty=feature_energy,
                   penalty_metric="train_energy", layer=ToyShrink, start=_switch_on)
     monkeypatch.setitem(DEFENCES, "toy", toy)
     config = tmp_path / "tiny.yaml"
@@ -132,9 +156,9 @@ def test_a_new_defence_is_one_registry_entry(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     rows = [r for r in sweep(config, [0.0, 5.0], out, ["t_main=2"], defence="toy", attack_settings=TINY_ATTACK, log=lambda *_: None) if not r["reference"]]
 
-    assert [r["name"] for r in rows] == ["beta-0", "beta-5"] and all(r["defence"] == "toy" and r["psnr"] is not None for r in rows)
+    assert [r["name"] for r in rows] == ["gamma-0", "gamma-5"] and all(r["defence"] == "toy" and r["psnr"] is not None for r in rows)
     energy = {}
-    for name in ("beta-0", "beta-5"):
+    for name in ("gamma-0", "gamma-5"):
         metrics = read_metrics(out / name)
         assert [m["phase"] for m in metrics if m["round"] > 0 and m["phase"] != FINAL] == ["toy", "toy"]
         energy[name] = [m["train_energy"] for m in metrics if m["phase"] == "toy"]
@@ -142,9 +166,9 @@ def test_a_new_defence_is_one_registry_entry(tmp_path, monkeypatch):
         assert isinstance(run.obfuscator[-1], ToyShrink) and run.obfuscator[-1].active.item() == 1.0  # its layer, switched on, saved
         assert run.undefended_obfuscator[-1].active.item() == 0.0  # pretraining was undefended
     # The same pretraining, then the penalty at strength 5 pushes the feature energy below the unpenalised run's.
-    assert energy["beta-5"][-1] < energy["beta-0"][-1]
+    assert energy["gamma-5"][-1] < energy["gamma-0"][-1]
     page = report([out], tmp_path / "report", log=lambda *_: None)["markdown"].read_text()
-    assert "toy β=5" in page and "beta = 5" in page
+    assert "toy γ=5" in page and "gamma = 5" in page
 
 
 def test_reid_penalty_is_zero_at_chance_and_log_n_when_every_reconstruction_picks_its_image():

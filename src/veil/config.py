@@ -88,13 +88,15 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     defence: str = "adversarial"
-    """adversarial (Algorithm 1) | nopeek | noise | none: the defence registry, veil/defences/."""
+    """adversarial (Algorithm 1) | nopeek | noise | none | reid | pool | classfloor | vib: the defence registry, veil/defences/."""
     lambda_privacy: float = 1.0
     """Lambda of Eq. 2: weight of the reconstruction PSNR (dB) against cross-entropy."""
     nopeek_alpha: float = 1.0
     """defence nopeek: weight of the distance correlation between images and features."""
     noise_sigma: float = 0.5
     """defence noise: standard deviation of the Gaussian noise added to the feature maps."""
+    vib_beta: float = 0.01
+    """defence vib: weight of the KL term (nats per item) against cross-entropy."""
     pretrain_epochs: int = 200
     """Epochs of obfuscator+classifier training on cross-entropy alone (Algorithm 1, first step)."""
     warmup_epochs: int = -1
@@ -404,7 +406,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(m.feature_bits == 0 or 1 <= m.feature_bits <= 16, f"model.feature_bits must be 0 (float) or 1..16, got {m.feature_bits}")
     need(m.input_norm in INPUT_NORMS, f"model.input_norm must be one of {', '.join(INPUT_NORMS)}, got '{m.input_norm}'")
     need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
-    need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0, "train.nopeek_alpha and train.noise_sigma must be >= 0")
+    need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0 and t.vib_beta >= 0, "train.nopeek_alpha, train.noise_sigma and train.vib_beta must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")
     for k in ("pretrain_epochs", "t_main", "t_sub", "t_reconstructor", "reinit_every"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")

@@ -101,7 +101,7 @@ def plan(t: TrainConfig) -> list[Step]:
 
 # Keys that act only after pretraining: runs that differ in nothing else pretrain bit for bit alike
 # (every step is seeded by its index; r is built after f and g and unused until the warm-up).
-AFTER_PRETRAINING = ("train.defence", "train.lambda_privacy", "train.nopeek_alpha", "train.noise_sigma", "train.t_main", "train.t_sub",
+AFTER_PRETRAINING = ("train.defence", "train.lambda_privacy", "train.nopeek_alpha", "train.noise_sigma", "train.vib_beta", "train.t_main", "train.t_sub",
                      "train.t_reconstructor", "train.reinit_every", "train.warmup_epochs", "train.lr_reconstructor", "train.adversarial_lr_scale",
                      "model.reconstructor")
 FORKED = "forked.json"  # in a forked run directory: where its pretraining came from

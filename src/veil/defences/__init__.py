@@ -6,6 +6,8 @@
     none         the pretrained split: the ceiling
     reid         Algorithm 1's rounds with a privacy term aimed at re-identification, floored at chance
     pool         Algorithm 1's rounds against the strongest of a pool of reconstructors, a term that stops at the floor
+    classfloor   Algorithm 1's rounds with a privacy term floored at the mean image of each image's class
+    vib          a variational information bottleneck: unit Gaussian noise on f's output, cross-entropy + beta * KL
 
 A defence is one module declaring a `Defence` (defence.py: its name, strength key and label, the
 phases of a round, its privacy term, a layer it adds to the obfuscator) and one entry below.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from veil.defences import adversarial, classfloor, noise, none, nopeek, pool, reid
+from veil.defences import adversarial, classfloor, noise, none, nopeek, pool, reid, vib
 from veil.defences.defence import FINAL, PHASE_A, PHASE_B, PHASE_C, PRETRAIN, RECONSTRUCTOR_PHASES, WARMUP, Defence, Penalty
 from veil.defences.noise import GaussianNoise, set_noise
 from veil.defences.nopeek import distance_correlation
@@ -33,6 +35,7 @@ DEFENCES: dict[str, Defence] = {
     "reid": reid.DEFENCE,
     "pool": pool.DEFENCE,
     "classfloor": classfloor.DEFENCE,
+    "vib": vib.DEFENCE,
 }
 
 
