@@ -36,6 +36,8 @@ def test_wrong_type_and_range_named():
         config_mod.from_dict({"model": {"input_norm": "pixel"}})
     with pytest.raises(ConfigError, match="data.path is required"):
         config_mod.from_dict({"data": {"dataset": "npz"}})
+    with pytest.raises(ConfigError, match=r"train.defence=vib needs float codes \(model.feature_bits=0, got 2\)"):
+        config_mod.from_dict({"train": {"defence": "vib"}, "model": {"split": 5, "bottleneck": "learned", "bottleneck_channels": 16, "feature_bits": 2}})
 
 
 def test_every_config_in_repo_loads():

@@ -408,6 +408,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(t.defence in DEFENCES, f"train.defence must be one of {', '.join(DEFENCES)}, got '{t.defence}'")
     need(t.nopeek_alpha >= 0 and t.noise_sigma >= 0 and t.vib_beta >= 0, "train.nopeek_alpha, train.noise_sigma and train.vib_beta must be >= 0")
     need(t.lambda_privacy >= 0, f"train.lambda_privacy must be >= 0, got {t.lambda_privacy}")
+    need(t.defence != "vib" or m.feature_bits == 0, f"train.defence=vib needs float codes (model.feature_bits=0, got {m.feature_bits}): "
+         "its unit noise would follow the quantiser, whose codes in [0, 1] cannot be scaled above it")
     for k in ("pretrain_epochs", "t_main", "t_sub", "t_reconstructor", "reinit_every"):
         need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
     need(t.warmup_epochs >= -1, f"train.warmup_epochs must be >= -1, got {t.warmup_epochs}")
