@@ -20,7 +20,7 @@ from veil.cli import main
 from veil.config import ConfigError
 from veil.data import load_splits
 from veil.defences import strength_overrides
-from veil.report.frontier import frontier_rows, frontier_table, mark_dominated
+from veil.report.frontier import frontier_rows, frontier_table, growth_points, mark_dominated
 from veil.report.sections import report
 from veil.rundir import load_run
 from veil.store.classify import HeadConfig
@@ -472,6 +472,9 @@ def test_sweep_growth_measures_each_point_with_one_image_store_and_puts_it_on_th
     header, *cells = frontier_table(rows)
     assert "growth ratio" in header and dict(zip(header, cells[-2]))["growth: accuracy at N → N + M"].endswith(f"{100 * image['accuracy_at_n_plus_m']:.2f}%")
     assert read_sweep(out)["growth"] == {"epochs": 1, "heads": "vgg16"}
+    for name in ("lambda-0", "lambda-1"):  # the growth frontier's class floor: the class the run reads
+        assert by_name[name]["class_floor_psnr"] == json.loads((out / name / "attack" / "attack.json").read_text())["class_floor"]["predicted"]["psnr_mean"]
+    assert (out / "growth-frontier.png").is_file() == bool(growth_points(rows))
     # A rerun measures nothing again: every classifier is finished.
     monkeypatch.setattr(growth_mod, "train_classifier", lambda *a, **k: pytest.fail("a store classifier was retrained"))
     monkeypatch.setattr(growth_mod, "train_image_classifier", lambda *a, **k: pytest.fail("the image store was retrained"))

@@ -17,6 +17,7 @@ from PIL import Image
 from veil import config as config_mod
 from veil.attack.results import accuracy_by_round, psnr_by_round, read_attack, shown_rounds
 from veil.errors import ReportError
+from veil.report.frontier import growth_points, plot_growth_frontier
 from veil.report.sections import report
 from veil.rundir import read_metrics
 from veil.train import train
@@ -281,3 +282,13 @@ def test_a_run_without_checkpoints_is_named_where_figures_4_and_5_leave_it_out(r
     (copy / "checkpoints" / "latest.json").unlink()
     md = report([runs["urec2-l0"], copy], tmp_path / "out", n_images=4, **QUIET)["markdown"].read_text()
     assert "Figures 4 and 5 leave out no-checkpoints: no checkpoints/latest.json" in md and "urec2-l0" not in md.split("leave out")[1].split("\n")[0]
+
+
+def test_growth_frontier_places_each_store_against_its_class_floor():
+    point = {"reference": None, "defence": "classfloor", "psnr": 13.30, "class_floor_psnr": 13.10, "growth_ratio": 0.10, "name": "lambda-1"}
+    rows = [point, dict(point, name="lambda-0", growth_ratio=None),  # growth not measured: not placed
+            dict(point, name="unattacked", psnr=None), dict(point, name="old attack.json", class_floor_psnr=None),
+            {"reference": "image", "defence": "image store", "psnr": 100.0, "class_floor_psnr": None, "growth_ratio": 1.0, "name": "image store"}]
+    assert [r["name"] for r in growth_points(rows)] == ["lambda-1"]
+    png = Image.open(io.BytesIO(plot_growth_frontier(rows)))
+    assert png.format == "PNG" and png.size[0] > 400

@@ -2,6 +2,8 @@
 
     DIR/frontier.csv/.json  test accuracy against the strongest attacker's PSNR and re-identification
     DIR/frontier.png        the same as a plot
+    DIR/growth-frontier.png with --growth: each store's growth ratio against its strongest attacker's PSNR
+                            above the class floor, beside the image store (ratio 1) and the label store (0, at the floor)
 
 Written by `veil sweep` at the end of a sweep and drawn again by `veil report` (one sweep, or
 several overlaid). A point is dominated when another is at least as accurate and at most as
@@ -51,7 +53,8 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         attack = read_attack(run_dir / "attack" / "attack.json") if (run_dir / "attack" / "attack.json").is_file() else None
         store_summary = run_dir / STORE_CLASSIFIER / "summary.json"
-        cut = cut_label(config_mod.load(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() else None
+        cfg = config_mod.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        cut = cut_label(cfg) if cfg else None
         client, features = summary.get("client", {}), summary.get("features", {})
         cost = json.loads((run_dir / COST_FILE).read_text()) if (run_dir / COST_FILE).is_file() else {}
         row = {
@@ -59,7 +62,7 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             "test_accuracy": summary.get("final_test_accuracy"), "pretrain_test_accuracy": summary.get("pretrain_test_accuracy"),
             "store_accuracy": json.loads(store_summary.read_text())["final_test_accuracy"] if store_summary.is_file() else None,
             "psnr": None, "psnr_attacker": None, "ssim": None, "ssim_attacker": None, "reid_top1": None, "reid_attacker": None, "n_candidates": None,
-            "floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "class_reid_top1": None, "read_class_reid_top1": None, "cut": cut,
+            "floor_psnr": None, "class_floor_psnr": None, "undefended_psnr": None, "linkage_top1": None, "class_reid_top1": None, "read_class_reid_top1": None, "cut": cut,
             "capped": [], "flags": {}, "client_mflops": client.get("mflops"), "client_parameters": client.get("parameters"), "bytes_per_item": stored_bytes(features),
             # What the point cost the sweep (wall seconds; a forked point's pretraining was paid by its donor).
             "train_seconds": cost.get("train"), "attack_seconds": cost.get("attack"), "store_seconds": cost.get("store_classifier"),
@@ -82,6 +85,9 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
             for field, k in (("class_reid_top1", "true"), ("read_class_reid_top1", "predicted")):
                 r = attack.get(CLASS_FLOOR, {}).get(k)
                 row[field] = max(r["reid_top1"], r["reid_std_top1"]) if r else None
+            # The class a store is judged against: the one the run reads, or the fine label under a coarser data.task.
+            floor = attack.get(CLASS_FLOOR, {}).get("true" if cfg and cfg.data.task != "none" else "predicted")
+            row["class_floor_psnr"] = floor["psnr_mean"] if floor else None
             top = strongest(attack["undefended"], "psnr_mean", attack["floor"])
             row["undefended_psnr"] = top[1] if top else None
         rows.append(row)
@@ -248,6 +254,41 @@ def plot_frontier(rows: list[dict]) -> bytes:
     return png_bytes(fig)
 
 
+def growth_points(rows: list[dict]) -> list[dict]:
+    """The points a growth frontier can place: a growth ratio, and a strongest attacker and class floor to set it against."""
+    return [r for r in rows if not r.get("reference") and r.get("growth_ratio") is not None and r["psnr"] is not None
+            and r.get("class_floor_psnr") is not None]
+
+
+def plot_growth_frontier(rows: list[dict]) -> bytes:
+    """The two axes of a store worth more than its label: the growth ratio (a later classifier's gain from the later
+    items over the image store's) against the strongest attacker's PSNR above the class floor. The label store sits
+    at (0, 0) by construction (its reconstruction is the class mean it reads; it cannot grow); the image store at a
+    ratio of 1 with no privacy (a line: its 100 dB would flatten the axis). The shaded corner is where a store keeps
+    learning and the attackers learn no more than the class: within 0.2 dB of its floor, at a ratio of 0.67 or more."""
+    fig = new_figure(6.4, 5.6)
+    ax = fig.subplots()
+    pts = growth_points(rows)
+    xs = [r["psnr"] - r["class_floor_psnr"] for r in pts] + [0.0]
+    lo, hi = min(xs + [-0.2]) - 0.2, max(xs + [0.4]) + 0.3
+    ax.fill_between([lo, 0.2], 0.67, 1.1, color="#8fd18f", zorder=0, label="target: ratio >= 0.67 within 0.2 dB of the class floor")
+    ax.axhline(1.0, color="#333333", linestyle="--", linewidth=1.2, label="image store (ratio 1; the images: no privacy)")
+    ax.plot([0.0], [0.0], marker="X", markersize=10, color="#333333", linestyle="none", label="label store (the class floor; cannot grow)")
+    for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in pts)):
+        mine = [r for r in pts if r.get("line", r["defence"]) == line]
+        style = dict(line_style(i), linestyle="none")
+        ax.plot([r["psnr"] - r["class_floor_psnr"] for r in mine], [r["growth_ratio"] for r in mine], label=line, markersize=8, **style)
+        for r in mine:
+            ax.annotate(r["name"], (r["psnr"] - r["class_floor_psnr"], r["growth_ratio"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(min([0.0] + [r["growth_ratio"] for r in pts]) - 0.08, 1.1)
+    ax.grid(True, color="#cccccc", linewidth=0.6)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below the axes: no point hidden
+    ax.set_xlabel("strongest attacker's PSNR above the class floor (dB)")
+    ax.set_ylabel("growth ratio (store's gain / image store's gain)")
+    return png_bytes(fig)
+
+
 def write_frontier(sweep_dir: Path, rows: list[dict]) -> None:
     sweep_dir = Path(sweep_dir)
     atomic_write_json(sweep_dir / "frontier.json", rows)
@@ -258,3 +299,5 @@ def write_frontier(sweep_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(sweep_dir / "frontier.csv", buf.getvalue())
     if any(r["psnr"] is not None and r["test_accuracy"] is not None for r in rows):
         atomic_write_bytes(sweep_dir / "frontier.png", plot_frontier(rows))
+    if growth_points(rows):
+        atomic_write_bytes(sweep_dir / "growth-frontier.png", plot_growth_frontier(rows))

@@ -53,7 +53,7 @@ from veil.io import atomic_write_bytes, atomic_write_text, load_module
 from veil.metrics import psnr
 from veil.models import build_reconstructor
 from veil.plots import line_style, new_figure, plot_image_rows, png_bytes
-from veil.report.frontier import frontier_rows, frontier_table, mark_dominated, plot_frontier
+from veil.report.frontier import frontier_rows, frontier_table, growth_points, mark_dominated, plot_frontier, plot_growth_frontier
 from veil.report.page import Figure, Page, Table, render_html, render_markdown
 from veil.rundir import load_run
 from veil.version import __version__
@@ -328,6 +328,16 @@ def table3(runs: list[RunResults], page: Page, matrices: list[tuple[Path, dict]]
     ))
 
 
+def growth_figure(rows: list[dict], name: str, page: Page, figures: list[Figure]) -> None:
+    """The growth frontier, where some point of the rows measured its growth (veil sweep --growth)."""
+    if growth_points(rows):
+        fig = Figure(name, plot_growth_frontier(rows), "Growth ratio (a later classifier's gain from the later items over the image store's gain) "
+                     "against the strongest attacker's PSNR above the class floor; the label store at (0, 0), the image store at 1; "
+                     "shaded: ratio >= 0.67 within 0.2 dB of the class floor.")
+        figures.append(fig)
+        page.add("figure", fig)
+
+
 def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None:
     rows = frontier_rows(sweep_dir)
     page.add("h2", f"Utility-privacy frontier: {sweep_dir.name}")
@@ -339,6 +349,7 @@ def frontier_section(sweep_dir: Path, page: Page, figures: list[Figure]) -> None
                      "(dotted, hollow: a classifier trained on the stored features, where the sweep trained one).")
         figures.append(fig)
         page.add("figure", fig)
+    growth_figure(rows, f"report-growth-frontier-{slug(sweep_dir.name)}.png", page, figures)
     t = frontier_table(rows)
     page.add("table", Table(t[0], t[1:], "One row per sweep point. Strongest attacker: the highest mean PSNR (or top-1 rate) over the attackers; "
                             "(cap): --max-epochs stopped it before patience ran out; (best-last): its last epoch was its best; (under-fit): its training PSNR "
@@ -355,6 +366,7 @@ def overlay_section(sweeps: list[Path], page: Page, figures: list[Figure]) -> No
                      "Test accuracy against the strongest attacker's PSNR (left) and re-identification rate (right); one line per defence and sweep.")
         figures.append(fig)
         page.add("figure", fig)
+    growth_figure(rows, "report-growth-frontier-overlay.png", page, figures)
     t = frontier_table(rows)
     page.add("table", Table(["sweep"] + t[0], [[r["sweep"]] + row for r, row in zip(rows, t[1:])],
                             "Every sweep's points; a higher accuracy at a lower attacker PSNR is the better trade-off."))
