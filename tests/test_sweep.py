@@ -108,11 +108,12 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
 
     # The frontier: each point's accuracy and its strongest attacker, read back from the runs; then the two reference
     # stores, scored as the first point's attack scored them (its users and candidates).
-    assert [r["name"] for r in rows] == ["lambda-0", "lambda-1", "image store", "label store"]
+    assert [r["name"] for r in rows] == ["lambda-0", "lambda-1", "image store", "label store", "logits store"]
     references = json.loads((out / "lambda-0" / "attack" / "attack.json").read_text())["reference_stores"]
-    image, label = rows[2:]
-    assert (image["reference"], label["reference"]) == ("image", "label") and image["reid_top1"] == 1.0 and image["linkage_top1"] == 1.0
+    image, label, logits = rows[2:]
+    assert (image["reference"], label["reference"], logits["reference"]) == ("image", "label", "logits") and image["reid_top1"] == 1.0 and image["linkage_top1"] == 1.0
     assert label["psnr"] == references["label"]["psnr_mean"] and label["store_accuracy"] == references["label"]["accuracy"]
+    assert logits["psnr"] == references["logits"]["psnr_mean"] and logits["class_floor_psnr"] == label["psnr"] and logits["bytes_per_item"] == 20
     assert label["bytes_per_item"] == 1 and image["bytes_per_item"] == 3 * 32 * 32 and image["dominated_by"] == label["dominated_by"] == []
     # No --growth: no growth columns anywhere.
     assert all(r["growth_ratio"] is None for r in rows) and "growth ratio" not in frontier_table(rows)[0]
@@ -164,7 +165,7 @@ def test_sweep_trains_attacks_resumes_and_reports(tmp_path, monkeypatch):
     assert "Utility-privacy frontier: sweep" in md and "report-frontier-sweep.png" in md
     assert "| adversarial | lambda = 0 |" in md and "| adversarial | lambda = 1 |" in md
     assert "| lambda-0 |" in md and "| lambda-1 |" in md and "chance (N = 10)" in md and "chance (N = 8)" in md
-    assert "| image store |  |" in md and "| label store |  |" in md  # the reference rows of the frontier table
+    assert "| image store |  |" in md and "| label store |  |" in md and "| logits store |  |" in md  # the reference rows of the frontier table
     assert frontier_rows(out)[0] == rows[0]
 
     # A second sweep with another defence: `veil report A B` overlays both frontiers on one plot.
@@ -460,7 +461,8 @@ def test_sweep_growth_measures_each_point_with_one_image_store_and_puts_it_on_th
         g = json.loads((out / name / "growth" / "growth.json").read_text())
         later = load_splits(config_mod.load(out / name / "config.yaml").data, 0).later
         assert (g["n"], g["m"], g["epochs"]) == (60, len(later), 1) and len(later) > 0
-        features, image, label = g["stores"]
+        features, image, label, logits = g["stores"]
+        assert logits["kind"] == "logits" and logits["classifiers"] == ["classifiers/logits-n", "classifiers/logits-n+m"]
         assert image["classifiers"] == [str(out / "image-store" / "image-n"), str(out / "image-store" / "image-n+m")]
         assert image["growth_ratio"] == (1.0 if image["gain"] else None)  # 1 by construction, where the image store grew at all
         r = by_name[name]
@@ -469,8 +471,9 @@ def test_sweep_growth_measures_each_point_with_one_image_store_and_puts_it_on_th
         assert json.loads((out / name / "cost.json").read_text())["growth"] > 0
     assert by_name["image store"]["growth_ratio"] == image["growth_ratio"] and by_name["label store"]["growth_ratio"] in (0.0, None)
     assert by_name["label store"]["growth_gain"] == 0.0 and by_name["image store"]["store_accuracy"] == image["accuracy_at_n"]
+    assert by_name["logits store"]["growth_ratio"] == logits["growth_ratio"] and by_name["logits store"]["store_accuracy"] == logits["accuracy_at_n"]
     header, *cells = frontier_table(rows)
-    assert "growth ratio" in header and dict(zip(header, cells[-2]))["growth: accuracy at N → N + M"].endswith(f"{100 * image['accuracy_at_n_plus_m']:.2f}%")
+    assert "growth ratio" in header and dict(zip(header, cells[-3]))["growth: accuracy at N → N + M"].endswith(f"{100 * image['accuracy_at_n_plus_m']:.2f}%")
     assert read_sweep(out)["growth"] == {"epochs": 1, "heads": "vgg16"}
     for name in ("lambda-0", "lambda-1"):  # the growth frontier's class floor: the class the run reads
         assert by_name[name]["class_floor_psnr"] == json.loads((out / name / "attack" / "attack.json").read_text())["class_floor"]["predicted"]["psnr_mean"]

@@ -255,7 +255,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               + f"{'strongest PSNR':>30}{'strongest SSIM':>26}{'strongest re-id top-1':>34}{'linkage':>9}{'cost':>9}")
         ssim = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         who = lambda name: f" ({name})" if name else ""  # noqa: E731  the attacker each strongest figure came from
-        for r in rows:  # the points, then the image store and the label store (reference rows)
+        for r in rows:  # the points, then the image, label and logits stores (reference rows)
             cost = "n/a" if r["seconds"] is None else f"{r['seconds']:.0f} s"
             ratio = "n/a" if r["growth_ratio"] is None else f"{r['growth_ratio']:.2f}"
             print(f"{r['name']:<16}{pct(r['test_accuracy']):>15}" + (f"{pct(r['store_accuracy']):>18}" if stored else "") + (f"{ratio:>14}" if grown else "")

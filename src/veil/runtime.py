@@ -209,11 +209,16 @@ def feature_maps(obfuscator: nn.Module, images: torch.Tensor, batch_size: int, r
 
 
 @torch.no_grad()
-def read_classes(obfuscator: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The class g(f(image)) of every uint8 image, batch by batch in eval mode (what a label store keeps)."""
+def read_logits(obfuscator: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The logits g(f(image)) of every uint8 image, batch by batch in eval mode: N x classes float32 (what a logits store keeps)."""
     features = feature_maps(obfuscator, images, batch_size)
     mode = classifier.training
     classifier.eval()
-    out = torch.cat([classifier(features[i : i + batch_size]).argmax(1) for i in range(0, len(features), batch_size)])
+    out = torch.cat([classifier(features[i : i + batch_size]).float() for i in range(0, len(features), batch_size)])
     classifier.train(mode)
     return out
+
+
+def read_classes(obfuscator: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The class g(f(image)) of every uint8 image (what a label store keeps)."""
+    return read_logits(obfuscator, classifier, images, batch_size).argmax(1)

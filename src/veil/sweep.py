@@ -13,7 +13,7 @@
         DIR/<point>/growth/     with --growth N: `veil growth`'s measurement (N and N + M stored items)
         DIR/image-store/        the image store's two classifiers, trained once for every point's growth
 
-The frontier ends with two reference rows, the image store and the label store (report/frontier.py).
+The frontier ends with the reference rows: the image store, the label store and the logits store (report/frontier.py).
 
 Resumable: a finished run is skipped, a partial run resumed, an attacked run not attacked again.
 A point is (defence, strength): the paper's adversarial training (lambda, Eq. 2), NoPeek (alpha)

@@ -15,7 +15,8 @@ from torch import nn
 from veil import rundir
 from veil.attack.attackers import attack_data, convergence_flags, fit_attacker, reconstruct
 from veil.attack.harness import attack, attack_matrix, attack_obfuscator, ceiling_key, saved_attack
-from veil.attack.scoring import floor_scores, linkage, reid_rates, score, under_trained
+from veil.attack.references import NEIGHBOURS, label_store, logits_store, nearest_mean
+from veil.attack.scoring import class_means, floor_scores, linkage, reid_rates, score, under_trained
 from veil.attack.settings import AttackConfig, resolve_settings, seed_for
 from veil.attack.tables import format_table, to_markdown
 from veil.attack.whitebox import invert
@@ -28,7 +29,7 @@ from veil.metrics import draw_candidates, expected_top_k, match_counts, psnr, re
 from veil.models import RECONSTRUCTORS
 from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run
-from veil.runtime import feature_maps
+from veil.runtime import feature_maps, read_classes, read_logits
 from veil.train import plan, train
 
 # ----------------------------------------------------------------------------- metrics
@@ -530,15 +531,18 @@ def test_veil_attack_writes_every_output(tiny_run, capsys):
         assert "linkage" not in result[which]
     assert "linkage: feature matching (attacker computes f(candidate))" in out
     csv = (folder / "attack.csv").read_text().splitlines()
-    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 2 + 2 + 6 + 2  # floors, references, attackers, linkage
+    assert csv[0].startswith("obfuscator,attacker,psnr_mean") and len(csv) == 1 + 1 + 2 + 3 + 6 + 2  # floors, references, attackers, linkage
     assert csv[-2].startswith("defended,linkage,,,,1,1,10,")
-    assert [line.split(",")[1] for line in csv if line.startswith("reference,")] == ["image_store", "label_store"]
+    assert [line.split(",")[1] for line in csv if line.startswith("reference,")] == ["image_store", "label_store", "logits_store"]
     # The reference stores: the image store gives everything away; the label store keeps the pretrained classifier's class.
     image, label = result["reference_stores"]["image"], result["reference_stores"]["label"]
     assert image["psnr_mean"] == pytest.approx(100.0) and image["reid_top1"] == 1.0 and image["bytes_per_item"] == 3 * 32 * 32
     assert label["bytes_per_item"] == 1 and label["linkage"]["distinct_codes"] <= 10
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert label["accuracy"] == pytest.approx(summary["pretrain_test_accuracy"], abs=1e-9)  # the pretrained classifier's own accuracy, reproduced
+    logits = result["reference_stores"]["logits"]  # the same classifier's logits: its class, so its accuracy, and 10 float16 values
+    assert logits["accuracy"] == label["accuracy"] and logits["bytes_per_item"] == 2 * 10 and logits["labels_from"] == label["labels_from"]
+    assert "| reference: logits store (keeps the classifier's logits) |" in (folder / "attack.md").read_text()
     assert set(result["linkage"]["defended"]["changed"]) == {"flip", "shift", "jpeg", "brighter"}
     assert "| reference: label store (keeps the class read) |" in (folder / "attack.md").read_text() and "shifted 2 px" in (folder / "attack.md").read_text()
     header = csv[0].split(",")
@@ -815,3 +819,27 @@ def test_the_reference_stores_bound_a_configuration(demo_images):
     same = (labels[cand[:, 1:]] == labels[cand[:, :1]]).sum(1)  # candidates of the same class: all tie with the true one
     assert label["linkage"]["reid_top1"] == pytest.approx((1 / (1 + same).float()).mean().item())
     assert label["linkage"]["distinct_codes"] == len(set(labels.tolist())) <= 3
+
+
+def test_the_logits_store_rebuilds_from_the_nearest_logits_and_links_by_them(demo_images):
+    from veil.attack.copies import changed_copies
+
+    images, keys = to_float(demo_images[:50]), torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nearest_mean(keys, keys, images, 1), images)  # each key its own nearest
+    assert torch.allclose(nearest_mean(keys[:5], keys, images, 50), images.mean(0, keepdim=True).expand(5, -1, -1, -1), atol=1e-6)
+    f, g = nn.Identity(), Labels()  # logits: the distance of the mean brightness to three levels
+    own, held_out, users = demo_images[:800], demo_images[800:1000], demo_images[1000:1090]
+    cand = draw_candidates(torch.arange(90), 90, 10, torch.Generator().manual_seed(0))
+    copies = changed_copies(users)
+    truth = read_classes(f, g, users, 500)
+    truth[:9] = (truth[:9] + 1) % 3
+    r = logits_store(f, g, own, held_out, users, truth, copies, cand, 500)
+    assert r["accuracy"] == pytest.approx(81 / 90) and r["bytes_per_item"] == 2 * 3 and r["neighbours"] in NEIGHBOURS
+    # Its rebuild is the mean of the k own images with the nearest float16 logits, k as chosen on the held-out images.
+    keep = lambda x: read_logits(f, g, x, 500).half().float()  # noqa: E731
+    expected = nearest_mean(keep(users), keep(own), to_float(own), r["neighbours"])
+    assert r["psnr_mean"] == pytest.approx(psnr(to_float(users), expected).mean().item(), abs=1e-5)
+    # The logits say how bright the image is, which the class does not: closer than the class mean, and far easier to link.
+    label = label_store(f, g, users, truth, copies, class_means(own, read_classes(f, g, own, 500), 3), cand, 500)
+    assert r["psnr_mean"] > label["psnr_mean"] + 0.1  # 13.49 against 13.25 dB here
+    assert r["linkage"]["reid_top1"] > 0.9 > label["linkage"]["reid_top1"] and r["linkage"]["changed"]["flip"]["reid_top1"] > 0.9  # a flip keeps the mean

@@ -288,7 +288,8 @@ def test_growth_frontier_places_each_store_against_its_class_floor():
     point = {"reference": None, "defence": "classfloor", "psnr": 13.30, "class_floor_psnr": 13.10, "growth_ratio": 0.10, "name": "lambda-1"}
     rows = [point, dict(point, name="lambda-0", growth_ratio=None),  # growth not measured: not placed
             dict(point, name="unattacked", psnr=None), dict(point, name="old attack.json", class_floor_psnr=None),
-            {"reference": "image", "defence": "image store", "psnr": 100.0, "class_floor_psnr": None, "growth_ratio": 1.0, "name": "image store"}]
-    assert [r["name"] for r in growth_points(rows)] == ["lambda-1"]
+            {"reference": "image", "defence": "image store", "psnr": 100.0, "class_floor_psnr": None, "growth_ratio": 1.0, "name": "image store"},
+            {"reference": "logits", "defence": "logits store", "psnr": 13.50, "class_floor_psnr": 13.12, "growth_ratio": 0.02, "name": "logits store"}]
+    assert [r["name"] for r in growth_points(rows)] == ["lambda-1"]  # the reference stores are drawn as references
     png = Image.open(io.BytesIO(plot_growth_frontier(rows)))
     assert png.format == "PNG" and png.size[0] > 400

@@ -15,9 +15,9 @@ from veil.data import DataError, load_splits, read_npz, to_float
 from veil.errors import StoreError
 from veil.models.obfuscator import fingerprint
 from veil.rundir import load_run
-from veil.store.classify import build_head
+from veil.store.classify import HeadConfig, build_head
 from veil.store.format import read_manifest
-from veil.store.growth import GrowthConfig, finished_image_classifier, growth, image_settings, make_stores
+from veil.store.growth import GrowthConfig, finished_summary, growth, image_settings, make_stores, train_logits_classifier
 from veil.store.obfuscate import obfuscate
 from veil.train import train
 
@@ -69,9 +69,9 @@ def test_growth_measures_every_store_and_a_rerun_trains_nothing(run_dir, tmp_pat
     assert (r["n"], r["m"], r["test_items"], r["epochs"], r["heads"]) == (90, 45, 60, 1, ["vgg16", "small"])
     assert json.loads((out / "growth.json").read_text()) == r
     rows = {s["name"].split(" (")[0]: s for s in r["stores"]}
-    assert list(rows) == ["features, vgg16 head", "features, small head", "image", "label"]
-    # bytes per item: 8 channels x 8 x 8 float16 features, 3 x 32 x 32 image bytes, one label byte
-    assert [s["bytes_per_item"] for s in r["stores"]] == [1024, 1024, 3072, 1]
+    assert list(rows) == ["features, vgg16 head", "features, small head", "image", "label", "logits"]
+    # bytes per item: 8 channels x 8 x 8 float16 features, 3 x 32 x 32 image bytes, one label byte, 10 float16 logits
+    assert [s["bytes_per_item"] for s in r["stores"]] == [1024, 1024, 3072, 1, 20]
     image, label = rows["image"], rows["label"]
     assert image["gain"] != 0 and image["growth_ratio"] == 1.0  # by construction
     for s in r["stores"]:
@@ -88,6 +88,9 @@ def test_growth_measures_every_store_and_a_rerun_trains_nothing(run_dir, tmp_pat
             assert summary["final_test_accuracy"] == rows[f"features, {head} head"]["accuracy_at_n" if size == "n" else "accuracy_at_n_plus_m"]
     for size, items in (("n", 90), ("n+m", 135)):
         assert json.loads((out / "classifiers" / f"image-{size}" / "summary.json").read_text())["train_items"] == items
+        logits = json.loads((out / "classifiers" / f"logits-{size}" / "summary.json").read_text())
+        assert (logits["train_items"], logits["test_items"], logits["epochs"]) == (items, 60, 1)
+        assert logits["final_test_accuracy"] == rows["logits"]["accuracy_at_n" if size == "n" else "accuracy_at_n_plus_m"]
     assert not (out / "stores").exists()
     assert "| image (the whole VGG16) | 3072 |" in (out / "growth.md").read_text() and "--epochs 1 --head vgg16,small" in r["command"]
 
@@ -158,8 +161,9 @@ def test_a_coarse_task_trains_two_classes_and_its_stores_keep_ten(tmp_path, monk
     assert r["task"] == "cifar10-superclass" and r["classes"] == 10
     coarse = torch.tensor([0 if c in VEHICLES else 1 for c in range(10)])
     task_accuracy, predicted = _undefended_accuracy(run_dir, coarse)
-    label = r["stores"][-1]
+    label, logits = ({s["kind"]: s for s in r["stores"]}[k] for k in ("label", "logits"))
     assert label["task_accuracy"] == task_accuracy
+    assert logits["bytes_per_item"] == 2 * 2  # the two coarse logits, from which its MLP learns the ten classes
     # Read as the fine class most frequent in each coarse class among the defender images.
     defender = load_splits(run.config.data, run.config.seed).defender.labels
     decode = [int(torch.bincount(defender[coarse[defender] == c], minlength=10).argmax()) for c in (0, 1)]
@@ -184,9 +188,33 @@ def test_an_image_store_keeps_the_precision_auto_chose_and_is_not_reused_where_a
     settings = image_settings(cfg, True, 90, 60)
     assert settings["precision"] == "fp32"  # auto on a CPU today, recorded as what it resolved to
     (tmp_path / "summary.json").write_text(json.dumps({"settings": settings}))
-    assert finished_image_classifier(tmp_path, image_settings(cfg, True, 90, 60)) is not None
+    assert finished_summary(tmp_path, image_settings(cfg, True, 90, 60)) is not None
     # A machine where auto means bf16 (a fake capability): the same config asks for another image store.
     monkeypatch.setattr("veil.store.growth.resolve_precision", lambda value, device: "bf16" if value == "auto" else value)
     elsewhere = image_settings(cfg, True, 90, 60)
     assert elsewhere["precision"] == "bf16"
-    assert finished_image_classifier(tmp_path, elsewhere) is None
+    assert finished_summary(tmp_path, elsewhere) is None
+
+
+def test_the_logits_classifier_learns_what_the_logits_say_and_is_kept(tmp_path):
+    """An MLP on logits whose largest entry is the label, less a tenth of them flipped: it learns the argmax (about
+    90% right on fresh logits of the same kind); a second call with the same settings returns the kept summary."""
+    g = torch.Generator().manual_seed(0)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = torch.randn(n, 10, generator=g) + 4 * torch.nn.functional.one_hot(y, 10)
+        flipped = torch.rand(n, generator=g) < 0.1
+        return x, torch.where(flipped, (y + 1) % 10, y)
+
+    (x, y), (tx, ty) = draw(2000), draw(500)
+    head = HeadConfig(epochs=4, batch_size=64, device="cpu", progress=False)
+    logs = []
+    first = train_logits_classifier(x, y, tx, ty, 10, head, tmp_path / "logits-n", logs.append)
+    argmax = (tx.argmax(1) == ty).float().mean().item()
+    assert abs(first["final_test_accuracy"] - argmax) < 0.03 and first["train_items"] == 2000 and logs == ["veil growth: training logits-n (an MLP on 2000 kept logits)"]
+    stamp = (tmp_path / "logits-n" / "summary.json").stat().st_mtime_ns
+    assert train_logits_classifier(x, y, tx, ty, 10, head, tmp_path / "logits-n", logs.append) == first and len(logs) == 1
+    assert (tmp_path / "logits-n" / "summary.json").stat().st_mtime_ns == stamp
+    other = train_logits_classifier(x, y, tx, ty, 10, HeadConfig(epochs=2, batch_size=64, device="cpu", progress=False), tmp_path / "logits-n", logs.append)
+    assert other["epochs"] == 2 and len(logs) == 2  # made with other settings: trained again

@@ -33,7 +33,7 @@ from torch import nn
 from veil import data as data_mod
 from veil.attack.attackers import AttackData, attack_data, convergence_flags, fit_attacker, fixed_features, reconstruct, stored_features
 from veil.attack.copies import changed_copies
-from veil.attack.references import IMAGE, LABEL, image_store, label_store
+from veil.attack.references import IMAGE, LABEL, LOGITS, image_store, label_store, logits_store
 from veil.attack.registry import INVERSION, get_attacker
 from veil.attack.results import CLASS_FLOOR, FLOOR, LINKAGE, REFERENCES, SCORING_VERSION, WHITEBOX, defence_label
 from veil.attack.scoring import (
@@ -306,13 +306,15 @@ def attack(run_dir: str | Path, s: AttackConfig, log=print, ceilings: str | Path
     for k, r in result[CLASS_FLOOR].items():
         log(f"  {'class':10s} {k:10s} {_line(r)}")
     copies = changed_copies(data.users) if s.copies else None
-    if s.copies:  # the two stores every configuration sits between, scored by the same rules
+    if s.copies:  # the reference stores every configuration sits between, scored by the same rules
         source = reference if reference.undefended_classifier is not None else run
         result[REFERENCES] = {IMAGE: image_store(data.users, copies, candidates)}
         if source.undefended_classifier is not None and source.undefended_obfuscator is not None:
             truth = load_splits(source.config.data, source.config.seed, labelling="task").test.labels if source.config.data.task != "none" else splits.test.labels
             result[REFERENCES][LABEL] = {**label_store(source.undefended_obfuscator, source.undefended_classifier, data.users, truth, copies,
                                                        read_means(source.config), candidates, s.eval_batch_size), "labels_from": f"{source.path} (its pretrained f and g)"}
+            result[REFERENCES][LOGITS] = {**logits_store(source.undefended_obfuscator, source.undefended_classifier, data.train, data.val, data.users, truth,
+                                                         copies, candidates, s.eval_batch_size), "labels_from": f"{source.path} (its pretrained f and g)"}
         for k, r in result[REFERENCES].items():
             log(f"  {'reference':10s} {k + ' store':10s} {_line(r)}  linkage top-1 {r['linkage']['reid_top1']:6.1%}")
     figures: dict[str, dict] = {}

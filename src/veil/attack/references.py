@@ -1,4 +1,4 @@
-"""The two reference stores that bound every configuration, scored by the same rules as the attackers.
+"""The reference stores that bound every configuration, scored by the same rules as the attackers.
 
     image store  keep the images: every attacker's answer is the image itself (PSNR at its 100 dB
                  clamp, SSIM 1, re-identified and linked by pixels); all the utility, no privacy
@@ -6,6 +6,10 @@
                  (the pretrained f and g of the ceiling run, else of the run itself): an attacker's best
                  image is the mean of its own images of that class, and linkage can only match labels
                  (every candidate of the same class ties); privacy at the class floor by construction
+    logits store the same classifier's logits (float16), the label store's variant that keeps how sure the
+                 classifier is: the attacker's best image is the mean of its own images whose logits are
+                 nearest (how many chosen on its held-out images: a conditional mean, at least the class
+                 mean's equal there), and linkage matches logits; privacy near the class floor, not at it
 
 Each is a dict of the same fields as an attacker's scores, plus linkage (exact and from changed
 copies), the entropy of what it stores and its bytes per item, under attack.json's
@@ -20,9 +24,11 @@ from torch import nn
 
 from veil.attack.scoring import code_entropy, reid_rates, score
 from veil.data import to_float
-from veil.runtime import read_classes
+from veil.metrics import psnr
+from veil.runtime import read_classes, read_logits
 
-IMAGE, LABEL = "image", "label"
+IMAGE, LABEL, LOGITS = "image", "label", "logits"
+NEIGHBOURS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # the logits store's attacker: how many nearest images it may average
 COPY_FIELDS = ("reid_top1", "reid_top5", "reid_top1_lower")  # kept per changed copy
 
 
@@ -54,3 +60,32 @@ def label_store(obfuscator: nn.Module, classifier: nn.Module, users: torch.Tenso
     x = to_float(users)
     return {**score(x, torch.arange(len(x)), means[labels.to(means.device)], candidates), "linkage": _linkage(one_hot(labels), held, candidates),
             "accuracy": (labels.cpu() == true_labels.cpu()).float().mean().item(), "bytes_per_item": 1}
+
+
+def nearest_mean(queries: torch.Tensor, keys: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
+    """The mean of the k images whose keys are nearest (L2) each query. queries: M x D, keys: N x D, images: float N x C x H x W."""
+    chunk = max(1, 2**24 // (k * images[0].numel()))  # at most 2^24 gathered pixel values at once
+    out = []
+    for q in queries.split(chunk):
+        nearest = torch.cdist(q, keys).topk(k, dim=1, largest=False).indices
+        out.append(images[nearest].mean(1))
+    return torch.cat(out)
+
+
+def logits_store(obfuscator: nn.Module, classifier: nn.Module, own: torch.Tensor, held_out: torch.Tensor, users: torch.Tensor,
+                 true_labels: torch.Tensor, copies: dict[str, torch.Tensor], candidates: torch.Tensor, batch_size: int) -> dict:
+    """The classifier's logits kept as float16: each user's image rebuilt as the mean of the attacker's own images
+    (own, uint8) with the nearest logits, as many as score best on its held-out images (held_out, uint8); linkage
+    by the nearest logits. `neighbours` is the number chosen, `accuracy` how often the logits' class is the true one."""
+    read = lambda x: read_logits(obfuscator, classifier, x, batch_size).half().float()  # noqa: E731  (what a float16 store holds)
+    keys, images = read(own), to_float(own)
+    val_keys, val = read(held_out), to_float(held_out)
+    ks = [k for k in NEIGHBOURS if k <= len(own)]
+    k = max(ks, key=lambda k: psnr(val, nearest_mean(val_keys, keys, images, k)).mean().item())
+    stored = read(users)
+    as_map = lambda z: z.double()[:, :, None, None]  # noqa: E731  (N x classes x 1 x 1: logits as a map, for the linkage rules)
+    held = {"exact": as_map(stored), **{kind: as_map(read(c)) for kind, c in copies.items()}}
+    x = to_float(users)
+    return {**score(x, torch.arange(len(x)), nearest_mean(stored, keys, images, k).to(x.device), candidates),
+            "linkage": _linkage(as_map(stored), held, candidates), "accuracy": (stored.argmax(1).cpu() == true_labels.cpu()).float().mean().item(),
+            "neighbours": k, "bytes_per_item": 2 * stored.shape[1]}

@@ -36,7 +36,7 @@ LINKAGE_LABEL = "linkage: feature matching (attacker computes f(candidate))"
 CLASS_FLOOR = "class_floor"
 CLASS_FLOOR_LABELS = {"true": "class mean, true label", "predicted": "class mean, label the run's classifier reads"}
 # attack.json's "reference_stores": {"image" | "label": the same scores as an attacker's, plus "linkage" (exact and
-# "changed" copies, code entropy) and "bytes_per_item"}: the two stores every configuration sits between (attack/references.py).
+# "changed" copies, code entropy) and "bytes_per_item"}: the reference stores every configuration sits between (attack/references.py).
 REFERENCES = "reference_stores"
 # attack.json's "scoring_version": 2 splits re-identification ties (expected rank; `_lower` beside it counts them against
 # the attacker), averages a random f's draws for linkage, flags unconverged attackers and scores the white-box against

@@ -75,7 +75,7 @@ class AttackConfig:
     standard error, or M reaches this; the M used is in attack.json."""
     copies: bool = True
     """Also link from changed copies of the users' pictures (flipped, shifted 2 pixels, JPEG at quality 50, 10% brighter:
-    attack/copies.py), and score the reference stores (the image store and the label store) beside the obfuscators."""
+    attack/copies.py), and score the reference stores (the image store, the label store and its logits variant) beside the obfuscators."""
     n_candidates: int = 100
     """Re-identification: candidates per reconstruction (the true user image and N-1 others at random)."""
     whitebox_images: int = 200

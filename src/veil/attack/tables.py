@@ -68,7 +68,7 @@ def to_csv(result: dict) -> str:
     lines.append(row(FLOOR, "mean_image", floor))
     for k, r in result.get(CLASS_FLOOR, {}).items():  # absent from an attack.json made before it existed
         lines.append(row(CLASS_FLOOR, f"{k}_class_mean", r))
-    for k, r in result.get(REFERENCES, {}).items():  # the image store and the label store, scored like an attacker
+    for k, r in result.get(REFERENCES, {}).items():  # the image, label and logits stores, scored like an attacker
         lines.append(row("reference", f"{k}_store", r))
     for which in OBFUSCATORS:
         for name, r in result.get(which, {}).items():
@@ -97,7 +97,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for k, r in result.get(CLASS_FLOOR, {}).items():  # the label as the only leak (the defended run's classifier for 'predicted')
         cells = _cell(r, -math.inf)
         rows.append([f"floor: {CLASS_FLOOR_LABELS[k]}", *cells, *(cells if k == "true" else ["—"] * 4)])
-    for k, r in result.get(REFERENCES, {}).items():  # the two stores every configuration sits between
+    for k, r in result.get(REFERENCES, {}).items():  # the reference stores every configuration sits between
         rows.append([f"reference: {REFERENCE_LABELS[k]}", *_cell(r, -math.inf), *["—"] * 4])
     names = list(dict.fromkeys([*result.get("defended", {}), *result.get("undefended", {})]))
     for name in names:
@@ -113,13 +113,14 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-REFERENCE_LABELS = {"image": "image store (keeps the images)", "label": "label store (keeps the class read)"}
+REFERENCE_LABELS = {"image": "image store (keeps the images)", "label": "label store (keeps the class read)",
+                    "logits": "logits store (keeps the classifier's logits)"}
 COPY_LABELS = {"flip": "flipped", "shift": "shifted 2 px", "jpeg": "JPEG q50", "brighter": "10% brighter"}
 
 
 def linkage_rows(result: dict) -> tuple[list[str], list[list[str]]] | None:
     """Linkage from the exact picture and from changed copies, with what each store holds (code entropy, distinct
-    codes among the users' items, bytes per item): the obfuscators' rows and the two reference stores'. None in an
+    codes among the users' items, bytes per item): the obfuscators' rows and the reference stores'. None in an
     attack.json made without changed copies."""
     sources = {f"{which} obfuscator": r for which, r in result.get(LINKAGE, {}).items() if "changed" in r}
     sources.update({REFERENCE_LABELS[k]: r["linkage"] for k, r in result.get(REFERENCES, {}).items()})
@@ -161,12 +162,14 @@ def _notes(result: dict) -> list[str]:
             "An attacker near these has learnt little beyond the label the store exists to give."
         )
     if result.get(REFERENCES):
-        label = result[REFERENCES].get("label")
+        label, logits = result[REFERENCES].get("label"), result[REFERENCES].get("logits")
         notes.append(
             "Reference stores: the image store keeps the images (an attacker's answer is the image itself); the label store keeps only "
             "the class read by " + (f"{label['labels_from']} ({label['accuracy']:.2%} right on these users)" if label else "a pretrained classifier (none found)")
-            + ", so its best image is the attacker's mean of that class and linkage can only match labels. A configuration worth keeping "
-            "sits between them: `veil growth` says what a later classifier learns from each."
+            + ", so its best image is the attacker's mean of that class and linkage can only match labels"
+            + (f"; the logits store keeps that classifier's logits (float16), rebuilt as the mean of the attacker's {logits['neighbours']} "
+               "images with the nearest logits (the number chosen on its held-out images) and linked by the nearest logits" if logits else "")
+            + ". A configuration worth keeping sits between them: `veil growth` says what a later classifier learns from each."
         )
     acc = result.get("accuracy", {})
     if acc.get("defended") is not None or acc.get("undefended") is not None:

@@ -31,7 +31,9 @@ from veil.sweepdir import COST_FILE, GROWTH, STORE_CLASSIFIER, read_sweep
 # growth.json's row fields -> a frontier row's
 GROWTH_FIELDS = {"accuracy_at_n": "growth_accuracy_at_n", "accuracy_at_n_plus_m": "growth_accuracy_at_n_plus_m", "gain": "growth_gain",
                  "growth_ratio": "growth_ratio"}
-REFERENCE_NAMES = {"image": "image store", "label": "label store"}  # the two reference rows of every frontier
+REFERENCE_NAMES = {"image": "image store", "label": "label store", "logits": "logits store"}  # the reference rows of every frontier
+REFERENCE_MARKERS = {"image": "*", "label": "X", "logits": "P"}
+REFERENCE_CUTS = {"image": "the images", "label": "the class read", "logits": "the logits read"}
 
 
 def read_growth(run_dir: Path) -> dict | None:
@@ -46,7 +48,7 @@ def growth_fields(row: dict | None) -> dict:
 
 def frontier_rows(sweep_dir: Path) -> list[dict]:
     """One row per point: test accuracy, and the strongest defended attacker's PSNR and re-identification;
-    then the image store and the label store as rows of the same columns (reference_rows)."""
+    then the image, label and logits stores as rows of the same columns (reference_rows)."""
     rows = []
     for p in read_sweep(sweep_dir)["points"]:
         run_dir = Path(sweep_dir) / p.name
@@ -97,10 +99,11 @@ def frontier_rows(sweep_dir: Path) -> list[dict]:
 
 
 def reference_rows(sweep_dir: Path, points: list[dict]) -> list[dict]:
-    """The image store and the label store as frontier rows: their privacy as the first attacked point's attack.json
+    """The image, label and logits stores as frontier rows: their privacy as the first attacked point's attack.json
     scored them (reference_stores: the same users and candidates), their accuracy and growth from the first point's
     growth.json (the image store: the whole VGG16 on the raw images; the label store: the undefended classifier's
-    class). A reference no point measured is left out; one measured only in part has None where it was not."""
+    class; the logits store: its logits, its class floor the label store's). A reference no point measured is left
+    out; one measured only in part has None where it was not."""
     attacks = [read_attack(Path(sweep_dir) / r["name"] / "attack" / "attack.json") for r in points
                if (Path(sweep_dir) / r["name"] / "attack" / "attack.json").is_file()]
     scored = next((a[REFERENCES] for a in attacks if a.get(REFERENCES)), {})
@@ -115,12 +118,14 @@ def reference_rows(sweep_dir: Path, points: list[dict]) -> list[dict]:
         row = {k: None for k in points[0]} if points else {}
         row.update({
             "name": name, "defence": name, "strength": None, "reference": kind, "test_accuracy": None, "store_accuracy": accuracy,
-            "capped": [], "flags": {}, "cut": "the images" if kind == "image" else "the class read", **growth_fields(growth_row),
+            "capped": [], "flags": {}, "cut": REFERENCE_CUTS[kind], **growth_fields(growth_row),
             "bytes_per_item": (privacy or growth_row or {}).get("bytes_per_item"),
         })
         if privacy:
             row.update({"psnr": privacy["psnr_mean"], "ssim": privacy["ssim_mean"], "reid_top1": max(privacy["reid_top1"], privacy.get("reid_std_top1", 0.0)),
                         "n_candidates": privacy.get("n_candidates"), "linkage_top1": privacy["linkage"]["reid_top1"]})
+        if kind == "logits" and privacy and scored.get("label"):  # its floor: the mean image of the class the same classifier reads
+            row["class_floor_psnr"] = scored["label"]["psnr_mean"]
         rows.append(row)
     return rows
 
@@ -215,8 +220,8 @@ def plot_frontier(rows: list[dict]) -> bytes:
     fig = new_figure(10.0, 4.2)
     left, right = fig.subplots(1, 2, sharey=True)
     done = [r for r in rows if r["psnr"] is not None and r["test_accuracy"] is not None and not r.get("reference")]
-    for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):  # the two stores every point sits between
-        for r, marker in ((r, "*" if r["reference"] == "image" else "X") for r in rows if r.get("reference")):
+    for ax, key, scale in ((left, "psnr", 1.0), (right, "reid_top1", 100.0)):  # the reference stores every point sits between
+        for r, marker in ((r, REFERENCE_MARKERS[r["reference"]]) for r in rows if r.get("reference")):
             # The image store's 100 dB (the PSNR clamp) would flatten every point on the PSNR axis: drawn on the other only.
             if r.get(key) is not None and r.get("store_accuracy") is not None and not (key == "psnr" and r["reference"] == "image"):
                 ax.plot([scale * r[key]], [100 * r["store_accuracy"]], marker=marker, markersize=10, color="#333333", linestyle="none", label=r["name"])
@@ -264,24 +269,31 @@ def plot_growth_frontier(rows: list[dict]) -> bytes:
     """The two axes of a store worth more than its label: the growth ratio (a later classifier's gain from the later
     items over the image store's) against the strongest attacker's PSNR above the class floor. The label store sits
     at (0, 0) by construction (its reconstruction is the class mean it reads; it cannot grow); the image store at a
-    ratio of 1 with no privacy (a line: its 100 dB would flatten the axis). The shaded corner is where a store keeps
+    ratio of 1 with no privacy (a line: its 100 dB would flatten the axis); the logits store where it was measured. The shaded corner is where a store keeps
     learning and the attackers learn no more than the class: within 0.2 dB of its floor, at a ratio of 0.67 or more."""
     fig = new_figure(6.4, 5.6)
     ax = fig.subplots()
     pts = growth_points(rows)
     xs = [r["psnr"] - r["class_floor_psnr"] for r in pts] + [0.0]
-    lo, hi = min(xs + [-0.2]) - 0.2, max(xs + [0.4]) + 0.3
-    ax.fill_between([lo, 0.2], 0.67, 1.1, color="#8fd18f", zorder=0, label="target: ratio >= 0.67 within 0.2 dB of the class floor")
+    ratios = [r["growth_ratio"] for r in pts]
     ax.axhline(1.0, color="#333333", linestyle="--", linewidth=1.2, label="image store (ratio 1; the images: no privacy)")
     ax.plot([0.0], [0.0], marker="X", markersize=10, color="#333333", linestyle="none", label="label store (the class floor; cannot grow)")
+    for r in rows:  # the logits store: how far keeping how sure the classifier was moves from the label store
+        if r.get("reference") == "logits" and None not in (r.get("growth_ratio"), r.get("psnr"), r.get("class_floor_psnr")):
+            x = r["psnr"] - r["class_floor_psnr"]
+            xs.append(x)
+            ratios.append(r["growth_ratio"])
+            ax.plot([x], [r["growth_ratio"]], marker="P", markersize=10, color="#333333", linestyle="none", label="logits store (the classifier's logits)")
     for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in pts)):
         mine = [r for r in pts if r.get("line", r["defence"]) == line]
         style = dict(line_style(i), linestyle="none")
         ax.plot([r["psnr"] - r["class_floor_psnr"] for r in mine], [r["growth_ratio"] for r in mine], label=line, markersize=8, **style)
         for r in mine:
             ax.annotate(r["name"], (r["psnr"] - r["class_floor_psnr"], r["growth_ratio"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    lo, hi = min(xs + [-0.2]) - 0.2, max(xs + [0.4]) + 0.3
+    ax.fill_between([lo, 0.2], 0.67, 1.1, color="#8fd18f", zorder=0, label="target: ratio >= 0.67 within 0.2 dB of the class floor")
     ax.set_xlim(lo, hi)
-    ax.set_ylim(min([0.0] + [r["growth_ratio"] for r in pts]) - 0.08, 1.1)
+    ax.set_ylim(min([0.0] + ratios) - 0.08, 1.1)
     ax.grid(True, color="#cccccc", linewidth=0.6)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below the axes: no point hidden
     ax.set_xlabel("strongest attacker's PSNR above the class floor (dB)")

@@ -5,8 +5,9 @@ A store is worth keeping if a model trained on it *later* can learn more than th
 and the same with the later images appended (N + M: training images that neither f nor the attacker
 saw, data.n_later), trains the store classifier on each (one per head given) and scores it on the
 stored test images. Beside it, on the same images: the image store (the whole VGG16 trained on the
-raw images with the store classifier's optimiser, schedule and epochs) and the label store (the
-class the run's undefended classifier reads from each test image: one byte, it cannot grow).
+raw images with the store classifier's optimiser, schedule and epochs), the label store (the
+class the run's undefended classifier reads from each test image: one byte, it cannot grow) and its
+variant the logits store (that classifier's logits as float16, an MLP trained on them at N and N + M).
 Into RUN/growth/:
 
     inputs.json                       the obfuscator's fingerprint, N, M and the data they were drawn from
@@ -14,6 +15,7 @@ Into RUN/growth/:
     classifiers/store-HEAD-n/, classifiers/store-HEAD-n+m/   `veil train-classifier` directories
     classifiers/image-n/, classifiers/image-n+m/             settings.json, metrics.jsonl, the weights, summary.json
                                       (or in --image-dir, shared by measurements on the same data)
+    classifiers/logits-n/, classifiers/logits-n+m/           the logits store's MLP: summary.json
     growth.json, growth.md            per store: accuracy at N and at N + M, gain, growth ratio, bytes per item
 
 The growth ratio is a store's gain divided by the image store's gain (the image store's is 1 by
@@ -39,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
 from veil import runtime
 from veil.config import Config
@@ -52,7 +56,7 @@ from veil.models import build_networks
 from veil.models.obfuscator import fingerprint
 from veil.progress import progress_bar
 from veil.rundir import Run, load_run
-from veil.runtime import read_classes, resolve_device, resolve_precision
+from veil.runtime import read_classes, read_logits, resolve_device, resolve_precision
 from veil.store.classify import HEADS, HeadConfig, check_head_config, train_classifier
 from veil.store.format import MANIFEST, STORED_DTYPES, read_manifest
 from veil.store.obfuscate import obfuscate
@@ -236,7 +240,8 @@ def image_settings(cfg: Config, natural: bool, n_train: int, n_test: int) -> dic
             "seed": cfg.seed, "train_items": n_train, "test_items": n_test}
 
 
-def finished_image_classifier(d: Path, want: dict) -> dict | None:
+def finished_summary(d: Path, want: dict) -> dict | None:
+    """d/summary.json when it was made with the settings `want` (an image store's or a logits store's classifier), else None."""
     try:
         summary = json.loads((d / "summary.json").read_text())
         return summary if summary.get("settings") == want else None
@@ -295,6 +300,66 @@ def label_store(run: Run, splits: Splits, batch_size: int) -> dict:
     groups = int(table.max()) + 1
     decode = torch.stack([torch.bincount(fine[table[fine] == c], minlength=len(table)).argmax() for c in range(groups)])
     return {"accuracy": int((decode[predicted] == truth).sum()) / len(truth), "task_accuracy": int((predicted == table[truth]).sum()) / len(truth)}
+
+
+LOGITS_HIDDEN = 256  # the logits store's classifier: an MLP of two hidden layers on the kept logits
+
+
+def logits_settings(head: HeadConfig, classes: int, n_train: int, n_test: int) -> dict:
+    return {"model": f"mlp {classes}-{LOGITS_HIDDEN}-{LOGITS_HIDDEN}-classes", "kept_as": "float16", "optimizer": "adam", "schedule": "onecycle",
+            "lr": head.lr, "weight_decay": head.weight_decay, "batch_size": head.batch_size, "epochs": head.epochs, "seed": head.seed,
+            "train_items": n_train, "test_items": n_test}
+
+
+def train_logits_classifier(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, head: HeadConfig,
+                            out: Path, log=print) -> dict:  # noqa: ANN001
+    """An MLP trained from scratch on kept logits (x: N x K float) with the store classifier's optimiser (Adam, one-cycle
+    to its learning rate, its weight decay), batch and epochs; scored on test_x. Writes out/summary.json and returns it
+    (a finished one with the same settings is kept)."""
+    settings = logits_settings(head, x.shape[1], len(x), len(test_x))
+    done = finished_summary(out, settings)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"veil growth: training {out.name} (an MLP on {len(x)} kept logits)")
+    began = time.perf_counter()
+    torch.manual_seed(head.seed)
+    h = LOGITS_HIDDEN
+    mlp = nn.Sequential(nn.Linear(x.shape[1], h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, num_classes))
+    opt = torch.optim.Adam(mlp.parameters(), lr=head.lr, weight_decay=head.weight_decay)
+    steps = max(1, len(x) // head.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=head.lr, total_steps=steps * head.epochs)
+    generator = torch.Generator().manual_seed(head.seed)
+    for _ in range(head.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(steps):
+            batch = order[i * head.batch_size : (i + 1) * head.batch_size]
+            loss = F.cross_entropy(mlp(x[batch]), y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    with torch.no_grad():
+        accuracy = (mlp(test_x).argmax(1) == test_y).float().mean().item()
+    summary = {"settings": settings, "train_items": len(x), "test_items": len(test_x), "final_test_accuracy": accuracy, "epochs": head.epochs,
+               "seconds": round(time.perf_counter() - began, 1), "seed": head.seed, "veil_version": __version__, "torch_version": torch.__version__}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def logits_store(run: Run, splits: Splits, later: ImageSet, head: HeadConfig, classifiers: Path, log=print) -> tuple[dict[str, dict], int]:  # noqa: ANN001
+    """The logits store, the label store's variant: the run's undefended classifier's logits of each image kept as
+    float16, and an MLP trained on them at N and at N + M (train_logits_classifier; it can grow a little: how sure the
+    classifier was says something the class does not). Returns {size: summary} for the two sizes, and the logits kept per item."""
+    f, g = run.undefended_obfuscator, run.undefended_classifier
+    device = next(g.parameters()).device
+    read = lambda images: read_logits(f, g, images.to(device), run.config.train.eval_batch_size).half().float().cpu()  # noqa: E731
+    defender, extra, test = read(splits.defender.images), read(later.images), read(splits.test.images)
+    classes = len(splits.test.classes)
+    x = {"n": defender, "n+m": torch.cat([defender, extra])}
+    y = {"n": splits.defender.labels, "n+m": torch.cat([splits.defender.labels, later.labels])}
+    return {size: train_logits_classifier(x[size], y[size], test, splits.test.labels, classes, head, classifiers / f"logits-{size}", log)
+            for size in SIZES}, test.shape[1]
 
 
 # ----------------------------------------------------------------------------- the measurement
@@ -367,7 +432,7 @@ def growth(run_dir: str | Path, settings: GrowthConfig, log=print) -> dict:  # n
     image_dir = Path(settings.image_dir) if settings.image_dir else classifiers
     for size, n_train in zip(SIZES, (n, n + m)):
         d = image_dir / f"image-{size}"
-        summary = finished_image_classifier(d, image_settings(image_cfg, splits.natural, n_train, n_test))
+        summary = finished_summary(d, image_settings(image_cfg, splits.natural, n_train, n_test))
         if summary is None:
             shutil.rmtree(d, ignore_errors=True)
             images = splits.defender if size == "n" else ImageSet(torch.cat([splits.defender.images, later.images]),
@@ -388,7 +453,9 @@ def growth(run_dir: str | Path, settings: GrowthConfig, log=print) -> dict:  # n
                  results["image-n+m"]["final_test_accuracy"], [str(image_dir / f"image-{s}") if settings.image_dir else f"classifiers/image-{s}" for s in SIZES]) | {"head": "vgg16 (whole network)"}
     label = _row("label (the undefended classifier's class)", "label", 1, labels["accuracy"], labels["accuracy"], None) | {"head": None,
                                                                                                                             "task_accuracy": labels["task_accuracy"]}
-    rows += [image, label]
+    logits, n_logits = logits_store(run, splits, later, head_config(settings, "vgg16"), classifiers, log)
+    rows += [image, label, _row("logits (the undefended classifier's logits, float16)", "logits", 2 * n_logits, logits["n"]["final_test_accuracy"],
+                                logits["n+m"]["final_test_accuracy"], [f"classifiers/logits-{s}" for s in SIZES]) | {"head": f"mlp, {LOGITS_HIDDEN} x 2 hidden"}]
     for r in rows:
         # The image store's is exactly 1; `or 0.0`: no -0.0 for a store that did not move (the label store).
         r["growth_ratio"] = (r["gain"] / image["gain"]) or 0.0 if image["gain"] else None
