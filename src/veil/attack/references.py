@@ -7,9 +7,9 @@
                  image is the mean of its own images of that class, and linkage can only match labels
                  (every candidate of the same class ties); privacy at the class floor by construction
     logits store the same classifier's logits (float16), the label store's variant that keeps how sure the
-                 classifier is: the attacker's best image is the mean of its own images whose logits are
-                 nearest (how many chosen on its held-out images: a conditional mean, at least the class
-                 mean's equal there), and linkage matches logits; privacy near the class floor, not at it
+                 classifier is: the attacker's image is the mean of its own images whose logits are nearest
+                 (how many chosen on its held-out images), and linkage matches logits; its privacy is
+                 measured, not the class floor by construction
 
 Each is a dict of the same fields as an attacker's scores, plus linkage (exact and from changed
 copies), the entropy of what it stores and its bytes per item, under attack.json's

@@ -305,8 +305,8 @@ def label_store(run: Run, splits: Splits, batch_size: int) -> dict:
 LOGITS_HIDDEN = 256  # the logits store's classifier: an MLP of two hidden layers on the kept logits
 
 
-def logits_settings(head: HeadConfig, classes: int, n_train: int, n_test: int) -> dict:
-    return {"model": f"mlp {classes}-{LOGITS_HIDDEN}-{LOGITS_HIDDEN}-classes", "kept_as": "float16", "optimizer": "adam", "schedule": "onecycle",
+def logits_settings(head: HeadConfig, n_logits: int, n_train: int, n_test: int) -> dict:
+    return {"model": f"mlp {n_logits}-{LOGITS_HIDDEN}-{LOGITS_HIDDEN}-classes", "kept_as": "float16", "optimizer": "adam", "schedule": "onecycle",
             "lr": head.lr, "weight_decay": head.weight_decay, "batch_size": head.batch_size, "epochs": head.epochs, "seed": head.seed,
             "train_items": n_train, "test_items": n_test}
 
