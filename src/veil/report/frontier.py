@@ -278,12 +278,12 @@ def plot_growth_frontier(rows: list[dict]) -> bytes:
     ratios = [r["growth_ratio"] for r in pts]
     ax.axhline(1.0, color="#333333", linestyle="--", linewidth=1.2, label="image store (ratio 1; the images: no privacy)")
     ax.plot([0.0], [0.0], marker="X", markersize=10, color="#333333", linestyle="none", label="label store (the class floor; cannot grow)")
-    for r in rows:  # the logits store: how far keeping how sure the classifier was moves from the label store
-        if r.get("reference") == "logits" and None not in (r.get("growth_ratio"), r.get("psnr"), r.get("class_floor_psnr")):
-            x = r["psnr"] - r["class_floor_psnr"]
-            xs.append(x)
-            ratios.append(r["growth_ratio"])
-            ax.plot([x], [r["growth_ratio"]], marker="P", markersize=10, color="#333333", linestyle="none", label="logits store (the classifier's logits)")
+    logits = [r for r in rows if r.get("reference") == "logits" and None not in (r.get("growth_ratio"), r.get("psnr"), r.get("class_floor_psnr"))]
+    if logits:  # the logits store (one per sweep overlaid): how far keeping how sure the classifier was moves from the label store
+        xs += [r["psnr"] - r["class_floor_psnr"] for r in logits]
+        ratios += [r["growth_ratio"] for r in logits]
+        ax.plot(xs[-len(logits):], ratios[-len(logits):], marker="P", markersize=10, color="#333333", linestyle="none",
+                label="logits store (the classifier's logits)")
     for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in pts)):
         mine = [r for r in pts if r.get("line", r["defence"]) == line]
         style = dict(line_style(i), linestyle="none")
