@@ -280,10 +280,9 @@ def plot_growth_frontier(rows: list[dict]) -> bytes:
     ax.plot([0.0], [0.0], marker="X", markersize=10, color="#333333", linestyle="none", label="label store (the class floor; cannot grow)")
     logits = [r for r in rows if r.get("reference") == "logits" and None not in (r.get("growth_ratio"), r.get("psnr"), r.get("class_floor_psnr"))]
     if logits:  # the logits store (one per sweep overlaid): how far keeping how sure the classifier was moves from the label store
-        xs += [r["psnr"] - r["class_floor_psnr"] for r in logits]
-        ratios += [r["growth_ratio"] for r in logits]
-        ax.plot(xs[-len(logits):], ratios[-len(logits):], marker="P", markersize=10, color="#333333", linestyle="none",
-                label="logits store (the classifier's logits)")
+        lx, ly = [r["psnr"] - r["class_floor_psnr"] for r in logits], [r["growth_ratio"] for r in logits]
+        xs, ratios = xs + lx, ratios + ly
+        ax.plot(lx, ly, marker="P", markersize=10, color="#333333", linestyle="none", label="logits store (the classifier's logits)")
     for i, line in enumerate(dict.fromkeys(r.get("line", r["defence"]) for r in pts)):
         mine = [r for r in pts if r.get("line", r["defence"]) == line]
         style = dict(line_style(i), linestyle="none")

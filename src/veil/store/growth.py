@@ -306,16 +306,17 @@ LOGITS_HIDDEN = 256  # the logits store's classifier: an MLP of two hidden layer
 
 
 def logits_settings(head: HeadConfig, n_logits: int, n_train: int, n_test: int) -> dict:
-    return {"model": f"mlp {n_logits}-{LOGITS_HIDDEN}-{LOGITS_HIDDEN}-classes", "kept_as": "float16", "optimizer": "adam", "schedule": "onecycle",
+    return {"model": f"mlp {n_logits}-{LOGITS_HIDDEN}-{LOGITS_HIDDEN}-classes", "kept_as": "float16", "optimizer": "adam", "schedule": "torch OneCycleLR",
             "lr": head.lr, "weight_decay": head.weight_decay, "batch_size": head.batch_size, "epochs": head.epochs, "seed": head.seed,
             "train_items": n_train, "test_items": n_test}
 
 
 def train_logits_classifier(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, head: HeadConfig,
                             out: Path, log=print) -> dict:  # noqa: ANN001
-    """An MLP trained from scratch on kept logits (x: N x K float) with the store classifier's optimiser (Adam, one-cycle
-    to its learning rate, its weight decay), batch and epochs; scored on test_x. Writes out/summary.json and returns it
-    (a finished one with the same settings is kept)."""
+    """An MLP trained from scratch on kept logits (x: N x K float) with the store classifier's Adam, peak learning rate,
+    weight decay, batch and epochs, under torch's OneCycleLR (not train.onecycle_factor, the store classifier's own
+    warm-up and cosine: the measured logits figures were made so); scored on test_x. Writes out/summary.json and returns
+    it (a finished one with the same settings is kept)."""
     settings = logits_settings(head, x.shape[1], len(x), len(test_x))
     done = finished_summary(out, settings)
     if done is not None:
