@@ -195,6 +195,26 @@ def test_an_empty_later_split_is_refused_when_asked_for(tiny_npz):
         _ = full.later
 
 
+def test_the_validation_split_is_the_test_pool_the_users_left_and_moves_no_split(tiny_npz):
+    from veil.data import fingerprint
+
+    base = {"dataset": "npz", "path": str(tiny_npz), "test_fraction": 0.25, "attacker_fraction": 0.25}
+    whole = load_splits(DataConfig(**base), 0)  # n_test 0: all 60 test images are users'
+    with pytest.raises(DataError, match=r"the validation split is empty: the users' split \(data.n_test = 0: all\) takes all 60 test images; "
+                                        r"set data.n_test below 60"):
+        _ = whole.validation
+    s = load_splits(DataConfig(**base, n_test=40), 0)
+    assert (len(s.test), len(s.validation)) == (40, 20)
+    # The users are the first 40 of the same draw, the validation images the other 20; no training split moves.
+    assert torch.equal(s.test.images, whole.test.images[:40]) and torch.equal(s.validation.images, whole.test.images[40:])
+    assert torch.equal(s.validation.labels, whole.test.labels[40:])
+    for part in ("defender", "attacker", "later_images"):
+        assert torch.equal(getattr(s, part).images, getattr(whole, part).images)
+    assert fingerprint(s) != fingerprint(whole)  # the users' split is smaller, so the run's data is other data
+    ids = {k: _ids(getattr(s, k).images) for k in ("defender", "attacker", "test", "validation")}
+    assert len(ids["validation"]) == 20 and all(not (ids["validation"] & ids[k]) for k in ("defender", "attacker", "test"))
+
+
 def test_task_maps_cifar10_to_vehicle_and_animal_for_training_only(tiny_npz):
     base = {"dataset": "npz", "path": str(tiny_npz), "test_fraction": 0.25, "attacker_fraction": 0.25, "n_defender": 90,
             "task": "cifar10-superclass"}

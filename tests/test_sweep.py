@@ -448,10 +448,14 @@ def test_sweep_growth_measures_each_point_with_one_image_store_and_puts_it_on_th
         sweep(config, [0.0], out, attack_settings=TINY_ATTACK, growth_epochs=1, growth_heads="nohead", **QUIET)
     with pytest.raises(ConfigError, match="--growth must be >= 0"):
         sweep(config, [0.0], out, attack_settings=TINY_ATTACK, growth_epochs=-1, **QUIET)
+    with pytest.raises(ConfigError, match="--growth-validation picks the epochs of --growth's classifiers"):
+        sweep(config, [0.0], out, attack_settings=TINY_ATTACK, growth_validation=True, **QUIET)
+    with pytest.raises(ConfigError, match=r"--growth-validation needs validation images.*data.n_test is 0 \(all\)"):
+        sweep(config, [0.0], out, ["data.n_test=0"], attack_settings=TINY_ATTACK, growth_epochs=1, growth_validation=True, **QUIET)
     assert not out.exists()
     trained = []
     real = growth_mod.train_image_classifier
-    monkeypatch.setattr(growth_mod, "train_image_classifier", lambda images, test, natural, cfg, d: trained.append(d) or real(images, test, natural, cfg, d))
+    monkeypatch.setattr(growth_mod, "train_image_classifier", lambda *a: trained.append(a[4]) or real(*a))
     # n_defender 60: what the test and attacker splits leave beyond it is the later split.
     overrides = ["t_main=1", "data.n_defender=60"]
     rows = sweep(config, [0.0, 1.0], out, overrides, attack_settings=TINY_ATTACK, growth_epochs=1, **QUIET)
@@ -474,7 +478,7 @@ def test_sweep_growth_measures_each_point_with_one_image_store_and_puts_it_on_th
     assert by_name["logits store"]["growth_ratio"] == logits["growth_ratio"] and by_name["logits store"]["store_accuracy"] == logits["accuracy_at_n"]
     header, *cells = frontier_table(rows)
     assert "growth ratio" in header and dict(zip(header, cells[-3]))["growth: accuracy at N → N + M"].endswith(f"{100 * image['accuracy_at_n_plus_m']:.2f}%")
-    assert read_sweep(out)["growth"] == {"epochs": 1, "heads": "vgg16"}
+    assert read_sweep(out)["growth"] == {"epochs": 1, "heads": "vgg16", "validation": False}
     for name in ("lambda-0", "lambda-1"):  # the growth frontier's class floor: the class the run reads
         assert by_name[name]["class_floor_psnr"] == json.loads((out / name / "attack" / "attack.json").read_text())["class_floor"]["predicted"]["psnr_mean"]
     assert (out / "growth-frontier.png").is_file() == bool(growth_points(rows))

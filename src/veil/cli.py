@@ -145,10 +145,13 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from veil.store.classify import HeadConfig, train_classifier
 
     cfg = HeadConfig(**{k: getattr(args, k) for k in HeadConfig.__dataclass_fields__ if k != "progress"}, progress=not args.no_progress)
-    summary = train_classifier(args.store, args.out, cfg, test_store=args.test_store)
-    if summary["final_test_accuracy"] is not None:
-        print(f"test accuracy {summary['final_test_accuracy']:.2%} on {summary['test_items']} items of {args.test_store} "
-              f"(head {summary['head']}, {summary['epochs']} epochs, {summary['seconds']:.0f} s)")
+    summary = train_classifier(args.store, args.out, cfg, test_store=args.test_store, val_store=args.val_store)
+    kept = f"epoch {summary['kept_epoch']} of {summary['epochs']}, picked on {summary['val_items']} validation items" if args.val_store else f"{summary['epochs']} epochs"
+    if summary["kept_test_accuracy"] is not None:
+        print(f"test accuracy {summary['kept_test_accuracy']:.2%} on {summary['test_items']} items of {args.test_store} "
+              f"(head {summary['head']}, {kept}, {summary['seconds']:.0f} s)")
+    elif args.val_store:
+        print(f"kept the head of {kept} (validation accuracy {summary['kept_val_accuracy']:.2%})")
     return 0
 
 
@@ -156,7 +159,7 @@ def cmd_growth(args: argparse.Namespace) -> int:
     from veil.store.growth import RESULT, TABLE, GrowthConfig, growth
 
     settings = GrowthConfig(epochs=args.epochs, heads=args.head, batch_size=args.batch_size, out=args.out or "", image_dir=args.image_dir or "",
-                            keep_stores=args.keep_stores, seed=args.seed, device=args.device, progress=not args.no_progress)
+                            validation=args.validation, keep_stores=args.keep_stores, seed=args.seed, device=args.device, progress=not args.no_progress)
     growth(args.run, settings)
     out = Path(args.out) if args.out else Path(args.run) / "growth"
     print()
@@ -246,7 +249,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = parse_attack_settings(args.attack)
     rows = sweep(args.config, parse_strengths(args.lambdas), args.out, args.overrides, defence=args.defence, attack_settings=settings,
                  store_epochs=args.store_classifier, store_settings=parse_store_settings(args.store), share_pretraining=not args.no_fork,
-                 growth_epochs=args.growth, growth_heads=args.growth_head)
+                 growth_epochs=args.growth, growth_heads=args.growth_head,
+                 growth_validation=args.growth_validation)
     if rows:
         stored = any(r["store_accuracy"] is not None for r in rows)
         grown = any(r["growth_accuracy_at_n"] is not None for r in rows)
@@ -366,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="store made by veil obfuscate (e.g. from the defender split)")
     p.add_argument("--out", required=True, metavar="DIR", help="classifier directory to create")
     p.add_argument("--test-store", help="store of test images (same obfuscator) to report accuracy on")
+    p.add_argument("--val-store", help="store of validation images (same obfuscator; e.g. veil obfuscate --data run:validation): keep the head "
+                   "of the epoch that reads it best, not the last one")
     docs = field_docs(HeadConfig)
     for name, f in HeadConfig.__dataclass_fields__.items():
         if name != "progress":
@@ -382,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where to measure (default RUN/growth): inputs.json, classifiers/, growth.json, growth.md")
     p.add_argument("--image-dir", metavar="DIR", help="folder of the image store's classifiers (default DIR/classifiers); runs on the same data and "
                    "settings can share one: the image store does not depend on the obfuscator")
-    p.add_argument("--keep-stores", action="store_true", help="keep the three stores in DIR/stores (default: deleted at the end)")
+    p.add_argument("--validation", action="store_true", help="score every classifier (store, image and logits store) at the epoch that reads "
+                   "the validation split best (the test images data.n_test leaves out of the users'), not at its last epoch")
+    p.add_argument("--keep-stores", action="store_true", help="keep the stores in DIR/stores (default: deleted at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed of every classifier (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -453,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "N + M defender + later items, beside the image store, trained once for the sweep, and the label store); "
                         "the frontier then shows each point's growth ratio (default 0: not done)")
     p.add_argument("--growth-head", default="vgg16", metavar="H1,H2,...", help="store classifier heads of --growth (default vgg16)")
+    p.add_argument("--growth-validation", action="store_true", help="--growth scores every classifier at the epoch that reads the validation "
+                   "split best (veil growth --validation)")
     p.add_argument("--no-fork", action="store_true",
                    help="pretrain every point itself (default: a point whose pretraining another point of the sweep already did "
                         "starts from that one's, bit for bit the same; see forked.json in its run directory)")

@@ -61,6 +61,8 @@ class Splits:
     skipped: list[str] = field(default_factory=list)  # "file: reason" of unreadable images left out
     later_images: ImageSet | None = None  # training images in neither defender nor attacker (may be empty; see `later`)
     no_later: str = ""  # why the later split is empty, naming the keys to change
+    spare_images: ImageSet | None = None  # the test pool's images not among the users' (see `validation`)
+    no_spare: str = ""  # why there are none, naming the key to change
     task: str = "none"  # data.task the splits were read under
     labelling: str = "fine"  # fine: the dataset's own labels | task: data.task's (what training reads)
 
@@ -84,6 +86,15 @@ class Splits:
         if self.later_images is None or len(self.later_images) == 0:
             raise DataError(self.no_later or "the later split is empty")
         return self.later_images
+
+    @property
+    def validation(self) -> ImageSet:
+        """Images to pick a classifier's epoch by: the test pool's images that data.n_test left out of the users'
+        split, in a fixed seeded order. Never trained on, attacked or scored, and apart from every training split
+        (the official test images for a named dataset); refused when there are none."""
+        if self.spare_images is None or len(self.spare_images) == 0:
+            raise DataError(self.no_spare or "the validation split is empty")
+        return self.spare_images
 
 
 # ----------------------------------------------------------------------------- readers
@@ -401,9 +412,9 @@ def load_splits(cfg: DataConfig, seed: int, labelling: str = "fine") -> Splits:
         attacker_idx = attacker_idx[: cfg.n_attacker]
     if cfg.n_defender:
         defender_idx = defender_idx[: cfg.n_defender]
-    test_idx = rng.permutation(len(test[1]))
-    if cfg.n_test:
-        test_idx = test_idx[: cfg.n_test]
+    test_order = rng.permutation(len(test[1]))
+    test_idx = test_order[: cfg.n_test] if cfg.n_test else test_order
+    spare_idx = test_order[len(test_idx) :]  # the validation images: a slice of the same draw, so no split moves
     # The later images: what n_defender and n_attacker left of their pools, in an order drawn after every
     # draw above (so the three splits are what they were before the later split existed).
     pools = (len(order) - n_attacker, n_attacker)
@@ -440,6 +451,9 @@ def load_splits(cfg: DataConfig, seed: int, labelling: str = "fine") -> Splits:
         skipped=skipped,
         later_images=make(*train, later_idx, "later", empty_ok=True),
         no_later=no_later,
+        spare_images=make(*test, spare_idx, "validation", empty_ok=True),
+        no_spare=(f"{where}: the validation split is empty: the users' split (data.n_test = {cfg.n_test}{': all' if not cfg.n_test else ''}) "
+                  f"takes all {len(test_order)} test images; set data.n_test below {len(test_order)} to leave validation images"),
         task=cfg.task,
         labelling=labelling,
     )

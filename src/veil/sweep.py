@@ -258,6 +258,7 @@ def sweep(
     share_pretraining: bool = True,
     growth_epochs: int = 0,
     growth_heads: str = "vgg16",
+    growth_validation: bool = False,
     log=print,  # noqa: ANN001
 ) -> list[dict]:
     """Train and attack one run per strength into `out` (resumable); write and return the frontier.
@@ -270,7 +271,8 @@ def sweep(
     `share_pretraining`: a point whose pretraining another point of the sweep has already done is forked
     from it (train.fork) rather than pretrained again.
     `growth_epochs` > 0 also measures each point's growth (`veil growth` with that many epochs and `growth_heads`,
-    into RUN/growth/), the image store's two classifiers trained once into DIR/image-store/ for every point.
+    into RUN/growth/), the image store's two classifiers trained once into DIR/image-store/ for every point; with
+    `growth_validation` every classifier is scored at the epoch that reads the validation split best.
     """
     if store_epochs < 0:
         raise ConfigError(f"--store-classifier must be >= 0 epochs, got {store_epochs}")
@@ -289,6 +291,8 @@ def sweep(
             head_names(GrowthConfig(heads=growth_heads))
         except StoreError as e:
             raise ConfigError(f"--growth-head: {e}") from None
+    if growth_validation and not growth_epochs:
+        raise ConfigError("--growth-validation picks the epochs of --growth's classifiers; give --growth EPOCHS too")
     out = Path(out)
     d = get_defence(defence)
     if not d.strength_key and strengths != [0.0]:
@@ -302,6 +306,9 @@ def sweep(
     for p in asked:
         if (out / p.name / "config.yaml").is_file():
             check_same_config(out / p.name, configs[p.name])
+    if growth_validation and any(c.data.n_test == 0 for c in configs.values()):  # every test image is a user's: none left to pick epochs on
+        raise ConfigError("--growth-validation needs validation images, the test images data.n_test leaves out of the users', "
+                          "but data.n_test is 0 (all); set data.n_test below the test split's size")
     points = asked
     if (out / SWEEP_FILE).is_file():  # a resumed or extended sweep keeps its earlier points
         earlier = read_sweep(out)["points"]
@@ -311,7 +318,7 @@ def sweep(
     atomic_write_json(out / SWEEP_FILE, {
         "config": str(config_path), "overrides": overrides, "attack_settings": settings,
         "store_classifier": {"epochs": store_epochs, "settings": store_settings} if store_epochs else None,
-        "growth": {"epochs": growth_epochs, "heads": growth_heads} if growth_epochs else None,
+        "growth": {"epochs": growth_epochs, "heads": growth_heads, "validation": growth_validation} if growth_epochs else None,
         "points": [asdict(p) for p in points],
     })
 
@@ -359,7 +366,7 @@ def sweep(
         if growth_epochs:  # resumable by itself: finished classifiers are kept, the shared image store trained once
             began = time.perf_counter()
             growth(run_dir, GrowthConfig(epochs=growth_epochs, heads=growth_heads, out=str(run_dir / GROWTH), image_dir=str(out / IMAGE_STORE),
-                                         device=cfg.device, progress=False), log=log)
+                                         validation=growth_validation, device=cfg.device, progress=False), log=log)
             add_cost(run_dir, "growth", time.perf_counter() - began)
         cost = read_cost(run_dir)
         log(f"veil sweep: {p.name} cost {format_cost(cost)}")

@@ -109,6 +109,35 @@ def test_growth_measures_every_store_and_a_rerun_trains_nothing(run_dir, tmp_pat
     assert third["stores"] == again["stores"]
 
 
+def test_with_validation_every_classifier_is_scored_at_the_epoch_that_reads_the_validation_split_best(tmp_path):
+    run = _tiny_run(tmp_path, n_test=40)  # 60 test images: 40 users', 20 to pick epochs on
+    out = tmp_path / "growth"
+    r = growth(run, _settings(out, epochs=3, heads="small", validation=True, keep_stores=True), log=lambda *_: None)
+    assert (r["test_items"], r["validation_items"]) == (40, 20) and "--validation" in r["command"]
+    assert read_manifest(out / "stores" / "val")["count"] == 20 and read_manifest(out / "stores" / "val")["dataset"]["split"] == "validation"
+    rows = {s["kind"]: s for s in r["stores"]}
+    dirs = {"features": ("store-small-n", "store-small-n+m"), "image": ("image-n", "image-n+m"), "logits": ("logits-n", "logits-n+m")}
+    for kind, names in dirs.items():
+        summaries = [json.loads((out / "classifiers" / d / "summary.json").read_text()) for d in names]
+        for summary, d in zip(summaries, names):
+            per_epoch = summary["metrics"] if kind == "logits" else [json.loads(x) for x in (out / "classifiers" / d / "metrics.jsonl").read_text().splitlines()]
+            assert len(per_epoch) == 3 and all("val_accuracy" in e for e in per_epoch)
+            best = max(per_epoch, key=lambda e: (e["val_accuracy"], -e["epoch"]))  # the earliest of the best
+            assert (summary["kept_epoch"], summary["kept_test_accuracy"]) == (best["epoch"], best["test_accuracy"]), d
+            assert summary["final_test_accuracy"] == per_epoch[-1]["test_accuracy"]
+        row = rows[kind]
+        assert (row["accuracy_at_n"], row["accuracy_at_n_plus_m"]) == tuple(s["kept_test_accuracy"] for s in summaries)
+        assert row["kept_epochs"] == [s["kept_epoch"] for s in summaries]
+        assert (row["last_epoch_accuracy_at_n"], row["last_epoch_accuracy_at_n_plus_m"]) == tuple(s["final_test_accuracy"] for s in summaries)
+    assert rows["image"]["growth_ratio"] in (1.0, None)  # 1 by construction (None: the image store did not move)
+    assert rows["label"]["gain"] == 0 and "kept_epochs" not in rows["label"]
+    assert "scored at the epoch that reads the 20 validation images best" in (out / "growth.md").read_text()
+    # Classifiers scored at their last epoch are not reused for a measurement that picks epochs, nor the other way round.
+    logs = []
+    growth(run, _settings(out, epochs=3, heads="small"), log=logs.append)
+    assert sum(line.startswith("veil growth: training") for line in logs) == 6
+
+
 def test_an_interrupted_n_plus_m_store_is_finished(run_dir, tmp_path):
     """Killed between its defender part and the append: the next call appends the later images, once."""
     run = load_run(run_dir)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tests.conftest import make_store, read_all
 
+import veil.store.classify as classify
 import veil.store.obfuscate as store_mod
 from veil import config as config_mod
 from veil.cli import main
@@ -377,6 +378,48 @@ def test_train_classifier_from_store_alone_and_predict_with_it(tiny, tmp_path, c
     assert "test accuracy" in capsys.readouterr().out
     assert {k: v for k, v in json.loads((tmp_path / "cli" / "summary.json").read_text()).items() if k.startswith("shift")} == {
         "shift_pixels": 8, "shift_cells": 2}
+
+
+def test_a_validation_store_keeps_the_head_of_the_epoch_that_reads_it_best(tiny, tmp_path, capsys, monkeypatch):
+    train_store = make_store(tiny, tmp_path, data="run:defender", name="train")
+    test_store = make_store(tiny, tmp_path, data="run:test", name="test")
+    val_store = make_store(tiny, tmp_path, data="run:attacker", name="val")  # any store of the same obfuscator
+    cfg = HeadConfig(head="small", epochs=4, batch_size=32, lr=5e-3, device="cpu", progress=False)
+    # Scripted validation readings (the earliest of the two best is kept), and the head's weights at each reading.
+    readings, snapshots, real = iter([0.1, 0.5, 0.5, 0.2]), [], classify.store_accuracy
+
+    def reading(head, data, device, **kw):
+        if data.manifest["count"] != read_manifest(val_store)["count"]:
+            return real(head, data, device, **kw)
+        snapshots.append({k: v.clone() for k, v in head.state_dict().items()})
+        return next(readings)
+
+    monkeypatch.setattr(classify, "store_accuracy", reading)
+    summary = train_classifier(train_store, tmp_path / "clf", cfg, test_store=test_store, val_store=val_store, log=lambda *_: None)
+    metrics = [json.loads(line) for line in (tmp_path / "clf" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_accuracy"] for m in metrics] == [0.1, 0.5, 0.5, 0.2] and len(snapshots) == 4
+    assert (summary["kept_epoch"], summary["kept_val_accuracy"], summary["val_items"]) == (2, 0.5, 45)
+    assert summary["kept_test_accuracy"] == metrics[1]["test_accuracy"] and summary["final_test_accuracy"] == metrics[3]["test_accuracy"]
+    saved = load_tensors(tmp_path / "clf" / "classifier.safetensors")
+    assert all(torch.equal(saved[k], snapshots[1][k]) for k in saved) and not all(torch.equal(saved[k], snapshots[3][k]) for k in saved)
+    clf, meta = load_classifier(tmp_path / "clf", torch.device("cpu"))
+    assert meta["epoch"] == 2 and real(clf, open_store(test_store, dtype=None), torch.device("cpu")) == summary["kept_test_accuracy"]
+    monkeypatch.undo()
+    # Without a validation store the last epoch is kept; a validation store of another obfuscator is refused by name.
+    last = train_classifier(train_store, tmp_path / "clf-last", HeadConfig(head="small", epochs=2, batch_size=32, device="cpu", progress=False),
+                            test_store=test_store, log=lambda *_: None)
+    assert (last["kept_epoch"], last["val_items"], last["kept_test_accuracy"]) == (2, None, last["final_test_accuracy"])
+    m = json.loads((val_store / MANIFEST).read_text())
+    m["obfuscator"]["fingerprint"] = "0" * 64
+    (val_store / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="val: made by obfuscator 0000"):
+        train_classifier(train_store, tmp_path / "clf-bad", cfg, val_store=val_store, log=lambda *_: None)
+    # The command line says which epoch it kept.
+    good_val = make_store(tiny, tmp_path, data="run:attacker", name="val2")
+    assert main(["train-classifier", str(train_store), "--out", str(tmp_path / "cli"), "--test-store", str(test_store), "--val-store", str(good_val),
+                 "--head", "small", "--epochs", "2", "--batch-size", "32", "--device", "cpu", "--no-progress"]) == 0
+    kept = json.loads((tmp_path / "cli" / "summary.json").read_text())["kept_epoch"]
+    assert f"(head small, epoch {kept} of 2, picked on 45 validation items" in capsys.readouterr().out
 
 
 def test_train_classifier_layout_changes_speed_not_training(tiny, tmp_path):

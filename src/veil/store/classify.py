@@ -7,8 +7,15 @@ store, never an image, and writes a classifier directory:
     OUT/config.yaml              the resolved HeadConfig (its shift in pixels)
     OUT/classifier.safetensors   the head's weights
     OUT/classifier.json          head, classes, feature shape, the store's obfuscator fingerprint, the shift
-    OUT/metrics.jsonl            one line per epoch (train loss and accuracy, test accuracy)
-    OUT/summary.json             final test accuracy, the shift (shift_pixels, shift_cells), seconds, versions
+    OUT/metrics.jsonl            one line per epoch (train loss and accuracy, test accuracy, validation accuracy)
+    OUT/summary.json             final test accuracy, the kept epoch and its accuracies, the shift (shift_pixels, shift_cells),
+                                 seconds, versions
+
+With a validation store (`--val-store`: items of the same obfuscator that are neither trained on nor scored,
+e.g. `veil obfuscate --data run:validation`), the head of the epoch with the best validation accuracy
+(the earliest of equals) is the one kept, saved and scored (kept_epoch, kept_test_accuracy): a store whose
+classifier over-fits, such as one noisy draw kept per image, is scored before it does, and the choice
+never looks at the test store. Without one the last epoch's head is kept.
 
 A classifier directory written before the shift was given in pixels has `shift: 1` in its
 config.yaml meaning one *cell*, and no shift_cells in its summary.json (trained_shift_cells).
@@ -203,19 +210,31 @@ def _same_store_kind(train: dict, test: dict, test_path: Path) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_store: str | Path | None = None, log=print) -> dict:  # noqa: ANN001
-    """Train a classifier head on a store's features alone; report accuracy on a test store. Returns the summary."""
+def kept_accuracy(summary: dict) -> float | None:
+    """The test accuracy of the head a classifier directory kept (summaries written before heads were picked on a
+    validation store kept the last epoch's)."""
+    return summary.get("kept_test_accuracy", summary.get("final_test_accuracy"))
+
+
+def _other_store(path: str | Path, train: dict, progress: bool) -> tuple[dict, StoreDataset]:
+    """A test or validation store, checked in full and against the training store's obfuscator, classes and shape."""
+    manifest = verify(path, progress=progress)
+    _same_store_kind(train, manifest, Path(path))
+    return manifest, open_store(path, dtype=None, cache_shards=1)
+
+
+def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_store: str | Path | None = None, log=print,  # noqa: ANN001
+                     val_store: str | Path | None = None) -> dict:
+    """Train a classifier head on a store's features alone; report accuracy on a test store. With a validation store,
+    keep the head of the epoch that reads it best (module docstring). Returns the summary."""
     check_head_config(cfg)
     out = Path(out)
     if (out / "classifier.safetensors").exists() or (out / "config.yaml").exists():
         raise StoreError(f"{out} already holds a classifier; choose another --out")
     manifest = verify(store, progress=cfg.progress)  # every checksum, before anything is trained on it
     data = open_store(store, dtype=None, cache_shards=1)  # the reader users get (veil.open_store), a shard at a time
-    test_manifest = test_data = None
-    if test_store is not None:
-        test_manifest = verify(test_store, progress=cfg.progress)
-        _same_store_kind(manifest, test_manifest, test_store)
-        test_data = open_store(test_store, dtype=None, cache_shards=1)
+    test_manifest, test_data = _other_store(test_store, manifest, cfg.progress) if test_store is not None else (None, None)
+    val_manifest, val_data = _other_store(val_store, manifest, cfg.progress) if val_store is not None else (None, None)
     device = resolve_device(cfg.device)
     classes = manifest["dataset"]["classes"]
     split = manifest["obfuscator"]["split"]
@@ -241,6 +260,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
         cached = next(shard_groups(data, 1 << 40, None))
     step, metrics, start = 0, [], time.perf_counter()
+    kept = None  # (validation accuracy, epoch, weights) of the best epoch so far
     for epoch in range(1, cfg.epochs + 1):
         head.train()
         sums, seen, t0 = torch.zeros(2), 0, time.perf_counter()
@@ -272,12 +292,21 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         record = {"epoch": epoch, "loss": sums[0].item() / max(1, seen), "train_accuracy": sums[1].item() / max(1, seen)}
         if test_manifest is not None:
             record["test_accuracy"] = store_accuracy(head, test_data, device, precision=precision)
+        if val_data is not None:
+            record["val_accuracy"] = store_accuracy(head, val_data, device, precision=precision)
+            if kept is None or record["val_accuracy"] > kept[0]:
+                kept = (record["val_accuracy"], epoch, {k: v.detach().clone() for k, v in head.state_dict().items()})
         record["seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
         log("  ".join([f"[{epoch}/{cfg.epochs}]", f"loss {record['loss']:.3f}", f"train_accuracy {record['train_accuracy']:.2%}"]
-                      + ([f"test_accuracy {record['test_accuracy']:.2%}"] if "test_accuracy" in record else []) + [f"{record['seconds']:.1f}s"]))
+                      + ([f"test_accuracy {record['test_accuracy']:.2%}"] if "test_accuracy" in record else [])
+                      + ([f"val_accuracy {record['val_accuracy']:.2%}"] if "val_accuracy" in record else []) + [f"{record['seconds']:.1f}s"]))
 
+    kept_epoch = cfg.epochs
+    if kept is not None:
+        head.load_state_dict(kept[2])
+        kept_epoch = kept[1]
     save_tensors(out / "classifier.safetensors", head.state_dict())
     atomic_write_json(out / "classifier.json", {
         "head": cfg.head,
@@ -285,10 +314,12 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "dropout": cfg.dropout,
         "shift_pixels": cfg.shift,
         "shift_cells": cells,
+        "epoch": kept_epoch,
         "features": manifest["features"],
         "obfuscator": manifest["obfuscator"],
         "train_store": {"dataset": manifest["dataset"], "count": n},
         "test_store": None if test_manifest is None else {"dataset": test_manifest["dataset"], "count": test_manifest["count"]},
+        "val_store": None if val_manifest is None else {"dataset": val_manifest["dataset"], "count": val_manifest["count"]},
     })
     summary = {
         "head": cfg.head,
@@ -296,6 +327,10 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "final_train_accuracy": metrics[-1]["train_accuracy"],
         "final_test_accuracy": metrics[-1].get("test_accuracy"),
         "test_items": None if test_manifest is None else test_manifest["count"],
+        "val_items": None if val_manifest is None else val_manifest["count"],
+        "kept_epoch": kept_epoch,
+        "kept_val_accuracy": metrics[kept_epoch - 1].get("val_accuracy"),
+        "kept_test_accuracy": metrics[kept_epoch - 1].get("test_accuracy"),
         "epochs": cfg.epochs,
         "shift_pixels": cfg.shift,
         "shift_cells": cells,

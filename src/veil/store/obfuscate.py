@@ -57,10 +57,11 @@ from veil.version import __version__
 # ----------------------------------------------------------------------------- sources
 
 NAMED = ("mnist", "fashion-mnist", "cifar10", "cifar100")
-SPLITS = ("all", "defender", "attacker", "test", "later")  # later: training images in neither defender nor attacker (data.n_later)
+# later: training images in neither defender nor attacker (data.n_later); validation: test images not among the users' (data.n_test)
+SPLITS = ("all", "defender", "attacker", "test", "later", "validation")
 SPEC_HELP = (
     "SOURCE[:SPLIT], SOURCE = run | mnist | fashion-mnist | cifar10 | cifar100 | npz:FILE.npz | folder:DIR, "
-    "SPLIT = all | defender | attacker | test | later (e.g. cifar10:test, run:test, npz:demo/cifar10-2k.npz, folder:photos/)"
+    "SPLIT = all | defender | attacker | test | later | validation (e.g. cifar10:test, run:test, npz:demo/cifar10-2k.npz, folder:photos/)"
 )
 IDENTITY = ("format", "obfuscator", "dataset", "features", "shard_size", "count", "labels_sha256")  # what a resumed run must match
 
