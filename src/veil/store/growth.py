@@ -11,7 +11,7 @@ variant the logits store (that classifier's logits as float16, an MLP trained on
 Into RUN/growth/:
 
     inputs.json                       the obfuscator's fingerprint, N, M and the data they were drawn from
-    stores/defender, stores/defender+later, stores/test     deleted at the end unless keep_stores
+    stores/defender, stores/defender+later, stores/test (and stores/val)   deleted at the end unless keep_stores
     classifiers/store-HEAD-n/, classifiers/store-HEAD-n+m/   `veil train-classifier` directories
     classifiers/image-n/, classifiers/image-n+m/             settings.json, metrics.jsonl, the weights, summary.json
                                       (or in --image-dir, shared by measurements on the same data)
@@ -22,7 +22,8 @@ The growth ratio is a store's gain divided by the image store's gain (the image 
 construction). Each classifier is scored at its last epoch, or, with `validation`, at the epoch that reads
 the validation split best (the test images data.n_test left out of the users': never trained on, attacked or
 scored; stores/val is their store): the same rule for every store, so that one whose classifier over-fits its
-kept draws is not scored after it has. growth.json keeps the last epoch's accuracies beside the picked ones. Every classifier directory is kept: a rerun skips each one finished with the same
+kept draws is not scored after it has. growth.json keeps the last epoch's accuracies beside the picked ones.
+Every classifier directory is kept: a rerun skips each one finished with the same
 settings and trains again one that is missing, half made or made otherwise. The stores are made only
 when a classifier still needs them; a half-made one is resumed by `veil obfuscate` (and its append).
 A growth folder made from another obfuscator is refused.
