@@ -210,6 +210,13 @@ def _same_store_kind(train: dict, test: dict, test_path: Path) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+def kept_epoch(metrics: list[dict]) -> dict:
+    """The epoch a classifier is scored at, from its per-epoch records: the one with the best val_accuracy (the earliest
+    of equals) when they have one, else the last; with its validation and test accuracy (None where not read)."""
+    best = max(metrics, key=lambda r: (r["val_accuracy"], -r["epoch"])) if "val_accuracy" in metrics[0] else metrics[-1]
+    return {"kept_epoch": best["epoch"], "kept_val_accuracy": best.get("val_accuracy"), "kept_test_accuracy": best.get("test_accuracy")}
+
+
 def kept_accuracy(summary: dict) -> float | None:
     """The test accuracy of the head a classifier directory kept (summaries written before heads were picked on a
     validation store kept the last epoch's)."""
@@ -260,7 +267,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
     if len(manifest["shards"]) <= 1 or n * _item_bytes(manifest) <= cfg.memory_mb << 20:
         cached = next(shard_groups(data, 1 << 40, None))
     step, metrics, start = 0, [], time.perf_counter()
-    kept = None  # (validation accuracy, epoch, weights) of the best epoch so far
+    kept_weights = None  # the head of the epoch kept_epoch picks so far (with a validation store)
     for epoch in range(1, cfg.epochs + 1):
         head.train()
         sums, seen, t0 = torch.zeros(2), 0, time.perf_counter()
@@ -294,19 +301,18 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
             record["test_accuracy"] = store_accuracy(head, test_data, device, precision=precision)
         if val_data is not None:
             record["val_accuracy"] = store_accuracy(head, val_data, device, precision=precision)
-            if kept is None or record["val_accuracy"] > kept[0]:
-                kept = (record["val_accuracy"], epoch, {k: v.detach().clone() for k, v in head.state_dict().items()})
         record["seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
+        if val_data is not None and kept_epoch(metrics)["kept_epoch"] == epoch:
+            kept_weights = {k: v.detach().clone() for k, v in head.state_dict().items()}
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
         log("  ".join([f"[{epoch}/{cfg.epochs}]", f"loss {record['loss']:.3f}", f"train_accuracy {record['train_accuracy']:.2%}"]
                       + ([f"test_accuracy {record['test_accuracy']:.2%}"] if "test_accuracy" in record else [])
                       + ([f"val_accuracy {record['val_accuracy']:.2%}"] if "val_accuracy" in record else []) + [f"{record['seconds']:.1f}s"]))
 
-    kept_epoch = cfg.epochs
-    if kept is not None:
-        head.load_state_dict(kept[2])
-        kept_epoch = kept[1]
+    kept = kept_epoch(metrics)
+    if kept_weights is not None:
+        head.load_state_dict(kept_weights)
     save_tensors(out / "classifier.safetensors", head.state_dict())
     atomic_write_json(out / "classifier.json", {
         "head": cfg.head,
@@ -314,7 +320,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "dropout": cfg.dropout,
         "shift_pixels": cfg.shift,
         "shift_cells": cells,
-        "epoch": kept_epoch,
+        "epoch": kept["kept_epoch"],
         "features": manifest["features"],
         "obfuscator": manifest["obfuscator"],
         "train_store": {"dataset": manifest["dataset"], "count": n},
@@ -328,9 +334,7 @@ def train_classifier(store: str | Path, out: str | Path, cfg: HeadConfig, test_s
         "final_test_accuracy": metrics[-1].get("test_accuracy"),
         "test_items": None if test_manifest is None else test_manifest["count"],
         "val_items": None if val_manifest is None else val_manifest["count"],
-        "kept_epoch": kept_epoch,
-        "kept_val_accuracy": metrics[kept_epoch - 1].get("val_accuracy"),
-        "kept_test_accuracy": metrics[kept_epoch - 1].get("test_accuracy"),
+        **kept,
         "epochs": cfg.epochs,
         "shift_pixels": cfg.shift,
         "shift_cells": cells,

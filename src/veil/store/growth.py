@@ -61,7 +61,7 @@ from veil.models.obfuscator import fingerprint
 from veil.progress import progress_bar
 from veil.rundir import Run, load_run
 from veil.runtime import read_classes, read_logits, resolve_device, resolve_precision
-from veil.store.classify import HEADS, HeadConfig, check_head_config, kept_accuracy, train_classifier
+from veil.store.classify import HEADS, HeadConfig, check_head_config, kept_accuracy, kept_epoch, train_classifier
 from veil.store.format import MANIFEST, STORED_DTYPES, read_manifest
 from veil.store.obfuscate import obfuscate
 from veil.train import Step, evaluate, make_optimizers, plan, pretrain_lr_factor, train_obfuscator_classifier
@@ -298,13 +298,6 @@ def train_image_classifier(images: ImageSet, test: ImageSet, natural: bool, cfg:
                "seed": cfg.seed, "veil_version": __version__, "torch_version": torch.__version__}
     atomic_write_json(out / "summary.json", summary)  # last: a directory without it is half made
     return summary
-
-
-def kept_epoch(metrics: list[dict]) -> dict:
-    """The epoch a classifier is scored at: the one with the best val_accuracy (the earliest of equals) when its metrics
-    have one, else the last; with its test (and validation) accuracy."""
-    best = max(metrics, key=lambda r: (r.get("val_accuracy", 0.0), -r["epoch"])) if "val_accuracy" in metrics[0] else metrics[-1]
-    return {"kept_epoch": best["epoch"], "kept_val_accuracy": best.get("val_accuracy"), "kept_test_accuracy": best["test_accuracy"]}
 
 
 @torch.no_grad()
